@@ -1,0 +1,39 @@
+# Two commands on a fresh machine:  `make repro`  and  `make test`  (both set up .venv first).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# dvc stage commands call `python`: run them with the venv first on PATH
+export PATH := $(abspath $(BIN)):$(PATH)
+WORKERS ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: setup repro test test-fast lint format dag ablations bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# triton (pulled in by the torch wheel) is useless on CPU and its LLVM segfaults beside TensorFlow
+	$(BIN)/python -m pip uninstall -y -q triton || true
+	touch $@
+
+repro: setup  ## set up and run the whole pipeline on the default (synthetic) data
+	$(BIN)/dvc repro
+
+test: setup  ## set up and run the whole test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+dag: setup
+	$(BIN)/dvc dag

@@ -1,0 +1,322 @@
+"""Augment stage: resize every split once into the uint8 cache and preview the augmentation policy.
+
+Inputs:  data/split/<task>/{train,val,test}.csv (+ detection {split}.json, COCO in original pixels),
+         the image files at each row's ``path``; params section ``augment.<task>``.
+Outputs: data/augment/<task>/ (contract 3: meta.json, policy.json, <split>/images.npy, index.csv,
+         detection <split>/annotations.json in cache pixels) and reports/augment/<task>_preview.png.
+         index.csv ``label_index``: classification = index into meta classes; detection = 1 if the
+         image has boxes else 0.
+Run:     python -m stages.augment --task classification|detection
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from stages import cache
+from stages.aug_classification import ClassificationPolicy
+from stages.aug_detection import DetectionPolicy
+from stages.config import check, load_section, to_dict
+from stages.imageio import ImageRejected, load_gray
+from stages.utils import StageError, atomic_dir, read_json, run_cli, task_arg_parser
+
+log = logging.getLogger("stages.augment")
+SPLITS = ("train", "val", "test")
+PREVIEW_COPIES = 3
+# Saturated colours that stay visible on grayscale X-rays (tab10 has a gray).
+BOX_COLOURS = ("red", "lime", "cyan", "yellow", "magenta", "orange", "deepskyblue", "springgreen")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Fields shared by both tasks; ``policy`` is added per task below."""
+
+    image_size: int
+    resize: Literal["stretch", "pad"]
+    preview_count: int = 8  # rows of the preview grid (train images)
+    preview_seed: int = 0  # preview draws only; training seeds its own augmenter
+    workers: int = 2  # decoding threads
+
+    def __post_init__(self) -> None:
+        check(16 <= self.image_size <= 2048, f"image_size not in [16, 2048]: {self.image_size}")
+        check(0 <= self.preview_count <= 64, f"preview_count not in [0, 64]: {self.preview_count}")
+        check(1 <= self.workers <= 32, f"workers must be in [1, 32], got {self.workers}")
+
+
+@dataclass(frozen=True)
+class ClassificationAugmentConfig(AugmentConfig):
+    image_size: int = 128
+    resize: Literal["stretch", "pad"] = "stretch"
+    policy: ClassificationPolicy = field(default_factory=ClassificationPolicy)
+
+
+@dataclass(frozen=True)
+class DetectionAugmentConfig(AugmentConfig):
+    image_size: int = 256
+    resize: Literal["stretch", "pad"] = "pad"
+    policy: DetectionPolicy = field(default_factory=DetectionPolicy)
+
+
+CONFIGS: dict[str, type[AugmentConfig]] = {
+    "classification": ClassificationAugmentConfig,
+    "detection": DetectionAugmentConfig,
+}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def read_splits(task: str, split_dir: Path) -> dict[str, tuple[pd.DataFrame, dict | None]]:
+    out: dict[str, tuple[pd.DataFrame, dict | None]] = {}
+    for split in SPLITS:
+        csv = split_dir / f"{split}.csv"
+        if not csv.is_file():
+            raise StageError(f"{csv} not found: run the split stage first (dvc repro split@{task})")
+        coco = None
+        if task == "detection":
+            js = split_dir / f"{split}.json"
+            if not js.is_file():
+                raise StageError(
+                    f"{js} not found: run the split stage first (dvc repro split@{task})"
+                )
+            coco = read_json(js)
+        out[split] = (cache.read_index(csv), coco)
+    if len(out["train"][0]) == 0:
+        raise StageError(
+            f"{split_dir / 'train.csv'} has no rows: nothing to train on; check the download "
+            f"report (data/raw/{task}/report.json) and split.{task}.ratios"
+        )
+    return out
+
+
+def _bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
+    """Ordered ``map`` over a thread pool with at most 4*workers results in flight (flat memory)."""
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque[Future] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _load_resized(path: str, cfg: AugmentConfig, expect: tuple[int, int] | None) -> np.ndarray:
+    try:
+        img = load_gray(path)
+    except FileNotFoundError:
+        raise StageError(f"{path}: image listed in the split is missing; re-run download") from None
+    except ImageRejected as exc:
+        raise StageError(f"{path}: cannot decode ({exc}); re-run download") from None
+    if expect is not None and img.shape != expect:
+        raise StageError(
+            f"{path}: file is {img.shape[1]}x{img.shape[0]} but its COCO entry says "
+            f"{expect[1]}x{expect[0]}; boxes would be misplaced, re-run download"
+        )
+    return cache.resize_gray(img, cfg.image_size, cfg.resize)[0]
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def cache_coco(coco: dict, paths: Iterable[str], cfg: AugmentConfig) -> tuple[dict, list, int]:
+    """COCO for the cache: row i of the split = image id i, boxes moved into cache pixels.
+
+    The affine needs only the image size (from the COCO entry), so this runs before decoding;
+    returns (coco, expected (h, w) per row, boxes dropped because nothing was left in the image).
+    """
+    by_name = {img["file_name"]: img for img in coco.get("images", [])}
+    src, size = cache.coco_index(coco), cfg.image_size
+    images, anns, shapes, dropped = [], [], [], 0
+    for row, path in enumerate(paths):
+        info = by_name.get(path)
+        if info is None:
+            raise StageError(f"{path}: in the split csv but not in its COCO json; re-run split")
+        h, w = int(info["height"]), int(info["width"])
+        shapes.append((h, w))
+        images.append({"id": row, "file_name": path, "width": size, "height": size})
+        boxes, cats = src.boxes(info["id"])
+        moved = cache.transform_boxes(boxes, cache.resize_affine(h, w, size, cfg.resize), size)
+        for (x1, y1, x2, y2), cat in zip(moved.tolist(), cats.tolist(), strict=True):
+            bw, bh = x2 - x1, y2 - y1
+            if bw <= 0 or bh <= 0:  # only boxes lying outside the image end up empty
+                dropped += 1
+                continue
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": row,
+                    "category_id": cat,
+                    "bbox": [x1, y1, bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": 0,
+                }
+            )
+    out = {"images": images, "annotations": anns, "categories": coco["categories"]}
+    return out, shapes, dropped
+
+
+def _classes(task: str, splits: dict[str, tuple[pd.DataFrame, dict | None]]) -> list[str]:
+    if task == "classification":
+        return sorted({str(v) for df, _ in splits.values() for v in df["label"]})
+    cats = sorted(splits["train"][1]["categories"], key=lambda c: int(c["id"]))
+    return [str(c["name"]) for c in cats]
+
+
+def _images(task: str, split: str, index: pd.DataFrame, shapes: list | None, cfg: AugmentConfig):
+    expects = shapes if shapes is not None else [None] * len(index)
+    jobs = zip(index["path"], expects, strict=True)
+    loaded = _bounded_map(lambda job: _load_resized(job[0], cfg, job[1]), jobs, cfg.workers)
+    return tqdm(loaded, total=len(index), desc=f"augment {task}/{split}", mininterval=2.0)
+
+
+def run(task: str, cfg: AugmentConfig, split_dir: Path, out_dir: Path, preview: Path) -> dict:
+    """Build the cache for ``task`` from ``split_dir`` into ``out_dir``; returns a summary."""
+    t0 = time.perf_counter()
+    splits = read_splits(task, Path(split_dir))
+    classes = _classes(task, splits)
+    counts: dict[str, int] = {}
+    dropped = 0
+    with atomic_dir(out_dir) as tmp:
+        for split, (index, coco) in splits.items():
+            index, out_coco, shapes = index.copy(), None, None
+            if task == "classification":
+                index["label_index"] = [classes.index(str(v)) for v in index["label"]]
+            else:
+                out_coco, shapes, n_drop = cache_coco(coco, index["path"], cfg)
+                dropped += n_drop
+                has_box = {a["image_id"] for a in out_coco["annotations"]}
+                index["label_index"] = [int(i in has_box) for i in range(len(index))]
+            images = _images(task, split, index, shapes, cfg)
+            cache.write_split(tmp, split, images, index, cfg.image_size, coco=out_coco)
+            counts[split] = len(index)
+        meta = {"task": task, "image_size": cfg.image_size, "resize": cfg.resize}
+        cache.write_meta(tmp, {**meta, "classes": classes, "counts": counts})
+        cache.write_policy(tmp, to_dict(cfg.policy))
+        if cfg.preview_count:
+            write_preview(task, cfg, cache.open_split(tmp, "train"), Path(preview))
+    seconds = round(time.perf_counter() - t0, 2)
+    summary = {"task": task, "counts": counts, "dropped_boxes": dropped, "seconds": seconds}
+    log.info("augment %s: %s", task, summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- preview
+
+
+def _preview_rows(split: cache.CacheSplit, count: int) -> list[int]:
+    """Round-robin over label_index so every class shows up; deterministic."""
+    groups = [list(g.index) for _, g in split.index.reset_index(drop=True).groupby("label_index")]
+    rows: list[int] = []
+    while len(rows) < min(count, len(split)):
+        for g in groups:
+            if g and len(rows) < count:
+                rows.append(g.pop(0))
+    return rows
+
+
+def _augmented(task: str, cfg: AugmentConfig, split: cache.CacheSplit, rows: list[int]) -> list:
+    """Per row: [(image uint8-range (S, S), boxes (K, 4), category ids (K,))] * (1 + copies)."""
+    if task == "classification":
+        from stages.aug_classification import build_augmenter  # TF only where needed
+
+        x = np.asarray(split.images[rows], dtype=np.float32)[..., None]
+        aug = build_augmenter(cfg.policy, cfg.preview_seed)
+        copies = [x[..., 0]] + [aug(x, k).numpy()[..., 0] for k in range(PREVIEW_COPIES)]
+        none = (np.zeros((0, 4)), np.zeros(0, int))
+        return [[(c[i], *none) for c in copies] for i in range(len(rows))]
+
+    import torch
+
+    from stages.aug_detection import DetectionTransform
+
+    gen = torch.Generator().manual_seed(cfg.preview_seed)
+    transform = DetectionTransform(cfg.policy, train=True, generator=gen)
+    out = []
+    for i in rows:
+        boxes, cats = split.boxes(i)
+        cells = [(split.images[i], boxes, cats)]
+        img = torch.from_numpy(np.asarray(split.images[i], dtype=np.float32) / 255.0)[None]
+        for _ in range(PREVIEW_COPIES):
+            target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(cats)}
+            a, t = transform(img, target)
+            cells.append((a[0].numpy() * 255.0, t["boxes"].numpy(), t["labels"].numpy()))
+        out.append(cells)
+    return out
+
+
+def write_preview(task: str, cfg: AugmentConfig, split: cache.CacheSplit, path: Path) -> None:
+    """Grid: each row one train image (cache version) and PREVIEW_COPIES augmented copies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    rows = _preview_rows(split, cfg.preview_count)
+    cells = _augmented(task, cfg, split, rows)
+    names = {int(c["id"]): c["name"] for c in (split.coco or {}).get("categories", [])}
+    fig, axes = plt.subplots(
+        len(rows),
+        1 + PREVIEW_COPIES,
+        figsize=(2.4 * (1 + PREVIEW_COPIES), 2.5 * len(rows)),
+        squeeze=False,
+        layout="constrained",
+    )
+    for r, (row, row_cells) in enumerate(zip(rows, cells, strict=True)):
+        label = str(split.index["label"].iloc[row])
+        for c, (img, boxes, cats) in enumerate(row_cells):
+            ax = axes[r, c]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            ax.set_axis_off()
+            ax.set_title(f"{label} (cache)" if c == 0 else f"augmented #{c}", fontsize=8)
+            for (x1, y1, x2, y2), cat in zip(boxes, cats, strict=True):
+                colour = BOX_COLOURS[int(cat) % len(BOX_COLOURS)]
+                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.2, ec=colour))
+                ax.text(
+                    x1, y1 - 1, names.get(int(cat), str(cat)), color=colour, fontsize=6, va="bottom"
+                )
+    policy = ", ".join(f"{k}={v}" for k, v in to_dict(cfg.policy).items())
+    fig.suptitle(f"augment {task}: {cfg.image_size} px, {cfg.resize}\npolicy: {policy}", fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=80)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = task_arg_parser("Resize the split images into the uint8 cache; preview the policy.")
+    args = parser.parse_args(argv)
+    cfg = load_section(CONFIGS[args.task], f"augment.{args.task}", args.params)
+    return run(
+        args.task,
+        cfg,
+        split_dir=Path("data/split") / args.task,
+        out_dir=Path("data/augment") / args.task,
+        preview=Path("reports/augment") / f"{args.task}_preview.png",
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)

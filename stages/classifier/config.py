@@ -1,0 +1,208 @@
+"""The ``train_classifier`` params schema and the head/loss rules, importable without TensorFlow.
+
+Input: the ``train_classifier`` section of params.yaml (parsed by ``stages.config``).
+Output: a frozen ``TrainClassifierConfig``; ``head_encoding`` tells how labels are encoded for
+a head/loss pair, or refuses a pair that cannot learn. No run command of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from stages.config import check
+
+Arch = Literal[
+    "as_is",
+    "to_be",
+    "cnn5",
+    "seed001",
+    "vgg16",
+    "resnet_small",
+    "resnet50v2",
+    "densenet121",
+    "efficientnetb0",
+]
+Encoding = Literal["binary", "onehot"]
+# keras.applications bases (grayscale repeated to RGB inside the model); the rest are our own.
+APPLICATION_ARCHS = ("vgg16", "resnet50v2", "densenet121", "efficientnetb0")
+# Default rate of every dropout slot, in model order; ``dropout`` overrides them one by one.
+# 0.0 = no Dropout layer. to_be's middle slot is empty so that seed 002's "0.4/0.25/0.5" row
+# (the AS-IS rates) can be applied to the TO-BE network.
+DROPOUT_SLOTS: dict[str, tuple[float, ...]] = {
+    "as_is": (0.4, 0.25, 0.5),
+    "to_be": (0.4, 0.0, 0.5),
+    "cnn5": (0.2, 0.5, 0.5),  # block 4, hidden Dense 512, hidden Dense 128
+    "seed001": (0.2, 0.2, 0.7, 0.5, 0.3),  # blocks 4-5, hidden Dense 512/128/64
+    "vgg16": (0.0,),  # before the head (seed 003 has none)
+    "resnet_small": (0.3,),
+    "resnet50v2": (0.3,),
+    "densenet121": (0.3,),
+    "efficientnetb0": (0.3,),
+}
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The output layer: ``units`` Dense units with ``activation`` (probabilities out)."""
+
+    activation: Literal["softmax", "sigmoid"] = "sigmoid"
+    units: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.units >= 1, f"head.units must be >= 1, got {self.units}")
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop when ``monitor`` has not improved for ``patience`` epochs (null = never stop early).
+
+    The best epoch by ``monitor`` is restored at the end either way.
+    """
+
+    monitor: Literal["val_loss", "val_accuracy", "val_auc"] = "val_loss"
+    patience: int | None = 4
+    mode: Literal["auto", "min", "max"] = "auto"
+
+    def __post_init__(self) -> None:
+        check(self.patience is None or self.patience >= 0, "early_stopping.patience must be >= 0")
+        natural = "min" if self.monitor == "val_loss" else "max"
+        check(
+            self.mode in ("auto", natural),
+            f"early_stopping.mode {self.mode!r} with monitor {self.monitor!r} would keep the "
+            f"worst epoch; use 'auto' or {natural!r}",
+        )
+
+    @property
+    def resolved_mode(self) -> Literal["min", "max"]:
+        return "min" if self.monitor == "val_loss" else "max"
+
+
+@dataclass(frozen=True)
+class TrainClassifierConfig:
+    arch: Arch = "to_be"
+    # none | imagenet | path to a weights file of the keras.applications base alone
+    # (include_top=False), e.g. the notop .h5 downloaded elsewhere. Only for APPLICATION_ARCHS.
+    weights: str = "none"
+    # Pretrained bases only: null = whole base trainable, 0 = frozen, N = last N blocks trainable.
+    trainable_blocks: int | None = None
+    head: HeadConfig = field(default_factory=HeadConfig)
+    loss: Literal["binary_crossentropy", "categorical_crossentropy"] = "binary_crossentropy"
+    label_smoothing: float = 0.0
+    optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9  # sgd only (Nesterov)
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"
+    epochs: int = 15
+    batch_size: int = 32  # per replica; the global batch is this x the strategy's replicas
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    class_weight: Literal["none", "balanced"] = "balanced"
+    augmentation: bool = True
+    # null = the architecture's own rates (DROPOUT_SLOTS); else one rate per slot.
+    dropout: tuple[float, ...] | None = None
+    # Class names in output order (null = meta.json's classes); rows of other classes are dropped.
+    classes: tuple[str, ...] | None = None
+    # Merge/rename before selecting: "LABEL" or "LABEL/subtype" -> class name (the more specific
+    # key wins), e.g. {PNEUMONIA/bacteria: BACTERIA, PNEUMONIA/virus: VIRUS}.
+    class_map: dict[str, str] = field(default_factory=dict)
+    strategy: Literal["default", "mirrored", "multi_worker"] = "default"
+    seed: int = 42
+    threads: int = 0  # 0 = all cores
+
+    def __post_init__(self) -> None:
+        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(self.threads >= 0, f"threads must be >= 0 (0 = all cores), got {self.threads}")
+        check(0 <= self.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5)")
+        check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        slots = DROPOUT_SLOTS[self.arch]
+        if self.dropout is not None:
+            check(
+                len(self.dropout) == len(slots),
+                f"dropout: {self.arch} has {len(slots)} dropout slot(s) (defaults "
+                f"{list(slots)}), got {len(self.dropout)} rate(s)",
+            )
+            check(all(0 <= r < 1 for r in self.dropout), "dropout rates must be in [0, 1)")
+        if self.arch not in APPLICATION_ARCHS:
+            check(
+                self.weights == "none",
+                f"weights {self.weights!r}: {self.arch} is trained from scratch; weights apply "
+                f"to {', '.join(APPLICATION_ARCHS)}",
+            )
+            check(
+                self.trainable_blocks is None,
+                f"trainable_blocks applies to {', '.join(APPLICATION_ARCHS)}, not {self.arch}",
+            )
+        check(
+            self.trainable_blocks is None or self.trainable_blocks >= 0,
+            "trainable_blocks must be null (all) or >= 0",
+        )
+        check(
+            not (self.weights == "none" and self.trainable_blocks is not None),
+            "trainable_blocks freezes part of the base, but weights is 'none': a frozen random "
+            "base cannot learn features. Use trainable_blocks: null, or pretrained weights",
+        )
+        if self.classes is not None:
+            check(len(set(self.classes)) == len(self.classes), f"classes repeat: {self.classes}")
+            check(len(self.classes) >= 2, f"classes: need at least 2, got {list(self.classes)}")
+        check(
+            not self.class_map or self.classes is not None,
+            "class_map needs an explicit classes list (the output order of the merged classes)",
+        )
+        n = len(self.classes) if self.classes is not None else None
+        head_encoding(self.head.activation, self.head.units, self.loss, n)
+
+    @property
+    def dropout_rates(self) -> tuple[float, ...]:
+        return self.dropout if self.dropout is not None else DROPOUT_SLOTS[self.arch]
+
+
+def head_encoding(activation: str, units: int, loss: str, n_classes: int | None) -> Encoding:
+    """Label encoding for a head/loss pair: "binary" (0/1 per row) or "onehot" (N columns).
+
+    Raises ValueError explaining why a combination cannot learn. ``n_classes`` None checks
+    only the rules that do not depend on the data.
+    """
+    if units == 1:
+        if activation == "softmax":
+            raise ValueError(
+                "head: softmax over 1 unit always outputs 1.0, so the model cannot learn. "
+                "Use sigmoid with 1 unit (binary) or softmax with one unit per class"
+            )
+        if loss == "categorical_crossentropy":
+            raise ValueError(
+                "head/loss: categorical cross-entropy over 1 unit normalises the single "
+                "prediction to 1, so the loss is always 0 and nothing is learned. Use "
+                "binary_crossentropy with 1 sigmoid unit, or one unit per class"
+            )
+        if n_classes is not None and n_classes != 2:
+            raise ValueError(
+                f"head: 1 unit encodes exactly 2 classes (P(second class)), but there are "
+                f"{n_classes}; set head.units to {n_classes}"
+            )
+        return "binary"
+    if n_classes is not None and units != n_classes:
+        raise ValueError(
+            f"head: {units} units for {n_classes} classes; use one unit per class "
+            f"(head.units: {n_classes}), or 1 sigmoid unit for 2 classes"
+        )
+    if activation == "softmax" and loss == "binary_crossentropy" and units > 2:
+        raise ValueError(
+            f"head/loss: binary cross-entropy scores each of the {units} softmax outputs as an "
+            "independent yes/no, but softmax classes are mutually exclusive; use "
+            "categorical_crossentropy (or sigmoid units for one-vs-rest)"
+        )
+    return "onehot"
+
+
+__all__ = [
+    "APPLICATION_ARCHS",
+    "DROPOUT_SLOTS",
+    "EarlyStoppingConfig",
+    "HeadConfig",
+    "TrainClassifierConfig",
+    "head_encoding",
+]

@@ -1,0 +1,138 @@
+"""Load the trained classifier and turn images into class probabilities (contract 5).
+
+Input: ``models/classifier.keras`` and its sidecar ``models/classifier.meta.json`` (classes in
+output order, class_map, head, image size); images as uint8 (N, S, S) arrays or memmaps.
+Output: float32 (N, C) probabilities in the sidecar's class order, every head type alike.
+Used by the evaluate stage and the reports; no run command of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from stages.classifier.data import class_indices
+from stages.utils import StageError, read_json, write_json
+
+
+@dataclass(frozen=True)
+class ClassifierInfo:
+    """What the .keras file cannot carry: the class names and how labels map to them."""
+
+    classes: tuple[str, ...]
+    class_map: dict[str, str]
+    head_activation: str
+    head_units: int
+    encoding: str
+    image_size: int
+    arch: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "classes": list(self.classes),
+            "class_map": dict(self.class_map),
+            "head": {"activation": self.head_activation, "units": self.head_units},
+            "encoding": self.encoding,
+            "image_size": self.image_size,
+            "arch": self.arch,
+            # For readers of the file: probability columns follow "classes"; with 1 sigmoid
+            # unit the model outputs P(classes[1]).
+            "input": "float32 (S, S, 1) grey in [0, 255]; rescaling is inside the model",
+        }
+
+
+def sidecar_path(model_path: str | Path) -> Path:
+    """models/classifier.keras -> models/classifier.meta.json."""
+    return Path(model_path).with_suffix(".meta.json")
+
+
+def save_info(model_path: str | Path, info: ClassifierInfo) -> None:
+    write_json(sidecar_path(model_path), info.to_json())
+
+
+def load_info(model_path: str | Path) -> ClassifierInfo:
+    path = sidecar_path(model_path)
+    if not path.is_file():
+        raise StageError(f"{path} not found: it is written with the model by train-classifier")
+    d = read_json(path)
+    return ClassifierInfo(
+        classes=tuple(d["classes"]),
+        class_map=dict(d.get("class_map", {})),
+        head_activation=d["head"]["activation"],
+        head_units=int(d["head"]["units"]),
+        encoding=d["encoding"],
+        image_size=int(d["image_size"]),
+        arch=d["arch"],
+    )
+
+
+def load_classifier(path: str | Path) -> keras.Model:
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path} not found: run the train-classifier stage first")
+    return keras.saving.load_model(path, compile=False)
+
+
+def labels_for(index: pd.DataFrame, info: ClassifierInfo) -> np.ndarray:
+    """True class index (in the model's class order) of every index.csv row; -1 = not a class
+    the model knows (evaluate should drop those rows, as training did)."""
+    return class_indices(index, info.classes, info.class_map)
+
+
+def _head(model: keras.Model) -> tuple[str, int]:
+    try:
+        layer = model.get_layer("head")
+    except ValueError:
+        layer = model.layers[-1]
+    activation = layer.get_config().get("activation", "linear")
+    return str(activation), int(model.output_shape[-1])
+
+
+def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """float32 (N, C) class probabilities, rows summing to 1, streamed over ``images``.
+
+    1 sigmoid unit -> [1 - p, p]; N sigmoid units -> each row divided by its sum (one-vs-rest
+    scores made comparable); softmax as is.
+    """
+    if images.ndim != 3:
+        raise ValueError(f"predict_proba expects (N, S, S) images, got shape {images.shape}")
+    activation, units = _head(model)
+    n = images.shape[0]
+    out = np.empty((n, max(units, 2)), dtype=np.float32)
+    starts = range(0, n, batch_size)
+    for start in tqdm(starts, desc="predict", unit="batch", disable=len(starts) < 20):
+        x = np.asarray(images[start : start + batch_size], dtype=np.float32)[..., None]
+        p = np.asarray(model.predict_on_batch(x), dtype=np.float32).reshape(len(x), units)
+        out[start : start + len(x)] = to_probabilities(p, activation)
+    return out
+
+
+def to_probabilities(outputs: np.ndarray, activation: str) -> np.ndarray:
+    """Raw head outputs (N, units) -> (N, C) probabilities (see ``predict_proba``)."""
+    outputs = np.asarray(outputs, dtype=np.float32)
+    if outputs.shape[1] == 1:
+        p = np.clip(outputs[:, 0], 0.0, 1.0)
+        return np.stack([1.0 - p, p], axis=1)
+    if activation != "softmax":
+        total = outputs.sum(axis=1, keepdims=True)
+        uniform = np.full_like(outputs, 1.0 / outputs.shape[1])
+        return np.where(total > 0, outputs / np.maximum(total, 1e-12), uniform)
+    return outputs
+
+
+__all__ = [
+    "ClassifierInfo",
+    "labels_for",
+    "load_classifier",
+    "load_info",
+    "predict_proba",
+    "save_info",
+    "sidecar_path",
+    "to_probabilities",
+]

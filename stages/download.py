@@ -1,0 +1,226 @@
+"""Download stage: get the configured data sources of one task and normalise them.
+
+Inputs: params ``data.<task>`` (one ``source``/``path`` or a ``sources`` list; see
+``stages.sources.config``), the source locations (folder, archive or URL; downloads and
+extractions go to ``data/downloads/``, git-ignored). Outputs, written atomically under
+``data/raw/<task>/``: ``images/<source>/...`` (8-bit grayscale PNG), ``manifest.csv`` (columns
+``stages.sources.intake.MANIFEST_COLUMNS``, sorted by path), ``report.json`` (counts, rejected
+files with reasons, missing images, clipped/dropped boxes) and, for detection,
+``annotations.json`` (COCO, boxes in pixels of the written images).
+
+Run: ``python -m stages.download --task classification|detection [--params params.yaml]``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from stages import fetch
+from stages.sources import LOADERS, pneumoniamnist
+from stages.sources.base import Box, Context, Notes, apply_limit
+from stages.sources.config import DataConfig, load_data_config
+from stages.sources.intake import MANIFEST_COLUMNS, IntakeResult, Item, ingest_all, output_names
+from stages.sources.synthetic import generate_classification, generate_detection
+from stages.utils import StageError, atomic_dir, run_cli, task_arg_parser, write_json
+
+log = logging.getLogger("stages.download")
+
+WHAT = {
+    "kermany": "the Kermany 2018 chest X-ray set (Kaggle 'chest-xray-pneumonia' archive or "
+    "Mendeley ChestXRay2017.zip)",
+    "pneumoniamnist": "PneumoniaMNIST (pneumoniamnist.npz from MedMNIST, zenodo.org/records/10519652)",
+    "covid_radiography": "the COVID-19 Radiography Database (Kaggle)",
+    "folder": "your image folder (one sub-folder per class)",
+    "chestxdet10": "ChestX-Det10 (train.json, test.json and the images, github.com/Deepwise-AILab/"
+    "ChestX-Det10-Dataset)",
+    "nih_bbox": "the NIH ChestX-ray14 BBox_List_2017.csv and its images (nihcc.app.box.com)",
+}
+PATIENT_PREFIX = {"nih_bbox": "nih"}  # NIH file names carry the NIH patient number
+
+
+def _keys(names: list[str]) -> list[str]:
+    """Folder / patient namespace per source: the name, suffixed when a name repeats."""
+    seen: Counter = Counter()
+    keys = []
+    for name in names:
+        seen[name] += 1
+        keys.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return keys
+
+
+def _resolve(src, task: str, cfg: DataConfig, work_dir: Path, param: str, stack) -> Path:
+    if src.name == "synthetic":
+        out = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=work_dir, prefix="synth-")))
+        log.info("generating synthetic %s data", task)
+        if task == "classification":
+            return generate_classification(cfg.synthetic, out)
+        return generate_detection(cfg.synthetic, out)
+    default = src.name == "pneumoniamnist" and src.path is None
+    return fetch.resolve(
+        src.path,
+        work_dir,
+        what=WHAT[src.name],
+        param=param,
+        default_url=pneumoniamnist.DEFAULT_URL if default else None,
+        md5=pneumoniamnist.DEFAULT_MD5 if default else None,
+    )
+
+
+def load_sources(cfg: DataConfig, task: str, work_dir: Path, stack) -> tuple[list[Item], list]:
+    """Resolve and read every source (annotation errors surface here, before any pixel work)."""
+    sources = cfg.effective_sources()
+    items: list[Item] = []
+    loaded = []
+    for i, (src, key) in enumerate(zip(sources, _keys([s.name for s in sources]), strict=True)):
+        param = f"data.{task}.sources[{i}].path" if cfg.sources else f"data.{task}.path"
+        if task == "detection" and src.name == "synthetic" and src.classes is None:
+            src = dataclasses.replace(src, classes=tuple(sorted(cfg.synthetic.classes)))
+        root = _resolve(src, task, cfg, work_dir, param, stack)
+        prefix = PATIENT_PREFIX.get(src.name, src.name) + key[len(src.name) :]
+        ctx = Context(key=key, patient_prefix=prefix, work_dir=work_dir, notes=Notes(), param=param)
+        records = apply_limit(LOADERS[task][src.name](root, src, ctx), src.limit, ctx.notes)
+        if not records:
+            raise StageError(
+                f"source {key} ({root}): no images to take; check {param} and the report of "
+                f"what was found: {ctx.notes.as_dict()}"
+            )
+        log.info("source %s: %d images listed from %s", key, len(records), root)
+        names = output_names(records, key)
+        items += [Item(r, src.name, key, n) for r, n in zip(records, names, strict=True)]
+        loaded.append((src, key, root, ctx.notes, len(records)))
+    return items, loaded
+
+
+def _categories(loaded: list) -> list[str]:
+    fixed: list[str] = []
+    found: set[str] = set()
+    for src, _key, _root, notes, _n in loaded:
+        fixed += [c for c in (src.classes or ()) if c not in fixed]
+        found |= notes.categories
+    return fixed + sorted(found - set(fixed))
+
+
+def to_coco(manifest: pd.DataFrame, boxes: list[tuple[Box, ...]], categories: list[str]) -> dict:
+    """COCO dict: image ids follow the manifest order, bbox = [x, y, w, h] in written pixels."""
+    cat_id = {name: i + 1 for i, name in enumerate(categories)}
+    images, annotations = [], []
+    for image_id, (row, row_boxes) in enumerate(zip(manifest.itertuples(), boxes, strict=True), 1):
+        images.append(
+            {"id": image_id, "file_name": row.path, "width": row.width, "height": row.height}
+        )
+        for b in row_boxes:
+            w, h = b.x2 - b.x1, b.y2 - b.y1
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": cat_id[b.category],
+                    "bbox": [b.x1, b.y1, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+    return {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i, "name": n} for n, i in cat_id.items()],
+    }
+
+
+def _report(task: str, manifest: pd.DataFrame, result: IntakeResult, loaded: list) -> dict:
+    dup = manifest["sha256"].value_counts()
+    report = {
+        "task": task,
+        "total_images": len(manifest),
+        "labels": manifest["label"].value_counts().sort_index().to_dict(),
+        "rejected": {
+            "count": len(result.rejected),
+            "by_reason": dict(sorted(Counter(r["reason"] for r in result.rejected).items())),
+            "files": result.rejected,
+        },
+        "duplicates": {
+            "hashes_with_copies": int((dup > 1).sum()),
+            "images_in_duplicate_groups": int(dup[dup > 1].sum()),
+        },
+        "sources": [],
+    }
+    for src, key, root, notes, n in loaded:
+        rows = manifest[manifest["path"].str.contains(f"/images/{key}/", regex=False)]
+        report["sources"].append(
+            {
+                "name": src.name,
+                "key": key,
+                "location": src.path,
+                "resolved": str(root),
+                "listed": n,
+                "written": len(rows),
+                "rejected": sum(r["source"] == key for r in result.rejected),
+                "labels": rows["label"].value_counts().sort_index().to_dict(),
+                **notes.as_dict(),
+            }
+        )
+    if task == "detection":
+        per_class = Counter(b.category for bs in result.boxes for b in bs)
+        report["boxes"] = {
+            "kept": result.box_stats["kept"],
+            "clipped": result.box_stats["clipped"],
+            "dropped_degenerate": result.box_stats["dropped_degenerate"],
+            "dropped_outside": result.box_stats["dropped_outside"],
+            "per_class": dict(sorted(per_class.items())),
+            "dropped": result.dropped_boxes,
+        }
+    return report
+
+
+def run(cfg: DataConfig, task: str, out_dir: Path, work_dir: Path, workers: int = 2) -> dict:
+    """Build ``out_dir`` (data/raw/<task>) from the configured sources; returns the report."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        items, loaded = load_sources(cfg, task, work_dir, stack)
+        with atomic_dir(out_dir) as tmp:
+            result = ingest_all(
+                items, tmp / "images", out_dir / "images", task == "detection", workers
+            )
+            if not result.rows:
+                raise StageError(
+                    f"every one of the {len(items)} images was rejected "
+                    f"({Counter(r['reason'] for r in result.rejected)}); check the source files"
+                )
+            manifest = pd.DataFrame(result.rows, columns=list(MANIFEST_COLUMNS))
+            order = manifest["path"].argsort(kind="stable").to_numpy()
+            manifest = manifest.iloc[order].reset_index(drop=True)
+            manifest.to_csv(tmp / "manifest.csv", index=False, lineterminator="\n")
+            if task == "detection":
+                boxes = [result.boxes[i] for i in order]
+                coco = to_coco(manifest, boxes, _categories(loaded))
+                write_json(tmp / "annotations.json", coco)
+            report = _report(task, manifest, result, loaded)
+            write_json(tmp / "report.json", report)
+    rej = report["rejected"]
+    log.info(
+        "download %s: %d images written %s; %d rejected %s; report: %s",
+        task,
+        report["total_images"],
+        report["labels"],
+        rej["count"],
+        rej["by_reason"],
+        out_dir / "report.json",
+    )
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = task_arg_parser("Download and normalise the data sources of one task.").parse_args(argv)
+    cfg = load_data_config(args.task, args.params)
+    run(cfg, args.task, Path("data/raw") / args.task, Path("data/downloads"))
+
+
+if __name__ == "__main__":
+    run_cli(main)

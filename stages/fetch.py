@@ -1,0 +1,362 @@
+"""Getting a data source onto local disk: resumable checked downloads and safe archive extraction.
+
+Inputs: a location from params (local folder, local file/archive, or http(s) URL). Output: a local
+path (`resolve`), a downloaded file (`download`) or an extracted folder (`safe_extract`). Library
+module, no CLI; tested by `.venv/bin/python -m pytest tests/test_fetch.py -q`.
+
+Downloads stream through urllib into `<dest>.part` (resumed with an HTTP Range request), are
+checked against sha256/md5 when known and renamed into place only when complete. Extraction
+refuses members escaping the target, links pointing outside, device files and zip bombs, and
+builds the folder in a temp dir renamed at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import stat
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from stages.utils import StageError, atomic_dir
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip")
+_RATIO_MIN_BYTES = 1 << 20  # compression ratios are only judged above this size
+_USER_AGENT = "cxr-mlops-fetch/1.0"
+_Limits = tuple[int, int, float]  # max_total_bytes, max_files, max_ratio
+
+
+class NetworkError(StageError):
+    """The server could not be reached or the transfer broke off (a partial file may be kept)."""
+
+
+# ------------------------------------------------------------------------------------- download
+def file_digest(path: Path, algo: str) -> str:
+    h = hashlib.new(algo)
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _checksum_error(path: Path, sha256: str | None, md5: str | None) -> str | None:
+    """None when the file matches every given checksum, else a message naming expected vs got."""
+    for algo, expected in (("sha256", sha256), ("md5", md5)):
+        if expected:
+            got = file_digest(path, algo)
+            if got.lower() != expected.strip().lower():
+                return f"{algo} mismatch for {path.name}: expected {expected}, got {got}"
+    return None
+
+
+def download(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str | None = None,
+    md5: str | None = None,
+    timeout: float = 30,
+    chunk: int = 1 << 20,
+    retries: int = 2,
+) -> Path:
+    """Download `url` to `dest` (resuming `dest.part`), verify checksums, rename into place.
+
+    An existing `dest` that matches the given checksums (or any existing `dest` when none are
+    given) is returned without touching the network. A broken transfer is resumed up to `retries`
+    times in this call; after that `NetworkError` is raised and the `.part` file is kept, so the
+    next call continues where this one stopped.
+    """
+    dest = Path(dest)
+    if dest.is_file():
+        problem = _checksum_error(dest, sha256, md5)
+        if problem is None:
+            return dest
+        log.warning("%s; downloading it again", problem)
+        dest.unlink()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_suffix(dest.suffix + ".part")
+    for attempt in range(retries + 1):
+        before = part.stat().st_size if part.is_file() else 0
+        try:
+            _fetch_into(url, part, timeout=timeout, chunk=chunk, desc=dest.name)
+            break
+        except NetworkError as exc:
+            grew = part.is_file() and part.stat().st_size > before
+            if attempt == retries or not grew:  # only a transfer that made progress is retried
+                raise
+            log.warning("%s; resuming (attempt %d of %d)", exc, attempt + 2, retries + 1)
+    problem = _checksum_error(part, sha256, md5)
+    if problem is not None:
+        part.unlink(missing_ok=True)
+        raise StageError(f"{problem} (downloaded from {url}; the partial file was deleted)")
+    os.replace(part, dest)
+    return dest
+
+
+def _fetch_into(url: str, part: Path, *, timeout: float, chunk: int, desc: str) -> None:
+    """One HTTP request appending to (or restarting) `part`; raises NetworkError if incomplete."""
+    offset = part.stat().st_size if part.is_file() else 0
+    headers = {"User-Agent": _USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:
+            # Range not satisfiable: either the part is already whole, or it is junk.
+            _, total = _content_range(exc.headers.get("Content-Range", ""))
+            exc.close()
+            if total != offset:  # junk (e.g. longer than the file): start over
+                part.unlink(missing_ok=True)
+                _fetch_into(url, part, timeout=timeout, chunk=chunk, desc=desc)
+            return
+        exc.close()
+        raise NetworkError(f"HTTP {exc.code} {exc.reason} for {url}") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        # connection refused, DNS failure, timeout, reset
+        reason = getattr(exc, "reason", exc)
+        raise NetworkError(f"cannot reach {url} ({reason})") from None
+    with resp:
+        length = resp.headers.get("Content-Length")
+        if offset and resp.status == 206:
+            start, _ = _content_range(resp.headers.get("Content-Range", ""))
+            if start != offset:  # resumed somewhere else: cannot be trusted, start over
+                resp.close()
+                part.unlink(missing_ok=True)
+                return _fetch_into(url, part, timeout=timeout, chunk=chunk, desc=desc)
+            mode = "ab"
+        else:  # 200: the server ignored Range (or there was nothing to resume): start over
+            offset, mode = 0, "wb"
+        total = offset + int(length) if length is not None else None
+        received, broken = offset, ""
+        with (
+            part.open(mode) as fh,
+            tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=desc) as bar,
+        ):
+            try:
+                while block := resp.read(chunk):
+                    fh.write(block)
+                    received += len(block)
+                    bar.update(len(block))
+            except (http.client.HTTPException, OSError) as exc:  # reset, timeout
+                broken = f" ({exc})"
+    if broken or (total is not None and received < total):
+        of = f" of {total}" if total is not None else ""
+        msg = f"download of {url} broke off after {received}{of} bytes{broken}"
+        raise NetworkError(f"{msg}; partial file kept at {part}")
+
+
+def _content_range(value: str) -> tuple[int | None, int | None]:
+    """(start, total) from a Content-Range header such as `bytes 100-199/200` or `bytes */200`."""
+    m = re.match(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)", value or "")
+    if not m:
+        return None, None
+    start, total = m.groups()
+    return (int(start) if start else None), (int(total) if total != "*" else None)
+
+
+# ------------------------------------------------------------------------------------ extraction
+def is_archive(path: str | Path) -> bool:
+    return Path(path).name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def archive_stem(path: str | Path) -> str:
+    name = Path(path).name
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def _refuse(archive: Path, why: str) -> StageError:
+    return StageError(f"refusing to extract {archive.name}: {why}")
+
+
+def _member_target(root: Path, name: str, archive: Path) -> Path:
+    """The path a member named `name` lands at inside `root`; refuse anything escaping it."""
+    clean = name.replace("\\", "/")
+    parts = [p for p in clean.split("/") if p not in ("", ".")]
+    if clean.startswith("/") or re.match(r"^[A-Za-z]:", clean) or ".." in parts or not parts:
+        raise _refuse(archive, f"unsafe member path {name!r}")
+    target = root.joinpath(*parts)
+    # realpath also resolves links extracted earlier from the same archive
+    if not _inside(root, os.path.realpath(target)):
+        raise _refuse(archive, f"{name!r} escapes the target folder")
+    return target
+
+
+def _inside(root: Path, path: str | Path) -> bool:
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
+
+
+def _check_totals(archive: Path, files: int, total: int, packed: int, limits: _Limits) -> None:
+    max_total_bytes, max_files, max_ratio = limits
+    if files > max_files:
+        raise _refuse(archive, f"more than {max_files} members")
+    if total > max_total_bytes:
+        raise _refuse(archive, f"{total} bytes uncompressed > {max_total_bytes}")
+    ratio = total / max(packed, 1)
+    if total >= _RATIO_MIN_BYTES and ratio > max_ratio:
+        raise _refuse(archive, f"compression ratio {ratio:.0f} > {max_ratio} (zip bomb?)")
+
+
+def safe_extract(
+    archive: Path,
+    dest: Path,
+    *,
+    max_total_bytes: int = 50 * 2**30,
+    max_files: int = 2_000_000,
+    max_ratio: float = 200,
+) -> Path:
+    """Extract a .zip/.tar[.gz|.bz2|.xz] into `dest` safely and atomically; return `dest`."""
+    archive, dest = Path(archive), Path(dest)
+    limits = (max_total_bytes, max_files, max_ratio)
+    try:
+        if zipfile.is_zipfile(archive):
+            with atomic_dir(dest) as tmp:
+                _extract_zip(archive, tmp, limits)
+        elif tarfile.is_tarfile(archive):
+            with atomic_dir(dest) as tmp:
+                _extract_tar(archive, tmp, limits)
+        else:
+            raise StageError(f"{archive} is not a zip or tar archive")
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+        raise StageError(f"cannot extract {archive}: {type(exc).__name__}: {exc}") from None
+    return dest
+
+
+def _extract_zip(archive: Path, root: Path, limits: _Limits) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        total = sum(i.file_size for i in infos)
+        _check_totals(archive, len(infos), total, sum(i.compress_size for i in infos), limits)
+        for info in infos:
+            if info.file_size >= _RATIO_MIN_BYTES:
+                _check_totals(archive, 1, info.file_size, info.compress_size, limits)
+        for info in infos:
+            target = _member_target(root, info.filename, archive)
+            mode = info.external_attr >> 16
+            if info.flag_bits & 0x1:
+                raise _refuse(archive, f"{info.filename} is encrypted")
+            if stat.S_ISLNK(mode):
+                # zipfile writes links as small text files; refuse those pointing outside
+                link = zf.read(info).decode("utf-8", "replace")
+                if os.path.isabs(link) or not _inside(root, target.parent / link):
+                    raise _refuse(archive, f"link {info.filename} -> {link}")
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            written = 0
+            with zf.open(info) as src, target.open("wb") as out:
+                while block := src.read(1 << 20):
+                    written += len(block)
+                    if written > info.file_size:  # the declared size lied
+                        raise _refuse(archive, f"{info.filename} larger than declared")
+                    out.write(block)
+
+
+def _extract_tar(archive: Path, root: Path, limits: _Limits) -> None:
+    packed = archive.stat().st_size
+    files = total = 0
+    with tarfile.open(archive, "r:*") as tf:
+        for member in tf:  # streaming: check then extract each member as it comes
+            files += 1
+            total += max(member.size, 0)
+            _check_totals(archive, files, total, packed, limits)
+            target = _member_target(root, member.name, archive)
+            if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+                raise _refuse(archive, f"special file {member.name!r}")  # devices, fifos
+            if member.issym():
+                link = member.linkname
+                if os.path.isabs(link) or not _inside(root, target.parent / link):
+                    raise _refuse(archive, f"symlink {member.name} -> {link}")
+            if member.islnk():
+                _member_target(root, member.linkname, archive)  # hard links: archive-relative
+            try:
+                tf.extract(member, root, set_attrs=False, filter="data")
+            except tarfile.FilterError as exc:
+                raise _refuse(archive, str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------------- resolve
+def _is_url(location: str) -> bool:
+    return urllib.parse.urlsplit(location).scheme.lower() in ("http", "https")
+
+
+def _url_filename(url: str) -> str:
+    name = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "download"
+
+
+def resolve(
+    location: str | None,
+    work_dir: Path,
+    *,
+    what: str,
+    param: str,
+    default_url: str | None = None,
+    sha256: str | None = None,
+    md5: str | None = None,
+) -> Path:
+    """Turn a params location into a local path: a folder, an extracted archive, or a plain file.
+
+    `location` (or `default_url` when it is None) is a local folder (returned as is), a local file
+    (archives are extracted once under `work_dir/<stem>/` and re-used; other files returned as is)
+    or an http(s) URL downloaded into `work_dir` first. `sha256`/`md5` describe the file at that
+    location: pass them only when they are known for it. Failures raise one StageError naming
+    `what` to download and the `param` to point at a local copy.
+    """
+    location = location if location is not None else default_url
+    hint = f"download {what} by hand and set {param} to the local folder or archive"
+    if not location:
+        raise StageError(f"no location given for {what}: {hint}")
+    work_dir = Path(work_dir)
+    if _is_url(location):
+        try:
+            path = download(location, work_dir / _url_filename(location), sha256=sha256, md5=md5)
+        except NetworkError as exc:
+            raise StageError(f"{exc}; offline or blocked? {hint}") from None
+        except StageError as exc:
+            raise StageError(f"{exc}; {hint}") from None
+    else:
+        path = Path(location).expanduser()
+        if path.is_dir():
+            return path
+        if not path.is_file():
+            raise StageError(f"{param} = {location!r} does not exist: {hint}")
+    if not is_archive(path):
+        return path
+    return _extract_once(path, work_dir / archive_stem(path))
+
+
+def _extract_once(archive: Path, target: Path) -> Path:
+    """Extract unless a marker says this exact archive (size, mtime) was extracted completely."""
+    marker = target.with_name(f".{target.name}.extracted.json")
+    st = archive.stat()
+    stamp = {"archive": str(archive.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if target.is_dir() and marker.is_file():
+        try:
+            if json.loads(marker.read_text()) == stamp:
+                return target
+        except (OSError, ValueError):
+            pass  # unreadable marker: extract again
+    marker.unlink(missing_ok=True)
+    log.info("extracting %s -> %s", archive, target)
+    safe_extract(archive, target)
+    marker.write_text(json.dumps(stamp))
+    return target

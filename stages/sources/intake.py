@@ -1,0 +1,168 @@
+"""Image intake of the download stage: decode, check, write, hash every record of every source.
+
+Input: the loaders' records. Output: 8-bit grayscale PNGs under ``<images_dir>/<source key>/``
+(relative structure kept, suffix ``.png``), one manifest row per written image, and for
+detection the boxes clipped to the written image. Files the decoder rejects are skipped and
+listed with their reason; boxes partly outside are clipped, empty or inverted ones dropped, and
+both are counted. Decoding runs in a small thread pool (PIL and zlib release the GIL).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from stages.imageio import ImageRejected, load_gray, pixel_sha256, to_gray_uint8
+from stages.sources.base import Box, Record
+
+MANIFEST_COLUMNS = (
+    "path",
+    "label",
+    "subtype",
+    "patient_id",
+    "source",
+    "source_split",
+    "width",
+    "height",
+    "sha256",
+)
+
+
+@dataclass
+class Item:
+    """One record bound to its source and output location."""
+
+    record: Record
+    source: str  # source name (manifest column)
+    key: str  # folder below images/
+    out_rel: str  # path below images/, e.g. kermany/train/NORMAL/IM-0001-0001.png
+
+
+@dataclass
+class IntakeResult:
+    rows: list[dict] = field(default_factory=list)
+    boxes: list[tuple[Box, ...]] = field(default_factory=list)  # per row (detection)
+    rejected: list[dict] = field(default_factory=list)
+    box_stats: Counter = field(default_factory=Counter)
+    dropped_boxes: list[dict] = field(default_factory=list)
+
+
+def output_names(records: list[Record], key: str) -> list[str]:
+    """Output path of each record below images/; a clash (a.jpg + a.png) keeps the old suffix."""
+    names = [f"{key}/{PurePosixPath(r.rel).with_suffix('.png')}" for r in records]
+    counts = Counter(names)
+    return [
+        f"{key}/{r.rel}.png" if counts[n] > 1 else n for r, n in zip(records, names, strict=True)
+    ]
+
+
+def _is_gray8_png(path: Path) -> bool:
+    """Header-only check: such files can be copied byte for byte instead of re-encoded."""
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.mode == "L" and "transparency" not in im.info
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
+def write_png(arr: np.ndarray, dest: Path) -> None:
+    """8-bit gray PNG at zlib level 1: ~4x faster than PIL's default 6 for ~15 % larger files.
+
+    Not imageio.save_gray_png's per-file temp + rename: the whole images/ tree is already built
+    in a temporary folder that replaces the output in one rename.
+    """
+    Image.fromarray(arr).save(dest, format="PNG", compress_level=1)
+
+
+def _ingest(item: Item, images_dir: Path) -> tuple[int, int, str] | dict:
+    rec = item.record
+    try:
+        arr = to_gray_uint8(rec.pixels) if rec.pixels is not None else load_gray(rec.src)
+    except ImageRejected as exc:
+        return {"path": str(rec.src or rec.where), "reason": exc.reason, "detail": exc.detail}
+    except ValueError as exc:  # an in-memory array of an unusable shape or dtype
+        return {"path": rec.where, "reason": "unsupported", "detail": str(exc)}
+    dest = images_dir / item.out_rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if rec.src is not None and _is_gray8_png(rec.src):
+        shutil.copyfile(rec.src, dest)
+    else:
+        write_png(arr, dest)
+    return arr.shape[1], arr.shape[0], pixel_sha256(arr)
+
+
+def clip_boxes(
+    boxes: tuple[Box, ...], width: int, height: int, stats: Counter
+) -> tuple[tuple[Box, ...], list[tuple[Box, str]]]:
+    """Clip boxes to the image; drop empty, inverted, non-finite or fully-outside ones."""
+    kept, dropped = [], []
+    for b in boxes:
+        coords = (b.x1, b.y1, b.x2, b.y2)
+        if not all(math.isfinite(v) for v in coords) or b.x2 <= b.x1 or b.y2 <= b.y1:
+            stats["dropped_degenerate"] += 1
+            dropped.append((b, "zero-area, inverted or non-finite"))
+            continue
+        c = replace(
+            b,
+            x1=min(max(b.x1, 0.0), width),
+            y1=min(max(b.y1, 0.0), height),
+            x2=min(max(b.x2, 0.0), width),
+            y2=min(max(b.y2, 0.0), height),
+        )
+        if c.x2 <= c.x1 or c.y2 <= c.y1:
+            stats["dropped_outside"] += 1
+            dropped.append((b, "outside the image"))
+            continue
+        if c != b:
+            stats["clipped"] += 1
+        kept.append(c)
+    stats["kept"] += len(kept)
+    return tuple(kept), dropped
+
+
+def ingest_all(
+    items: list[Item], images_dir: Path, final_images_dir: Path, detection: bool, workers: int = 2
+) -> IntakeResult:
+    """Write every item's image into ``images_dir``; manifest paths point at ``final_images_dir``."""
+    result = IntakeResult()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        outcomes = pool.map(lambda it: _ingest(it, images_dir), items)
+        for item, outcome in tqdm(
+            zip(items, outcomes, strict=True), total=len(items), desc="intake", unit="img"
+        ):
+            rec = item.record
+            if isinstance(outcome, dict):
+                result.rejected.append({"source": item.key, **outcome})
+                continue
+            width, height, sha = outcome
+            label, subtype = rec.label, rec.subtype
+            if detection:
+                boxes, dropped = clip_boxes(rec.boxes, width, height, result.box_stats)
+                result.dropped_boxes += [
+                    {"file": rec.where, "box": [b.x1, b.y1, b.x2, b.y2], "reason": why}
+                    for b, why in dropped
+                ]
+                result.boxes.append(boxes)
+                label = "abnormal" if boxes else "normal"
+            result.rows.append(
+                {
+                    "path": (final_images_dir / item.out_rel).as_posix(),
+                    "label": label,
+                    "subtype": subtype,
+                    "patient_id": rec.patient_id,
+                    "source": item.source,
+                    "source_split": rec.source_split,
+                    "width": width,
+                    "height": height,
+                    "sha256": sha,
+                }
+            )
+    return result

@@ -1,0 +1,256 @@
+"""Synthetic chest X-ray phantoms: the default data source of both tasks.
+
+Inputs: a frozen config (params `data.<task>.synthetic`). Outputs, in the real sets' own formats so
+real and synthetic data go through one loader:
+- classification: `<out>/chest_xray/{train,test}/{NORMAL,PNEUMONIA}/*.jpeg` (Kermany 2018 layout and
+  file names: `person{pid}_{bacteria|virus}_{k}.jpeg`, `IM-{pid:04d}-{k:04d}.jpeg`);
+- detection: `<out>/{train,test}.json` (ChestX-Det10 records plus `patient_id`) and
+  `<out>/images/<id>.png`; boxes are [x1, y1, x2, y2] pixels, x2/y2 exclusive, tight.
+Every image is drawn from its own child seed (config seed, task, patient, image), so the same
+config gives byte-identical files whatever the generation order. No CLI: the download stage's
+`synthetic` source calls `generate_classification` / `generate_detection`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from stages.config import check
+from stages.sources import phantom
+from stages.utils import atomic_dir, write_json
+
+LesionKind = Literal["Consolidation", "Nodule", "Mass", "Effusion", "Atelectasis", "Pneumothorax"]
+CLASSIFICATION, DETECTION = 1, 2  # task codes mixed into the child seeds
+
+
+def _check_common(n_patients: int, ipp: tuple[int, int], size: int, test_fraction: float) -> None:
+    check(n_patients >= 1, "n_patients must be >= 1")
+    check(1 <= ipp[0] <= ipp[1], "images_per_patient must be [lo, hi] with 1 <= lo <= hi")
+    check(32 <= size <= 2048, "image_size must be in [32, 2048]")
+    check(0.0 <= test_fraction < 1.0, "test_fraction must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SyntheticClassificationConfig:
+    n_patients: int = 400
+    images_per_patient: tuple[int, int] = (1, 4)  # inclusive range
+    image_size: int = 192
+    pneumonia_fraction: float = 0.6  # fraction of patients with pneumonia
+    subtle_fraction: float = 0.3  # fraction of pneumonia images whose opacities are faint
+    label_noise: float = 0.0  # fraction of images whose label (folder) is flipped
+    test_fraction: float = 0.15  # patients written to test/ (Kermany has train/test)
+    seed: int = 7
+
+    def __post_init__(self) -> None:
+        _check_common(self.n_patients, self.images_per_patient, self.image_size, self.test_fraction)
+        for name in ("pneumonia_fraction", "subtle_fraction"):
+            check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1]")
+        check(0.0 <= self.label_noise <= 0.5, "label_noise must be in [0, 0.5]")
+
+
+@dataclass(frozen=True)
+class SyntheticDetectionConfig:
+    n_patients: int = 150
+    images_per_patient: tuple[int, int] = (1, 3)
+    image_size: int = 256
+    normal_fraction: float = 0.2  # images with no lesion (negatives)
+    max_lesions: int = 3
+    classes: tuple[LesionKind, ...] = ("Consolidation", "Nodule", "Mass", "Effusion")
+    label_noise: float = 0.0  # fraction of boxes given a wrong class
+    test_fraction: float = 0.15
+    seed: int = 11
+
+    def __post_init__(self) -> None:
+        _check_common(self.n_patients, self.images_per_patient, self.image_size, self.test_fraction)
+        check(0.0 <= self.normal_fraction <= 1.0, "normal_fraction must be in [0, 1]")
+        check(1 <= self.max_lesions <= 6, "max_lesions must be in [1, 6]")
+        check(len(self.classes) >= 1, "classes must name at least one lesion kind")
+        check(len(set(self.classes)) == len(self.classes), "classes must not repeat")
+        check(0.0 <= self.label_noise <= 0.5, "label_noise must be in [0, 0.5]")
+        check(self.label_noise == 0.0 or len(self.classes) >= 2, "label_noise needs >= 2 classes")
+
+
+# ------------------------------------------------------------------ rendering (one image)
+
+
+def pose_grid(rng: np.random.Generator, size: int):
+    """Small random rotation/scale/shift; lungs always stay inside the frame."""
+    shift = (rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05))
+    return phantom.canonical_grid(size, rng.uniform(-0.07, 0.07), rng.uniform(0.88, 1.04), shift)
+
+
+def render_classification(
+    patient_key: tuple[int, ...],
+    image_key: tuple[int, ...],
+    size: int,
+    subtype: str | None,
+    subtle: bool = False,
+    draw_findings: bool = True,
+) -> np.ndarray:
+    """One (S, S) uint8 image. ``subtype`` None = normal, else 'bacteria' or 'virus'.
+
+    ``draw_findings=False`` renders the identical phantom without its opacities (for tests).
+    """
+    anatomy = phantom.sample_anatomy(np.random.default_rng(patient_key))
+    rng = np.random.default_rng(image_key)
+    x, y = pose_grid(rng, size)
+    body = phantom.render_body(anatomy, x, y, rng)
+    dens = body.density
+    if subtype is not None:
+        opacity = phantom.pneumonia(anatomy, body, rng, subtype, subtle)
+        if draw_findings:
+            dens = dens + opacity
+    return phantom.expose(dens, rng)
+
+
+def render_detection(
+    patient_key: tuple[int, ...],
+    image_key: tuple[int, ...],
+    size: int,
+    kinds: tuple[str, ...],
+    draw_findings: bool = True,
+) -> tuple[np.ndarray, list[list[int]]]:
+    """One (S, S) uint8 image with one lesion per entry of ``kinds`` and their tight boxes.
+
+    Boxes are returned even with ``draw_findings=False`` (same phantom, lesions left out).
+    """
+    anatomy = phantom.sample_anatomy(np.random.default_rng(patient_key))
+    rng = np.random.default_rng(image_key)
+    x, y = pose_grid(rng, size)
+    body = phantom.render_body(anatomy, x, y, rng)
+    dens, boxes, placed = body.density, [], []
+    used_sides: set[int] = set()
+    for kind in kinds:
+        for _ in range(20):  # keep lesions apart so each box shows one finding
+            side = int(rng.choice([-1, 1]))
+            if kind == "Effusion" and side in used_sides and len(used_sides) < 2:
+                side = -side
+            m, (cx, cy, r) = phantom.lesion(kind, anatomy, body, rng, side)
+            if all(np.hypot(cx - px, cy - py) > r + pr for px, py, pr in placed):
+                break
+        placed.append((cx, cy, r))
+        if kind == "Effusion":
+            used_sides.add(side)
+        box = phantom.support_box(m)
+        if box is None:  # cannot happen for drawn kinds; guard keeps the JSON consistent
+            raise RuntimeError(f"synthetic {kind} lesion rendered empty")
+        boxes.append(box)
+        if draw_findings:
+            dens = dens + m
+    return phantom.expose(dens, rng), boxes
+
+
+# ------------------------------------------------------------------ dataset plans
+
+
+def _patients(rng: np.random.Generator, n: int, ipp: tuple[int, int]):
+    """Distinct patient ids (Kermany-like numbers) and an image count per patient."""
+    pids = 1 + rng.choice(max(4 * n, 1000), size=n, replace=False)
+    counts = rng.integers(ipp[0], ipp[1] + 1, size=n)
+    return pids, counts
+
+
+def _pick(rng: np.random.Generator, n: int, fraction: float) -> np.ndarray:
+    """Boolean mask with exactly round(fraction * n) True entries at random places."""
+    mask = np.zeros(n, dtype=bool)
+    mask[rng.permutation(n)[: int(round(fraction * n))]] = True
+    return mask
+
+
+def _write_jpeg(arr: np.ndarray, path: Path) -> None:
+    Image.fromarray(arr).save(path, format="JPEG", quality=95)
+
+
+def generate_classification(cfg: SyntheticClassificationConfig, out_dir: Path) -> Path:
+    """Write the Kermany-layout set under ``out_dir/chest_xray`` and return that folder."""
+    rng = np.random.default_rng([cfg.seed, CLASSIFICATION])
+    n = cfg.n_patients
+    pids, counts = _patients(rng, n, cfg.images_per_patient)
+    sick = _pick(rng, n, cfg.pneumonia_fraction)
+    virus = rng.random(n) < 1.0 / 3.0
+    test = np.zeros(n, dtype=bool)
+    for group in (sick, ~sick):  # test patients stratified by label
+        idx = np.flatnonzero(group)
+        test[idx[_pick(rng, idx.size, cfg.test_fraction)]] = True
+    images = [(p, k) for p in range(n) for k in range(int(counts[p]))]
+    sick_imgs = np.array([sick[p] for p, _ in images], dtype=bool)
+    subtle = np.zeros(len(images), dtype=bool)
+    subtle[np.flatnonzero(sick_imgs)[_pick(rng, int(sick_imgs.sum()), cfg.subtle_fraction)]] = True
+    flipped = _pick(rng, len(images), cfg.label_noise)
+
+    root = Path(out_dir) / "chest_xray"
+    with atomic_dir(root) as tmp:
+        for split in ("train", "test"):
+            for label in ("NORMAL", "PNEUMONIA"):
+                (tmp / split / label).mkdir(parents=True)
+        counter = 0
+        for i, (p, k) in enumerate(tqdm(images, desc="synthetic classification", unit="img")):
+            subtype = ("virus" if virus[p] else "bacteria") if sick[p] else None
+            if subtype is None:
+                name = f"IM-{pids[p]:04d}-{k + 1:04d}.jpeg"
+            else:
+                counter += 1
+                name = f"person{pids[p]}_{subtype}_{counter}.jpeg"
+            label = "PNEUMONIA" if sick[p] != flipped[i] else "NORMAL"
+            arr = render_classification(
+                (cfg.seed, CLASSIFICATION, p),
+                (cfg.seed, CLASSIFICATION, p, k),
+                cfg.image_size,
+                subtype,
+                bool(subtle[i]),
+            )
+            _write_jpeg(arr, tmp / ("test" if test[p] else "train") / label / name)
+    return root
+
+
+def generate_detection(cfg: SyntheticDetectionConfig, out_dir: Path) -> Path:
+    """Write ChestX-Det10-layout `train.json`, `test.json` and `images/` under ``out_dir``."""
+    rng = np.random.default_rng([cfg.seed, DETECTION])
+    n = cfg.n_patients
+    pids, counts = _patients(rng, n, cfg.images_per_patient)
+    test = _pick(rng, n, cfg.test_fraction)
+    images = [(p, k) for p in range(n) for k in range(int(counts[p]))]
+    normal = _pick(rng, len(images), cfg.normal_fraction)
+    kinds: list[tuple[str, ...]] = []
+    for i in range(len(images)):
+        m = 0 if normal[i] else int(rng.integers(1, cfg.max_lesions + 1))
+        kinds.append(tuple(rng.choice(cfg.classes, m, replace=m > len(cfg.classes)).tolist()))
+    # Label noise: exactly round(label_noise * boxes) boxes get another class in the JSON only.
+    syms = [list(k) for k in kinds]
+    flat = [(i, j) for i, k in enumerate(kinds) for j in range(len(k))]
+    for f in np.flatnonzero(_pick(rng, len(flat), cfg.label_noise)):
+        i, j = flat[f]
+        syms[i][j] = str(rng.choice([c for c in cfg.classes if c != kinds[i][j]]))
+
+    out_dir = Path(out_dir)
+    records: dict[str, list[dict]] = {"train": [], "test": []}
+    with atomic_dir(out_dir / "images") as tmp:
+        for i, (p, k) in enumerate(tqdm(images, desc="synthetic detection", unit="img")):
+            arr, boxes = render_detection(
+                (cfg.seed, DETECTION, p), (cfg.seed, DETECTION, p, k), cfg.image_size, kinds[i]
+            )
+            name = f"{i + 1:05d}.png"
+            Image.fromarray(arr).save(tmp / name, format="PNG")
+            records["test" if test[p] else "train"].append(
+                {"file_name": name, "syms": syms[i], "boxes": boxes, "patient_id": str(pids[p])}
+            )
+    for split, recs in records.items():
+        write_json(out_dir / f"{split}.json", recs)
+    return out_dir
+
+
+__all__ = [
+    "SyntheticClassificationConfig",
+    "SyntheticDetectionConfig",
+    "generate_classification",
+    "generate_detection",
+    "pose_grid",
+    "render_classification",
+    "render_detection",
+]

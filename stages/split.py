@@ -1,0 +1,235 @@
+"""Split stage: train / val / test of one task, grouped by patient and by exact duplicate.
+
+Inputs: ``data/raw/<task>/manifest.csv`` (+ ``annotations.json`` for detection) and params
+``split.<task>`` (mode random | official, ratios, seed, min_val_fraction). Outputs:
+``data/split/<task>/{train,val,test}.csv`` (manifest columns + ``split``, sorted by path;
+byte-identical for the same inputs and seed), detection also ``{train,val,test}.json`` (COCO
+subsets with the full category list, ids renumbered), and ``metrics/split_<task>.json``.
+
+- random: stratified by label, grouped by patient; images with the same pixels (sha256) are merged
+  into one group with their patients (union-find), so neither a patient nor a duplicate image can
+  cross splits.
+- official: the source's ``test`` rows are the test split untouched; the source's ``val`` is kept
+  when it has at least ``min_val_fraction`` x train images, else it joins train and validation is
+  carved from train by patient. Train/val rows sharing a patient or an image with test are dropped
+  (counted). Sources without a test split cannot use this mode.
+
+Run: ``python -m stages.split --task classification|detection [--params params.yaml]``
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from stages.config import check, load_section
+from stages.utils import StageError, atomic_dir, read_json, run_cli, task_arg_parser, write_json
+
+log = logging.getLogger("stages.split")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    mode: Literal["random", "official"] = "random"
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / val / test
+    seed: int = 42
+    min_val_fraction: float = 0.05  # official: source val kept if >= this x train images
+
+    def __post_init__(self) -> None:
+        check(all(r >= 0 for r in self.ratios), f"ratios: must be >= 0, got {list(self.ratios)}")
+        check(abs(sum(self.ratios) - 1) < 1e-6, f"ratios: must sum to 1, got {sum(self.ratios)}")
+        check(self.ratios[0] > 0, "ratios: the train share must be > 0")
+        check(0 <= self.min_val_fraction < 1, "min_val_fraction: must be in [0, 1)")
+
+
+def duplicate_groups(df: pd.DataFrame) -> np.ndarray:
+    """Group id per row: rows sharing a patient or a pixel hash, transitively (union-find)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for pid, sha in zip(df["patient_id"], df["sha256"], strict=True):
+        a, b = find(f"p:{pid}"), find(f"h:{sha}")
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    roots = [find(f"p:{pid}") for pid in df["patient_id"]]
+    numbering: dict[str, int] = {}  # by first appearance, so ids follow the row order
+    return np.array([numbering.setdefault(r, len(numbering)) for r in roots], dtype=np.int64)
+
+
+def assign_groups(
+    labels: pd.Series, groups: np.ndarray, ratios: tuple[float, ...], seed: int
+) -> np.ndarray:
+    """Split index per row: greedy stratified assignment of whole groups.
+
+    Groups are shuffled with the seed, then taken largest first (stable), each going to the
+    split whose label counts lag their target most, weighted by the group's label mix. Counts end
+    within about one group size of ratio x total for every label.
+    """
+    names = sorted(labels.unique())
+    lab = pd.Categorical(labels, categories=names).codes
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    counts = np.zeros((n_groups, len(names)), dtype=np.int64)
+    np.add.at(counts, (groups, lab), 1)
+    shares = np.asarray(ratios, dtype=np.float64) / sum(ratios)  # official: (train, val) only
+    target = np.outer(shares, counts.sum(axis=0))
+    current = np.zeros_like(target)
+    order = np.random.default_rng(seed).permutation(n_groups)
+    order = order[np.argsort(-counts[order].sum(axis=1), kind="stable")]
+    closed = np.asarray(ratios) <= 0
+    choice = np.zeros(n_groups, dtype=np.int64)
+    for g in order:
+        c = counts[g]
+        need = ((target - current) * c).sum(axis=1) / c.sum()
+        need[closed] = -np.inf
+        s = int(np.argmax(need))  # ties -> the earlier split (train)
+        choice[g] = s
+        current[s] += c
+    return choice[groups]
+
+
+def split_random(df: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.Series, dict]:
+    idx = assign_groups(df["label"], duplicate_groups(df), cfg.ratios, cfg.seed)
+    return pd.Series(np.array(SPLITS)[idx], index=df.index), {}
+
+
+def split_official(df: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.Series, dict]:
+    src = df["source_split"]
+    is_test = src == "test"
+    if not is_test.any():
+        found = sorted(set(src) - {""}) or ["none"]
+        raise StageError(
+            "split mode 'official' needs a source with its own test split, but the manifest has "
+            f"none (source_split values: {', '.join(found)}); use mode: random"
+        )
+    split = pd.Series("", index=df.index, dtype=object)
+    split[is_test] = "test"
+    leak = ~is_test & (
+        df["patient_id"].isin(set(df.loc[is_test, "patient_id"]))
+        | df["sha256"].isin(set(df.loc[is_test, "sha256"]))
+    )
+    pool = ~is_test & ~leak
+    n_val, n_train = int((pool & (src == "val")).sum()), int((pool & (src != "val")).sum())
+    info = {"dropped_overlapping_test": int(leak.sum())}
+    sub = df[pool]
+    groups = duplicate_groups(sub)
+    if n_val > 0 and n_val >= cfg.min_val_fraction * n_train:
+        # keep the source's val, but a group touching train rows goes to train entirely
+        has_train = pd.Series(sub["source_split"].ne("val").to_numpy()).groupby(groups).any()
+        to_train = has_train.to_numpy()[groups]
+        split[pool] = np.where(to_train, "train", "val")
+        info["val"] = "source val kept"
+        info["val_moved_to_train"] = int(
+            (to_train & sub["source_split"].eq("val").to_numpy()).sum()
+        )
+    else:
+        idx = assign_groups(sub["label"], groups, cfg.ratios[:2], cfg.seed)  # val/(train+val)
+        split[pool] = np.array(["train", "val"])[idx]
+        info["val"] = f"carved from train by patient (source val had {n_val} images, joined train)"
+    return split, info
+
+
+def _counts(labels: pd.Series, names: list[str]) -> dict[str, int]:
+    """Images per label (zeros included, so every split lists the same keys) and the total."""
+    counts = labels.value_counts()
+    return {**{n: int(counts.get(n, 0)) for n in names}, "total": len(labels)}
+
+
+def _shared(df: pd.DataFrame, column: str) -> int:
+    return int((df.groupby(column)["split"].nunique() > 1).sum())
+
+
+def coco_subset(coco: dict, paths: list[str]) -> dict:
+    """Images (in ``paths`` order, ids from 1) and their annotations; all categories kept."""
+    by_name = {im["file_name"]: im for im in coco["images"]}
+    anns: dict[int, list[dict]] = {}
+    for a in coco["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    images, annotations = [], []
+    for new_id, path in enumerate(paths, start=1):
+        if path not in by_name:
+            raise StageError(f"annotations.json has no image {path}; re-run the download stage")
+        im = by_name[path]
+        images.append({**im, "id": new_id})
+        for a in anns.get(im["id"], []):
+            annotations.append({**a, "id": len(annotations) + 1, "image_id": new_id})
+    return {"images": images, "annotations": annotations, "categories": coco["categories"]}
+
+
+def run(cfg: SplitConfig, task: str, in_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
+    manifest = in_dir / "manifest.csv"
+    if not manifest.is_file():
+        raise StageError(f"{manifest} not found; run the download stage first")
+    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    df = df.sort_values("path", kind="stable").reset_index(drop=True)
+    split, info = (split_official if cfg.mode == "official" else split_random)(df, cfg)
+    df = df.assign(split=split)
+    df = df[df["split"] != ""]
+    if not (df["split"] == "train").any():
+        raise StageError(
+            f"the train split is empty ({len(df)} images, mode {cfg.mode}, ratios "
+            f"{list(cfg.ratios)}); add data or change split.{task}"
+        )
+    labels = sorted(df["label"].unique())
+    metrics = {
+        "mode": cfg.mode,
+        "seed": cfg.seed,
+        "total": len(df),
+        "counts": {s: _counts(df[df["split"] == s]["label"], labels) for s in SPLITS},
+        "patients": {s: int(df.loc[df["split"] == s, "patient_id"].nunique()) for s in SPLITS},
+        "patients_shared_across_splits": _shared(df, "patient_id"),
+        "duplicate_hashes_shared_across_splits": _shared(df, "sha256"),
+        **info,
+    }
+    if metrics["patients_shared_across_splits"] or metrics["duplicate_hashes_shared_across_splits"]:
+        raise StageError(f"split leaks patients or duplicates across splits: {metrics}")
+    coco = read_json(in_dir / "annotations.json") if task == "detection" else None
+    with atomic_dir(out_dir) as tmp:
+        for s in SPLITS:
+            part = df[df["split"] == s]
+            if part.empty:
+                log.warning("split %s of %s is empty", s, task)
+            part.to_csv(tmp / f"{s}.csv", index=False, lineterminator="\n")
+            if coco is not None:
+                sub = coco_subset(coco, part["path"].tolist())
+                write_json(tmp / f"{s}.json", sub)
+                names = {c["id"]: c["name"] for c in coco["categories"]}
+                per_class = pd.Series([names[a["category_id"]] for a in sub["annotations"]])
+                metrics.setdefault("boxes", {})[s] = {
+                    n: int((per_class == n).sum()) for n in names.values()
+                }
+    write_json(metrics_path, metrics)
+    log.info(
+        "split %s (%s): %s; patients/duplicates shared across splits: 0/0",
+        task,
+        cfg.mode,
+        {s: metrics["counts"][s]["total"] for s in SPLITS},
+    )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = task_arg_parser("Split one task's manifest into train/val/test.").parse_args(argv)
+    cfg = load_section(SplitConfig, f"split.{args.task}", args.params)
+    run(
+        cfg,
+        args.task,
+        Path("data/raw") / args.task,
+        Path("data/split") / args.task,
+        Path("metrics") / f"split_{args.task}.json",
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,316 @@
+"""evaluate@classification end to end on a tiny cache + Keras model, and Grad-CAM."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import stages  # noqa: F401  (torch before TensorFlow)
+from stages.cache import write_meta, write_split
+from stages.classifier import metrics as M
+from stages.classifier.evaluate import (
+    PLOT_FILES,
+    REPORT_FILES,
+    EvalClassificationConfig,
+    compute_metrics,
+    run,
+)
+from stages.config import load_section, parse
+from stages.utils import StageError
+
+keras = pytest.importorskip("keras")
+from stages.classifier.gradcam import GradCam, find_target_layer, grad_cam, overlay  # noqa: E402
+
+S = 48
+CLASSES = ("NORMAL", "PNEUMONIA")
+TOP_KEYS = ("accuracy", "roc_auc", "precision", "recall", "specificity", "f1")
+
+
+def _images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Noise; PNEUMONIA images get a bright blob at a random place (learnable in a few steps)."""
+    imgs = rng.normal(70, 20, (len(labels), S, S))
+    yy, xx = np.mgrid[:S, :S]
+    for i, lab in enumerate(labels):
+        if lab:
+            cy, cx = rng.integers(12, S - 12, 2)
+            imgs[i] += 22 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 6.0**2))
+    return np.clip(imgs, 0, 255).astype(np.uint8)
+
+
+def _index(labels: np.ndarray, split: str, offset: int) -> pd.DataFrame:
+    n = len(labels)
+    names = np.array(CLASSES)[labels]
+    return pd.DataFrame(
+        {
+            "path": [f"data/raw/classification/images/x/{offset + i}.png" for i in range(n)],
+            "label": names,
+            "subtype": "",
+            "patient_id": [f"synthetic:{offset + i}" for i in range(n)],
+            "source": "synthetic",
+            "source_split": "",
+            "width": S,
+            "height": S,
+            "sha256": "0" * 64,
+            "split": split,
+            "label_index": labels,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """A 3-split cache and a to_be model trained for a few steps, saved with its sidecar."""
+    from stages.classifier.config import TrainClassifierConfig
+    from stages.classifier.models import build_model
+    from stages.classifier.predict import ClassifierInfo, save_info
+    from stages.utils import seed_everything
+
+    root = tmp_path_factory.mktemp("evalcls")
+    cache = root / "cache"
+    rng = np.random.default_rng(0)
+    counts, data, offset = {"train": 96, "val": 40, "test": 40}, {}, 0
+    for split, n in counts.items():
+        labels = (rng.random(n) < 0.6).astype(np.int64)
+        labels[:2] = [0, 1]  # both classes in every split
+        data[split] = (_images(labels, rng), labels)
+        write_split(cache, split, data[split][0], _index(labels, split, offset), S)
+        offset += n
+    write_meta(
+        cache,
+        {
+            "task": "classification",
+            "image_size": S,
+            "resize": "stretch",
+            "classes": list(CLASSES),
+            "counts": counts,
+        },
+    )
+    seed_everything(0)
+    model = build_model(TrainClassifierConfig(arch="to_be"), S)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="binary_crossentropy")
+    x, y = data["train"]
+    model.fit(
+        x[..., None].astype("float32"),
+        y[:, None].astype("float32"),
+        epochs=4,
+        batch_size=16,
+        verbose=0,
+    )
+    model_path = root / "models" / "classifier.keras"
+    model_path.parent.mkdir()
+    model.save(model_path)
+    save_info(model_path, ClassifierInfo(CLASSES, {}, "sigmoid", 1, "binary", S, "to_be"))
+    return {"root": root, "cache": cache, "model_path": model_path, "model": model, "data": data}
+
+
+def _run(setup: dict, name: str, cache: Path | None = None, **overrides) -> tuple[dict, dict]:
+    out = setup["root"] / name
+    cfg = dataclasses.replace(
+        EvalClassificationConfig(bootstrap=200, n_samples_grid=6, n_gradcam=4), **overrides
+    )
+    paths = {
+        "metrics_path": out / "metrics" / "classifier.json",
+        "plots_dir": out / "reports" / "classifier" / "plots",
+        "report_dir": out / "reports" / "classifier",
+    }
+    doc = run(cfg, cache or setup["cache"], setup["model_path"], **paths)
+    return doc, paths
+
+
+def test_params_section_parses(repo_root):
+    cfg = load_section(
+        EvalClassificationConfig, "evaluate.classification", repo_root / "params.yaml"
+    )
+    assert cfg.positives == ("PNEUMONIA",)
+    multi = parse(EvalClassificationConfig, {"positive_class": ["BACTERIA", "VIRUS"]})
+    assert multi.positives == ("BACTERIA", "VIRUS")
+
+
+def test_run_writes_exact_metrics_and_every_file(setup):
+    from stages.classifier.predict import predict_proba
+
+    doc, paths = _run(setup, "main")
+    written = json.loads(paths["metrics_path"].read_text())
+    assert written == json.loads(json.dumps(doc))
+    for key in TOP_KEYS + ("pr_auc", "threshold"):
+        assert type(written[key]) is float, key
+    assert written["split"] == "test" and written["val"]["split"] == "val"
+    assert written["n_test"] == 40 and written["threshold_method"] == "youden"
+    assert set(written["at_0_5"]) == set(TOP_KEYS) - {"roc_auc"} | {"confusion_matrix"}
+    lo, hi = written["roc_auc_ci"]
+    assert lo <= written["roc_auc"] <= hi
+    # The numbers are those of the model's own probabilities, threshold chosen on val.
+    proba = {s: predict_proba(setup["model"], setup["data"][s][0]) for s in ("val", "test")}
+    t = M.youden_threshold(setup["data"]["val"][1], proba["val"][:, 1])
+    assert written["threshold"] == pytest.approx(t, abs=1e-6)
+    y_test = setup["data"]["test"][1]
+    assert written["roc_auc"] == pytest.approx(M.roc_auc(y_test, proba["test"][:, 1]), abs=1e-6)
+    assert written["roc_auc"] > 0.7  # the blob task is learnable: predictions are not noise
+    for name in PLOT_FILES:
+        assert (paths["plots_dir"] / name).stat().st_size > 0, name
+    for name in REPORT_FILES:
+        assert (paths["report_dir"] / name).stat().st_size > 0, name
+    roc = pd.read_csv(paths["plots_dir"] / "roc.csv")
+    assert list(roc.columns) == ["fpr", "tpr", "threshold"]
+    assert list(pd.read_csv(paths["plots_dir"] / "pr.csv").columns)[:2] == ["recall", "precision"]
+    confusion = pd.read_csv(paths["plots_dir"] / "confusion.csv")
+    assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == 40
+    card = (paths["report_dir"] / "model_card.md").read_text()
+    assert "Not a medical device" in card and "synthetic default data" in card
+    assert f"{written['accuracy']:.4f}" in card and "Validation" in card
+
+
+def test_threshold_never_sees_test_labels(setup, tmp_path):
+    """Permuting the test labels changes test metrics but never the threshold."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(setup["cache"], cache)
+    idx = pd.read_csv(cache / "test" / "index.csv", keep_default_na=False, dtype={"sha256": str})
+    perm = np.random.default_rng(3).permutation(len(idx))
+    idx[["label", "label_index"]] = idx[["label", "label_index"]].to_numpy()[perm]
+    idx.to_csv(cache / "test" / "index.csv", index=False)
+    base, _ = _run(setup, "a")
+    permuted, _ = _run(setup, "b", cache=cache)
+    assert permuted["threshold"] == base["threshold"]
+    assert permuted["val"] == base["val"]
+    assert permuted["roc_auc"] != base["roc_auc"]
+
+
+def test_run_multiclass_drops_unknown_classes(tmp_path):
+    """3-class softmax model, a cache with a 4th label it never saw: rows dropped, not failed."""
+    from stages.classifier.predict import ClassifierInfo, save_info
+
+    labels_all = ("BACTERIA", "COVID", "NORMAL", "VIRUS")
+    rng = np.random.default_rng(2)
+    for offset, split in enumerate(("val", "test")):
+        lab = np.arange(24) % 4
+        idx = _index(lab % 2, split, 100 * offset).assign(
+            label=np.array(labels_all)[lab], label_index=lab
+        )
+        write_split(tmp_path / "cache", split, _images(lab % 2, rng), idx, S)
+    write_meta(tmp_path / "cache", {"task": "classification", "image_size": S, "resize": "stretch",
+                                    "classes": list(labels_all), "counts": {"val": 24, "test": 24}})  # fmt: skip
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((S, S, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(keras.layers.Rescaling(1 / 255)(inp))
+    out = keras.layers.Dense(3, activation="softmax", name="head")(
+        keras.layers.GlobalAveragePooling2D()(x)
+    )
+    model_path = tmp_path / "classifier.keras"
+    keras.Model(inp, out).save(model_path)
+    classes = ("BACTERIA", "NORMAL", "VIRUS")
+    save_info(model_path, ClassifierInfo(classes, {}, "softmax", 3, "onehot", S, "tiny"))
+    cfg = EvalClassificationConfig(positive_class=("BACTERIA", "VIRUS"), bootstrap=20,
+                                   n_samples_grid=4, n_gradcam=3)  # fmt: skip
+    out_dir = tmp_path / "out"
+    doc = run(cfg, tmp_path / "cache", model_path, out_dir / "m.json", out_dir / "p", out_dir)
+    assert doc["n_test"] == 18 and doc["classes"] == list(classes)  # 6 COVID rows dropped
+    assert type(doc["macro_roc_auc"]) is float and len(doc["multiclass"]["confusion_matrix"]) == 3
+    confusion = pd.read_csv(out_dir / "p" / "confusion.csv")
+    assert set(confusion["actual"]) == set(classes)
+    assert (out_dir / "gradcam.png").is_file() and (out_dir / "model_card.md").is_file()
+
+
+def test_missing_model_is_a_clear_stage_error(setup, tmp_path):
+    cfg = EvalClassificationConfig()
+    with pytest.raises(StageError, match="train-classifier"):
+        run(cfg, setup["cache"], tmp_path / "none.keras", tmp_path / "m.json", tmp_path, tmp_path)
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_compute_metrics_multiclass_and_sensitivity_rule():
+    rng = np.random.default_rng(1)
+    classes = ["BACTERIA", "NORMAL", "VIRUS"]
+
+    def fake(n):
+        y = rng.integers(0, 3, n)
+        logits = rng.normal(size=(n, 3)) + 2.0 * np.eye(3)[y]
+        return y, np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+    (yv, pv), (yt, pt) = fake(150), fake(120)
+    cfg = EvalClassificationConfig(
+        positive_class=("BACTERIA", "VIRUS"),
+        threshold="sensitivity",
+        target_sensitivity=0.9,
+        bootstrap=50,
+    )
+    doc = compute_metrics(cfg, classes, yv, pv, yt, pt)
+    assert doc["val"]["recall"] >= 0.9 and doc["target_sensitivity"] == 0.9
+    assert doc["confusion_labels"] == ["NORMAL", "BACTERIA+VIRUS"]
+    assert type(doc["macro_roc_auc"]) is float and type(doc["multiclass_accuracy"]) is float
+    assert set(doc["multiclass"]["per_class_roc_auc"]) == set(classes)
+    bt = (yt != 1).astype(int)
+    assert doc["roc_auc"] == pytest.approx(M.roc_auc(bt, pt[:, [0, 2]].sum(1)))
+    with pytest.raises(StageError, match="positive_class"):
+        compute_metrics(EvalClassificationConfig(), classes, yv, pv, yt, pt)
+
+
+def test_gradcam_cases_mix_tp_fp_fn_most_confident_first():
+    from stages.classifier.report import gradcam_cases
+
+    bt = np.array([1, 1, 0, 0, 1, 0, 1])
+    pt = np.array([0.9, 0.6, 0.7, 0.2, 0.1, 0.55, 0.3])
+    # TP rows 0 (0.9), 1 (0.6); FP rows 2 (0.7), 5 (0.55); FN rows 4 (0.1), 6 (0.3); TN row 3.
+    cases = gradcam_cases(bt, pt, 0.5, 7)
+    assert cases == [(0, "TP"), (2, "FP"), (4, "FN"), (1, "TP"), (5, "FP"), (6, "FN"), (3, "TN")]
+    assert gradcam_cases(bt, pt, 0.5, 2) == cases[:2]
+
+
+# --------------------------------------------------------------------------- Grad-CAM
+
+
+def _check_cam(cam: np.ndarray) -> None:
+    assert cam.shape == (S, S) and cam.dtype == np.float32
+    assert cam.min() >= 0.0 and cam.max() <= 1.0
+    assert cam.std() > 1e-3  # not constant
+
+
+def test_grad_cam_on_trained_cnn(setup):
+    model = setup["model"]
+    images, labels = setup["data"]["test"]
+    i = int(np.flatnonzero(labels == 1)[0])
+    _check_cam(grad_cam(model, images[i], 1))
+    rgb = overlay(images[i], grad_cam(model, images[i], 1))
+    assert rgb.shape == (S, S, 3) and rgb.dtype == np.uint8
+    assert find_target_layer(model)[-1].name == GradCam(model).layer_name
+
+
+def _nested_model() -> keras.Model:
+    base_in = keras.Input((S, S, 3))
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c1")(base_in)
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c2")(h)
+    base = keras.Model(base_in, keras.layers.MaxPooling2D()(h), name="base")
+    base.trainable = False  # frozen like a pretrained base: the tape must still see it
+    inp = keras.Input((S, S, 1))
+    x = keras.layers.Rescaling(1 / 255.0)(inp)
+    x = keras.layers.Concatenate()([x, x, x])
+    x = keras.layers.GlobalAveragePooling2D()(base(x))
+    return keras.Model(inp, keras.layers.Dense(2, activation="softmax")(x))
+
+
+def test_grad_cam_on_nested_base_model(setup):
+    from stages.classifier.config import TrainClassifierConfig
+    from stages.classifier.models import build_model
+
+    keras.utils.set_random_seed(0)
+    img = setup["data"]["test"][0][1]
+    for model, path in (
+        (_nested_model(), ["base", "c2"]),
+        (build_model(TrainClassifierConfig(arch="vgg16"), S), ["vgg16", "block5_conv3"]),
+    ):
+        gc = GradCam(model)
+        assert [layer.name for layer in gc.path] == path
+        # The re-traced model shares the weights: same predictions as the original.
+        x = img[None, :, :, None].astype("float32")
+        np.testing.assert_allclose(gc._model([x])[1].numpy(), model(x).numpy(), atol=1e-5)
+        cams = [gc(img, c) for c in (0, 1)]
+        # One class's evidence is the other's counter-evidence: ReLU keeps at least one.
+        assert any(c.std() > 1e-3 for c in cams)
+        for cam in cams:
+            assert cam.shape == (S, S) and 0.0 <= cam.min() <= cam.max() <= 1.0

@@ -1,0 +1,130 @@
+"""stages.classifier.metrics against scikit-learn: threshold rules, bootstrap, multi-class AUC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from stages.classifier import metrics as M
+
+
+@pytest.fixture(scope="module")
+def preds() -> tuple[np.ndarray, np.ndarray]:
+    """A fixed, imperfect binary prediction set with ties and an imbalanced prevalence."""
+    rng = np.random.default_rng(123)
+    y = (rng.random(300) < 0.65).astype(int)
+    p = np.clip(0.5 + 0.25 * (2 * y - 1) + rng.normal(0, 0.25, y.size), 0, 1)
+    p[:20] = np.round(p[:20], 1)  # ties
+    return y, p
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.72])
+def test_binary_metrics_equal_sklearn(preds, threshold):
+    y, p = preds
+    pred = (p >= threshold).astype(int)
+    m = M.binary_metrics(y, p, threshold)
+    tn, fp, fn, tp = confusion_matrix(y, pred).ravel()
+    assert m["confusion_matrix"] == [[tn, fp], [fn, tp]]
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["precision"] == pytest.approx(precision_score(y, pred))
+    assert m["recall"] == pytest.approx(recall_score(y, pred))
+    assert m["f1"] == pytest.approx(f1_score(y, pred))
+    assert m["specificity"] == pytest.approx(tn / (tn + fp))
+    assert m["specificity"] == pytest.approx(recall_score(1 - y, 1 - pred))
+    assert all(
+        type(m[k]) is float for k in ("accuracy", "precision", "recall", "specificity", "f1")
+    )
+
+
+def test_ranking_metrics_equal_sklearn(preds):
+    y, p = preds
+    assert M.roc_auc(y, p) == pytest.approx(roc_auc_score(y, p))
+    assert M.pr_auc(y, p) == pytest.approx(average_precision_score(y, p))
+    with pytest.raises(ValueError, match="only class"):
+        M.roc_auc(np.ones(5, int), np.linspace(0, 1, 5))
+
+
+def test_no_predicted_positive_gives_zero_precision():
+    m = M.binary_metrics(np.array([0, 1, 1]), np.array([0.1, 0.2, 0.3]), 0.9)
+    assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["specificity"] == 1.0
+
+
+def test_youden_threshold_hand_made():
+    # Scores:     0.1  0.2  0.35 0.4  0.6  0.7  0.8  0.9
+    # Labels:      0    0    1    0    1    1    0    1
+    # J at p >= 0.6: sens 3/4 + spec 3/4 - 1 = 0.5; p >= 0.35: 4/4 + 2/4 - 1 = 0.5 (tie);
+    # p >= 0.7 or 0.4: 0.25. The tie goes to the higher score 0.6; the threshold returned is
+    # the midpoint of the gap below it, (0.6 + 0.4) / 2, which splits validation the same way.
+    y = np.array([0, 0, 1, 0, 1, 1, 0, 1])
+    p = np.array([0.1, 0.2, 0.35, 0.4, 0.6, 0.7, 0.8, 0.9])
+    assert M.youden_threshold(y, p) == pytest.approx(0.5)
+    # One more negative below 0.35 makes it strictly best (J 0.6 vs 0.55): (0.35 + 0.2) / 2.
+    y2, p2 = np.append(y, 0), np.append(p, 0.05)
+    assert M.youden_threshold(y2, p2) == pytest.approx(0.275)
+    # Perfect separation: midway between the lowest positive and the highest negative.
+    assert M.youden_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.3, 0.7, 0.9])) == 0.5
+
+
+@pytest.mark.parametrize("target", [0.5, 0.8, 0.95, 1.0])
+def test_sensitivity_threshold_reaches_target_with_max_specificity(preds, target):
+    y, p = preds
+    t = M.sensitivity_threshold(y, p, target)
+    assert M.binary_metrics(y, p, t)["recall"] >= target
+    # t lies just below the chosen score s (same split of the validation cases); the next
+    # higher validation score as threshold misses the target, so no higher choice existed.
+    above = np.unique(p[p >= t])  # t is s itself when s is the lowest score
+    assert M.binary_metrics(y, p, above[0])["recall"] >= target
+    if above.size > 1:
+        assert M.binary_metrics(y, p, above[1])["recall"] < target
+    assert M.select_threshold(y, p, "sensitivity", target) == t
+
+
+def test_select_threshold_takes_validation_arrays_only():
+    import inspect
+
+    params = list(inspect.signature(M.select_threshold).parameters)
+    assert params == ["y_val", "p_val", "method", "target_sensitivity"]
+
+
+def test_bootstrap_ci_contains_estimate_and_is_seeded(preds):
+    y, p = preds
+    kw = {"n_resamples": 300, "ci": 0.95}
+    for stat in (M.roc_auc, M.accuracy_at(0.5)):
+        lo, hi = M.bootstrap_ci(stat, y, p, seed=1, **kw)
+        assert lo < stat(y, p) < hi
+        assert (lo, hi) == M.bootstrap_ci(stat, y, p, seed=1, **kw)
+        assert (lo, hi) != M.bootstrap_ci(stat, y, p, seed=2, **kw)
+    narrow = M.bootstrap_ci(M.roc_auc, y, p, seed=1, n_resamples=300, ci=0.5)
+    wide = M.bootstrap_ci(M.roc_auc, y, p, seed=1, n_resamples=300, ci=0.95)
+    assert wide[0] < narrow[0] < narrow[1] < wide[1]
+
+
+def test_multiclass_macro_auc_equals_sklearn_ovr():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 4, 200)
+    logits = rng.normal(size=(200, 4)) + 1.5 * np.eye(4)[y]
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    classes = ["COVID", "NORMAL", "BACTERIA", "VIRUS"]
+    m = M.multiclass_metrics(y, proba, classes)
+    assert m["macro_roc_auc"] == pytest.approx(roc_auc_score(y, proba, multi_class="ovr"))
+    for k, c in enumerate(classes):
+        assert m["per_class_roc_auc"][c] == pytest.approx(roc_auc_score(y == k, proba[:, k]))
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, proba.argmax(1)))
+    assert m["confusion_matrix"] == confusion_matrix(y, proba.argmax(1)).tolist()
+
+
+def test_curve_points_are_json_safe(preds):
+    y, p = preds
+    roc, pr = M.roc_points(y, p), M.pr_points(y, p)
+    assert all(np.isfinite(v).all() for v in (*roc.values(), *pr.values()))
+    assert len(roc["fpr"]) == len(roc["threshold"]) and len(pr["recall"]) == len(pr["threshold"])
+    assert roc["fpr"][0] == 0.0 and roc["tpr"][-1] == 1.0

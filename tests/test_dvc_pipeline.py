@@ -1,0 +1,163 @@
+"""End to end through DVC itself: a temporary git+DVC copy of this repository with tiny params.
+
+Checks what users rely on: `dvc repro` builds everything, a second `dvc repro` runs nothing, the
+classification and detection chains never invalidate each other, and `dvc exp run -S` re-runs only
+the stages that read the changed key, with metrics readable from `dvc exp show --json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, shrink_params
+
+pytestmark = pytest.mark.slow
+
+COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", "stages", ".dvcignore"]
+CLS_STAGES = {"download@classification", "split@classification", "augment@classification",
+              "train-classifier", "evaluate@classification"}
+DET_STAGES = {"download@detection", "split@detection", "augment@detection",
+              "train-detector", "evaluate@detection"}
+
+
+def dvc(repo: Path, *args: str, timeout: float = 900) -> str:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("CXR_SHARED_DATA", None)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), *args],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{out[-4000:]}")
+    return out
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cxr_repo")
+    for name in COPY:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, root / name)
+    params = shrink_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git(root, "init", "-q")
+    git(root, "config", "user.name", "test")
+    git(root, "config", "user.email", "test@example.invalid")
+    dvc(root, "init", "-q")
+    dvc(root, "config", "core.autostage", "true")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "init")
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(repo: Path) -> Path:
+    out = dvc(repo, "repro")
+    assert ran_stages(out) == CLS_STAGES | DET_STAGES, out[-3000:]
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "baseline")
+    return repo
+
+
+def test_repro_builds_every_output(built: Path) -> None:
+    for path in ["data/raw/classification/manifest.csv", "data/split/detection/test.json",
+                 "data/augment/classification/meta.json", "models/classifier.keras",
+                 "models/detector.pt", "reports/augment/detection_preview.png"]:
+        assert (built / path).exists(), path
+    cls = json.loads((built / "metrics/classifier.json").read_text())
+    det = json.loads((built / "metrics/detector.json").read_text())
+    for key in ("accuracy", "roc_auc", "precision", "recall", "specificity", "f1"):
+        assert 0.0 <= cls[key] <= 1.0, key
+    for key in ("map", "map_50", "froc_avg_recall", "ap_50_per_class"):
+        assert key in det, key
+
+
+def test_second_repro_runs_nothing(built: Path) -> None:
+    out = dvc(built, "repro")
+    assert ran_stages(out) == set(), out
+    assert "changed" not in dvc(built, "status")
+
+
+def _set_param(repo: Path, dotted: str, value) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    node = params
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("split.detection.seed", 7, {"split@detection", "augment@detection", "train-detector",
+                                     "evaluate@detection"}),
+        ("augment.classification.policy.rotation", 5.0, {"augment@classification",
+                                                         "train-classifier",
+                                                         "evaluate@classification"}),
+        ("evaluate.detection.score_thresh", 0.4, {"evaluate@detection"}),
+    ],
+)
+def test_param_change_reruns_only_its_chain(built: Path, key, value, expected) -> None:
+    before = (built / "params.yaml").read_text()
+    try:
+        _set_param(built, key, value)
+        status = dvc(built, "status", "--json")
+        changed = set(json.loads(status))
+        assert changed <= expected and changed, (key, changed)
+        other = DET_STAGES if expected & CLS_STAGES else CLS_STAGES
+        assert not changed & other
+    finally:
+        (built / "params.yaml").write_text(before)
+
+
+def test_exp_run_as_is_reruns_only_classifier_and_reports_metrics(built: Path) -> None:
+    out = dvc(built, "exp", "run", "-n", "asis", "-S", "train_classifier.arch=as_is",
+              "-S", "train_classifier.head.activation=softmax", "-S", "train_classifier.head.units=2",
+              "-S", "train_classifier.loss=categorical_crossentropy")
+    assert ran_stages(out) == {"train-classifier", "evaluate@classification"}, out[-3000:]
+    shown = json.loads(dvc(built, "exp", "show", "--json"))
+    text = json.dumps(shown)
+    assert '"asis"' in text
+    found = _metrics_of(shown, "asis")
+    assert 0.0 <= found["accuracy"] <= 1.0 and 0.0 <= found["roc_auc"] <= 1.0
+
+
+def _metrics_of(shown, name: str) -> dict:
+    """Find metrics/classifier.json's data for experiment `name` in `dvc exp show --json`."""
+    stack = [shown]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("name") == name and "data" in node:
+                metrics = node["data"].get("metrics", {})
+                for path, entry in metrics.items():
+                    if path.endswith("classifier.json") and "train" not in path:
+                        return entry["data"]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    raise AssertionError(f"experiment {name} not found in exp show output")

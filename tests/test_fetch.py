@@ -1,0 +1,296 @@
+"""Downloads (served from 127.0.0.1: resume, checksums, Range ignored, offline) and safe extraction."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import socket
+import tarfile
+import threading
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from stages import fetch
+from stages.fetch import NetworkError, download, resolve, safe_extract
+from stages.utils import StageError
+
+PAYLOAD = bytes(range(256)) * 400  # 102400 bytes, position-dependent so a bad resume shows
+
+
+@dataclass
+class ServerState:
+    files: dict[str, bytes] = field(default_factory=dict)
+    cut_after: int | None = None  # bytes of body sent before the connection is cut (once)
+    ignore_range: bool = False
+    requests: list[dict[str, str | None]] = field(default_factory=list)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    timeout = 5  # socket timeout per connection, so a stuck client never hangs the test
+    state: ServerState
+
+    def log_message(self, *args) -> None:  # keep pytest output quiet
+        pass
+
+    def do_GET(self) -> None:
+        state = self.server.state  # type: ignore[attr-defined]
+        state.requests.append({"path": self.path, "range": self.headers.get("Range")})
+        body = state.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start, status = 0, 200
+        rng = self.headers.get("Range")
+        if rng and not state.ignore_range:
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = 206
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body) - start))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.end_headers()
+        chunk = body[start:]
+        if state.cut_after is not None:
+            chunk, state.cut_after = chunk[: state.cut_after], None
+            self.close_connection = True
+        self.wfile.write(chunk)
+        self.wfile.flush()
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, ServerState]]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    httpd.state = ServerState(files={"/data.bin": PAYLOAD})  # type: ignore[attr-defined]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd.state  # type: ignore[attr-defined]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+SHA = hashlib.sha256(PAYLOAD).hexdigest()
+MD5 = hashlib.md5(PAYLOAD).hexdigest()
+
+
+# -------------------------------------------------------------------------------------- download
+def test_full_download_with_sha256_then_cached(server, tmp_path):
+    url, state = server
+    dest = download(f"{url}/data.bin", tmp_path / "d" / "data.bin", sha256=SHA, timeout=5)
+    assert dest.read_bytes() == PAYLOAD
+    assert not dest.with_suffix(".bin.part").exists()
+    n = len(state.requests)
+    assert download(f"{url}/data.bin", dest, sha256=SHA, timeout=5) == dest
+    assert len(state.requests) == n  # no network when dest is already there and matches
+
+
+def test_interrupted_download_resumes(server, tmp_path):
+    url, state = server
+    state.cut_after = 30_000
+    dest = tmp_path / "data.bin"
+    part = tmp_path / "data.bin.part"
+    with pytest.raises(NetworkError, match="broke off"):
+        download(f"{url}/data.bin", dest, sha256=SHA, timeout=5, chunk=4096, retries=0)
+    assert part.stat().st_size == 30_000 and not dest.exists()
+    download(f"{url}/data.bin", dest, sha256=SHA, timeout=5, chunk=4096)
+    assert state.requests[-1]["range"] == "bytes=30000-"
+    assert dest.read_bytes() == PAYLOAD and not part.exists()
+
+
+def test_retries_resume_within_one_call(server, tmp_path):
+    url, state = server
+    state.cut_after = 10_000
+    dest = download(f"{url}/data.bin", tmp_path / "data.bin", md5=MD5, timeout=5, retries=1)
+    assert dest.read_bytes() == PAYLOAD
+    assert [r["range"] for r in state.requests] == [None, "bytes=10000-"]
+
+
+def test_checksum_mismatch_leaves_nothing(server, tmp_path):
+    url, _ = server
+    dest = tmp_path / "data.bin"
+    with pytest.raises(StageError) as info:
+        download(f"{url}/data.bin", dest, sha256="0" * 64, timeout=5)
+    assert "0" * 64 in str(info.value) and SHA in str(info.value)
+    assert not dest.exists() and not (tmp_path / "data.bin.part").exists()
+
+
+def test_md5_checked(server, tmp_path):
+    url, _ = server
+    assert download(f"{url}/data.bin", tmp_path / "a.bin", md5=MD5, timeout=5).is_file()
+    with pytest.raises(StageError, match="md5 mismatch"):
+        download(f"{url}/data.bin", tmp_path / "b.bin", md5="f" * 32, timeout=5)
+    assert not (tmp_path / "b.bin").exists()
+
+
+def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
+    url, state = server
+    state.ignore_range = True
+    (tmp_path / "data.bin.part").write_bytes(b"x" * 5000)  # stale partial file
+    dest = download(f"{url}/data.bin", tmp_path / "data.bin", sha256=SHA, timeout=5)
+    assert state.requests[0]["range"] == "bytes=5000-"  # asked to resume, got a 200
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_complete_part_and_http_errors(server, tmp_path):
+    url, state = server
+    (tmp_path / "data.bin.part").write_bytes(PAYLOAD)  # finished, but never renamed
+    assert download(f"{url}/data.bin", tmp_path / "data.bin", sha256=SHA).read_bytes() == PAYLOAD
+    assert state.requests[-1]["range"] == f"bytes={len(PAYLOAD)}-"  # answered 416: whole already
+    (tmp_path / "b.bin.part").write_bytes(PAYLOAD + b"junk")  # longer than the file: restart
+    assert download(f"{url}/data.bin", tmp_path / "b.bin", sha256=SHA).read_bytes() == PAYLOAD
+    assert [r["range"] for r in state.requests[-2:]] == [f"bytes={len(PAYLOAD) + 4}-", None]
+    with pytest.raises(NetworkError, match="404"):
+        download(f"{url}/missing.zip", tmp_path / "missing.zip", timeout=5)
+
+
+def test_unreachable_url_names_param(tmp_path):
+    url = f"http://127.0.0.1:{_closed_port()}/chest_xray.zip"
+    with pytest.raises(StageError) as info:
+        resolve(url, tmp_path, what="the Kermany archive", param="data.classification.path")
+    msg = str(info.value)
+    assert "data.classification.path" in msg and "the Kermany archive" in msg and "\n" not in msg
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------- safe_extract
+def _zip(path: Path, members: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> Path:
+    with zipfile.ZipFile(path, "w", method) as zf:
+        for name, data in members.items():
+            zf.writestr(zipfile.ZipInfo(name), data, compress_type=method)
+    return path
+
+
+def _tar(path: Path, members: list[tarfile.TarInfo], data: dict[str, bytes] | None = None) -> Path:
+    data = data or {}
+    with tarfile.open(path, "w:gz") as tf:
+        for info in members:
+            body = data.get(info.name)
+            if body is not None:
+                info.size = len(body)
+            tf.addfile(info, io.BytesIO(body) if body is not None else None)
+    return path
+
+
+def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+def _assert_refused(archive: Path, work: Path, match: str, **kw) -> None:
+    with pytest.raises(StageError, match=match):
+        safe_extract(archive, work / "out", **kw)
+    assert sorted(p.name for p in work.iterdir()) == []  # no dest, no temp dir, nothing outside
+
+
+def test_zip_slip_and_absolute_refused(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    evil = _zip(tmp_path / "evil.zip", {"ok.txt": b"fine", "../evil.txt": b"pwned"})
+    _assert_refused(evil, work, "unsafe member path")
+    assert not (tmp_path / "evil.txt").exists()
+    backslash = _zip(tmp_path / "bs.zip", {"..\\..\\evil.txt": b"pwned"})
+    _assert_refused(backslash, work, "unsafe member path")
+    absolute = _zip(tmp_path / "abs.zip", {"/tmp/abs_evil.txt": b"pwned"})
+    _assert_refused(absolute, work, "unsafe member path")
+    tar_abs = _tar(tmp_path / "abs.tar.gz", [tarfile.TarInfo("/tmp/x")], {"/tmp/x": b"p"})
+    _assert_refused(tar_abs, work, "unsafe member path")
+
+
+def test_tar_links_and_devices_refused(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    _assert_refused(_tar(tmp_path / "s.tar.gz", [_link("etc", "/etc")]), work, "symlink")
+    _assert_refused(_tar(tmp_path / "r.tar.gz", [_link("a/up", "../../x")]), work, "symlink")
+    hard = _tar(tmp_path / "h.tar.gz", [_link("h", "../outside", tarfile.LNKTYPE)])
+    _assert_refused(hard, work, "unsafe member path")
+    dev = tarfile.TarInfo("null")
+    dev.type = tarfile.CHRTYPE
+    _assert_refused(_tar(tmp_path / "d.tar.gz", [dev]), work, "special file")
+
+
+def test_zip_bomb_and_limits_refused(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    bomb = _zip(tmp_path / "bomb.zip", {"zeros.bin": bytes(8 << 20)})
+    assert bomb.stat().st_size < (8 << 20) / 200
+    _assert_refused(bomb, work, "compression ratio")
+    small = _zip(tmp_path / "small.zip", {f"{i}.txt": b"abc" for i in range(5)})
+    _assert_refused(small, work, "more than 4 members", max_files=4)
+    _assert_refused(small, work, "bytes uncompressed", max_total_bytes=10)
+
+
+def test_normal_zip_and_tar_extracted(tmp_path):
+    members = {"chest_xray/train/NORMAL/a.jpeg": b"A" * 100, "chest_xray/b.txt": b"B"}
+    out = safe_extract(_zip(tmp_path / "ok.zip", members), tmp_path / "zip_out")
+    for name, body in members.items():
+        assert (out / name).read_bytes() == body
+    infos = [tarfile.TarInfo(n) for n in members] + [_link("chest_xray/lnk", "b.txt")]
+    out = safe_extract(_tar(tmp_path / "ok.tar.gz", infos, members), tmp_path / "tar_out")
+    assert (out / "chest_xray/train/NORMAL/a.jpeg").read_bytes() == b"A" * 100
+    assert (out / "chest_xray/lnk").read_bytes() == b"B"  # a link inside the tree is fine
+
+
+# ---------------------------------------------------------------------------------------- resolve
+def test_resolve_folder_file_and_missing(tmp_path):
+    folder = tmp_path / "kermany"
+    folder.mkdir()
+    npz = tmp_path / "x.npz"
+    npz.write_bytes(b"npz")
+    kw = {"what": "the PneumoniaMNIST npz", "param": "data.classification.path"}
+    assert resolve(str(folder), tmp_path / "w", **kw) == folder
+    assert resolve(str(npz), tmp_path / "w", **kw) == npz
+    for missing in (str(tmp_path / "nope.zip"), None):
+        with pytest.raises(StageError) as info:
+            resolve(missing, tmp_path / "w", **kw)
+        assert "data.classification.path" in str(info.value)
+        assert "the PneumoniaMNIST npz" in str(info.value)
+
+
+def test_resolve_archive_extracts_once(tmp_path, monkeypatch):
+    archive = _zip(tmp_path / "ChestXRay2017.zip", {"chest_xray/test/x.jpeg": b"x"})
+    work = tmp_path / "work"
+    kw = {"what": "Kermany", "param": "data.classification.path"}
+    out = resolve(str(archive), work, **kw)
+    assert out == work / "ChestXRay2017" and (out / "chest_xray/test/x.jpeg").read_bytes() == b"x"
+    calls = []
+    real = fetch.safe_extract
+    monkeypatch.setattr(fetch, "safe_extract", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert resolve(str(archive), work, **kw) == out and calls == []  # re-used
+    _zip(archive, {"chest_xray/test/y.jpeg": b"y"})  # the archive changed: extract again
+    out = resolve(str(archive), work, **kw)
+    assert len(calls) == 1 and (out / "chest_xray/test/y.jpeg").exists()
+    assert not (out / "chest_xray/test/x.jpeg").exists()
+
+
+def test_resolve_default_url_downloads_then_works_offline(server, tmp_path):
+    url, state = server
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("train/NORMAL/a.png", b"png")
+    state.files["/sets/set%201.zip"] = buf.getvalue()
+    kw = {"what": "set", "param": "data.detection.path", "default_url": f"{url}/sets/set%201.zip"}
+    out = resolve(None, tmp_path, **kw)
+    assert out == tmp_path / "set_1" and (out / "train/NORMAL/a.png").read_bytes() == b"png"
+    n = len(state.requests)
+    assert resolve(None, tmp_path, **kw) == out and len(state.requests) == n

@@ -1,0 +1,167 @@
+"""train-classifier end to end on a tiny synthetic cache (48 px): outputs, strategies, failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+import stages  # noqa: F401  (torch before TensorFlow)
+from stages.aug_classification import ClassificationPolicy
+from stages.cache import open_split, write_meta, write_policy, write_split
+from stages.classifier.config import TrainClassifierConfig
+from stages.classifier.data import class_indices, load_class_split, make_dataset
+from stages.classifier.predict import labels_for, load_classifier, load_info, predict_proba
+from stages.config import parse, to_dict
+from stages.train_classifier import main, train
+from stages.utils import StageError, read_json
+
+S = 48
+METRIC_KEYS = {
+    "train_accuracy",
+    "val_accuracy",
+    "train_loss",
+    "val_loss",
+    "val_auc",
+    "best_epoch",
+    "epochs_run",
+    "seconds",
+    "images_per_second",
+    "params_count",
+}
+
+
+@pytest.fixture(autouse=True)
+def _outside_the_repo(tmp_path, monkeypatch):
+    # dvclive probes the git/DVC repository of the cwd; keep it away from the project's.
+    monkeypatch.chdir(tmp_path)
+
+
+def make_cache(root, classes=("NORMAL", "PNEUMONIA"), counts=None, seed=0):
+    """Class k = noise plus a centred disc of brightness 60*k: learnable in a few steps."""
+    counts = counts or {"train": 48, "val": 16}
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:S, :S]
+    disc = ((yy - S / 2) ** 2 + (xx - S / 2) ** 2) < (S / 4) ** 2
+    for split, n in counts.items():
+        k = np.arange(n) % len(classes)
+        images = rng.integers(0, 90, (n, S, S)) + disc[None] * (60 * k)[:, None, None]
+        index = pd.DataFrame(
+            {
+                "path": [f"img/{split}_{i}.png" for i in range(n)],
+                "label": [classes[j] for j in k],
+                "subtype": ["bacteria" if j and i % 2 else "" for i, j in enumerate(k)],
+                "patient_id": [f"p{i}" for i in range(n)],
+                "split": split,
+                "label_index": k,
+            }
+        )
+        write_split(root, split, images.clip(0, 255).astype(np.uint8), index, S)
+    meta = {"task": "classification", "image_size": S, "resize": "stretch"}
+    write_meta(root, {**meta, "classes": list(classes), "counts": counts})
+    write_policy(root, to_dict(ClassificationPolicy()))
+    return root
+
+
+def cfg_dict(**over) -> dict:
+    base = {"arch": "to_be", "epochs": 2, "batch_size": 8, "early_stopping": {"patience": 1}}
+    return {**base, **over}
+
+
+def paths(tmp_path):
+    return {
+        "model_path": tmp_path / "models" / "classifier.keras",
+        "metrics_path": tmp_path / "metrics" / "train_classifier.json",
+        "live_dir": tmp_path / "live",
+    }
+
+
+def test_cli_writes_model_metrics_and_live(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    out = paths(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train_classifier": cfg_dict(epochs=3)}))
+    main(
+        ["--params", str(params), "--cache-dir", str(cache), "--model", str(out["model_path"]),
+         "--metrics", str(out["metrics_path"]), "--live-dir", str(out["live_dir"])]
+    )  # fmt: skip
+    metrics = read_json(out["metrics_path"])
+    assert METRIC_KEYS <= set(metrics)
+    assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] <= 3
+    for split in ("train", "val"):
+        for name in ("loss", "accuracy", "auc"):
+            tsv = out["live_dir"] / "plots" / "metrics" / split / f"{name}.tsv"
+            assert len(tsv.read_text().splitlines()) == metrics["epochs_run"] + 1  # + header
+    assert not list(tmp_path.glob("**/*.tmp*")), "temporary files left behind"
+
+    # The saved model is the best epoch's: it reproduces the logged val accuracy exactly.
+    model = load_classifier(out["model_path"])
+    info = load_info(out["model_path"])
+    assert info.classes == ("NORMAL", "PNEUMONIA") and info.encoding == "binary"
+    val = open_split(cache, "val")
+    proba = predict_proba(model, val.images, batch_size=5)
+    assert proba.shape == (16, 2) and np.allclose(proba.sum(axis=1), 1.0, atol=1e-6)
+    accuracy = float(np.mean(proba.argmax(axis=1) == labels_for(val.index, info)))
+    assert accuracy == pytest.approx(metrics["val_accuracy"], abs=1e-6)
+
+
+def test_mirrored_strategy_trains_one_epoch(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    cfg = parse(TrainClassifierConfig, cfg_dict(epochs=1, strategy="mirrored"))
+    metrics = train(cfg, cache, **paths(tmp_path))
+    assert metrics["epochs_run"] == 1 and np.isfinite(metrics["val_loss"])
+    assert paths(tmp_path)["model_path"].is_file()
+
+
+def test_nan_loss_stops_with_stage_error(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    cfg = parse(TrainClassifierConfig, cfg_dict(learning_rate=1e30, augmentation=False))
+    out = paths(tmp_path)
+    with pytest.raises(StageError, match="diverged"):
+        train(cfg, cache, **out)
+    assert not out["model_path"].exists() and not out["metrics_path"].exists()
+    assert not out["live_dir"].exists()
+
+
+def test_head_that_cannot_fit_the_data_is_refused_before_training(tmp_path):
+    cache = make_cache(tmp_path / "cache", classes=("COVID", "NORMAL", "PNEUMONIA"))
+    cfg = parse(TrainClassifierConfig, cfg_dict())  # 1 sigmoid unit, 3 classes in the cache
+    with pytest.raises(StageError, match="1 unit encodes exactly 2 classes"):
+        train(cfg, cache, **paths(tmp_path))
+    assert not paths(tmp_path)["live_dir"].exists()
+
+
+def test_class_selection_and_merge(tmp_path):
+    cache = make_cache(tmp_path / "cache", classes=("COVID", "NORMAL", "PNEUMONIA"))
+    index = open_split(cache, "train").index
+    two = class_indices(index, ("NORMAL", "PNEUMONIA"))
+    assert set(two[index["label"] == "COVID"]) == {-1}
+    assert set(two[index["label"] == "PNEUMONIA"]) == {1}
+    merged = class_indices(
+        index, ("NORMAL", "BACTERIA", "OTHER"), {"PNEUMONIA/bacteria": "BACTERIA", "PNEUMONIA": "OTHER", "COVID": "OTHER"}
+    )  # fmt: skip
+    pneumonia = index["label"] == "PNEUMONIA"
+    bacteria = pneumonia & (index["subtype"] == "bacteria")
+    assert set(merged[bacteria]) == {1} and set(merged[pneumonia & ~bacteria]) == {2}
+    assert set(merged[index["label"] == "COVID"]) == {2} and (merged >= 0).all()
+    split = load_class_split(cache, "train", ("NORMAL", "PNEUMONIA"))
+    assert len(split) == 32 and np.all(np.diff(split.rows) > 0)
+
+
+def test_dataset_epochs_reshuffle_and_cover_every_row(tmp_path):
+    cache = make_cache(tmp_path / "cache", counts={"train": 40, "val": 8})
+    split = load_class_split(cache, "train", ("NORMAL", "PNEUMONIA"))
+    marks = np.arange(40, dtype=np.float32).reshape(-1, 1)  # targets = row ids, to trace rows
+    ds, steps = make_dataset(split, marks, 8, training=True, seed=3)
+    assert steps == 5
+    batches = [y.numpy().ravel() for _, y in ds.take(2 * steps)]
+    first, second = np.concatenate(batches[:steps]), np.concatenate(batches[steps:])
+    assert sorted(first) == sorted(second) == list(range(40))
+    assert not np.array_equal(first, second)  # a new order each epoch
+    x, y = next(iter(ds))
+    assert x.shape == (8, S, S, 1) and x.dtype.name == "float32"
+    rows = y.numpy().astype(int).ravel()
+    np.testing.assert_array_equal(x.numpy()[..., 0], split.images[rows].astype(np.float32))
+    val_ds, val_steps = make_dataset(split, marks, 16, training=False)
+    assert val_steps == 3 and sum(int(b[0].shape[0]) for b in val_ds) == 40

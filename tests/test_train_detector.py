@@ -1,0 +1,235 @@
+"""train-detector: streaming dataset, loss going down, non-finite stop, resume, outputs, overfit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import stages  # noqa: F401
+from stages import cache
+from stages.detector import TrainDetectorConfig
+from stages.detector import engine as E
+from stages.detector.data import DetectionCacheDataset, make_loader
+from stages.detector.model import build_detector, load_detector, predict
+from stages.train_detector import main, train
+from stages.utils import StageError
+
+CLASSES = ["Square", "Disk"]
+TINY = TrainDetectorConfig(
+    fpn_channels=64, anchor_sizes=((8,), (16,), (32,), (64,), (128,)), aspect_ratios=(1.0,),
+    epochs=2, batch_size=4, lr=1e-3, warmup_iters=2, threads=1, seed=0,
+)  # fmt: skip
+POLICY = {"hflip": 0.5, "scale_jitter": [0.9, 1.1], "brightness": 0.05, "contrast": 0.05}
+
+
+def draw(rng: np.random.Generator, size: int, n_objects: int) -> tuple[np.ndarray, list]:
+    """Noise plus bright squares (class 1) and disks (class 2); tight boxes."""
+    img = rng.normal(50, 12, (size, size)).clip(0, 255)
+    yy, xx = np.mgrid[:size, :size]
+    anns = []
+    for _ in range(n_objects):
+        s = int(rng.integers(size // 6, size // 4))
+        x, y = (int(v) for v in rng.integers(0, size - s, 2))
+        cls = int(rng.integers(1, 3))
+        if cls == 1:
+            img[y : y + s, x : x + s] = 220
+        else:
+            r = s / 2
+            img[(xx + 0.5 - x - r) ** 2 + (yy + 0.5 - y - r) ** 2 <= r * r] = 160
+        anns.append((cls, [x, y, s, s]))
+    return img.astype(np.uint8), anns
+
+
+def make_cache(root: Path, counts: dict[str, int], size: int = 64, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]
+    for split, n in counts.items():
+        images, coco = [], {"images": [], "annotations": [], "categories": cats}
+        for i in range(n):
+            img, anns = draw(rng, size, 0 if i % 4 == 3 else 1)  # every 4th image: negative
+            images.append(img)
+            coco["images"].append({"id": i, "file_name": f"{split}{i}.png", "width": size, "height": size})
+            for cls, box in anns:
+                coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i,
+                                            "category_id": cls, "bbox": box, "area": box[2] * box[3],
+                                            "iscrowd": 0})  # fmt: skip
+        index = pd.DataFrame({"path": [f"{split}{i}.png" for i in range(n)], "label": "x"})
+        cache.write_split(root, split, images, index, size, coco)
+    cache.write_meta(root, {"task": "detection", "image_size": size, "resize": "pad",
+                            "classes": CLASSES, "counts": counts})  # fmt: skip
+    cache.write_policy(root, POLICY)
+    return root
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)  # relative outputs and dvclive stay inside tmp_path
+    torch.set_num_threads(1)
+    return make_cache(tmp_path / "cache", {"train": 8, "val": 4, "test": 2})
+
+
+def _run(cfg: TrainDetectorConfig, cache_dir: Path, out: Path) -> dict:
+    return train(cfg, cache_dir, out / "detector.pt", out / "metrics.json", out / "live", out / "ckpt")
+
+
+def test_dataset_streams_rows_and_keeps_negatives(tiny):
+    ds = DetectionCacheDataset(tiny, "train", CLASSES)
+    images = np.load(tiny / "train" / "images.npy")
+    assert len(ds) == 8
+    img, target = ds[3]
+    assert img.shape == (1, 64, 64) and img.dtype == torch.float32
+    np.testing.assert_allclose(img[0].numpy() * 255, images[3], atol=1e-3)
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+    _, target = ds[0]
+    assert target["boxes"].shape == (1, 4) and int(target["labels"][0]) in (1, 2)
+    assert target["image_id"] == 0
+    loader, sampler = make_loader(ds, 3, train=True, num_workers=2, seed=0)
+    sampler.set_epoch(0)
+    seen = [t["image_id"] for _, targets in loader for t in targets]
+    assert sorted(seen) == list(range(8))
+
+
+def test_dataset_memory_stays_flat(tmp_path):
+    """Reading every image must not keep them resident (a memory map would: ~26 MB here)."""
+    root = make_cache(tmp_path / "c", {"train": 100, "val": 1}, size=512)
+    ds = DetectionCacheDataset(root, "train", CLASSES)
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+
+    ds[0]
+    before = rss()
+    for i in range(len(ds)):
+        ds[i]
+    assert rss() - before < 8 * 2**20
+
+
+def test_unknown_category_stops_with_the_record(tiny):
+    path = tiny / "train" / "annotations.json"
+    coco = json.loads(path.read_text())
+    coco["annotations"][0]["category_id"] = 7
+    path.write_text(json.dumps(coco))
+    with pytest.raises(StageError, match="unknown category_id 7"):
+        DetectionCacheDataset(tiny, "train", CLASSES)
+
+
+def test_few_steps_on_a_fixed_batch_lower_the_loss(tiny):
+    torch.manual_seed(0)
+    model = build_detector(dataclasses.replace(TINY, min_size=64), len(CLASSES)).train()
+    ds = DetectionCacheDataset(tiny, "train", CLASSES)
+    images, targets = zip(*[ds[i] for i in range(4)], strict=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        loss = sum(model(list(images), list(targets)).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_non_finite_loss_stops_naming_iteration_and_parts(tiny):
+    ds = DetectionCacheDataset(tiny, "train", CLASSES)
+    loader, _ = make_loader(ds, 2, train=False, num_workers=0, seed=0)
+
+    class Exploding(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+            self.calls = 0
+
+        def forward(self, images, targets):
+            self.calls += 1
+            bad = float("nan") if self.calls == 2 else 1.0
+            return {"classification": self.w * bad, "bbox_regression": self.w * 0.5}
+
+    model = Exploding()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
+    with pytest.raises(StageError, match=r"iteration 2 \(classification=nan, bbox_regression=0\.\d+\)"):
+        E.train_one_epoch(model, opt, sched, loader, 0, 1.0, E.DistInfo())
+
+
+def test_train_writes_model_metrics_and_live_logs(tiny, tmp_path):
+    metrics = _run(TINY, tiny, tmp_path / "out")
+    out = tmp_path / "out"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert saved["epochs_run"] == 2 and 1 <= saved["best_epoch"] <= 2
+    assert 0 <= saved["val_map_50"] <= 1 and saved["seconds_per_epoch"] > 0
+    assert len(saved["val_map_50_per_epoch"]) == 2
+    model, cfg, classes = load_detector(out / "detector.pt")
+    assert classes == CLASSES and cfg.min_size == 64 and cfg.max_size == 64
+    preds = predict(model, np.load(tiny / "test" / "images.npy"))
+    assert len(preds) == 2
+    assert (out / "live" / "plots" / "metrics" / "val" / "map_50.tsv").is_file()
+    assert (out / "ckpt" / "last.pt").is_file() and (out / "ckpt" / "best.pt").is_file()
+
+
+def test_resume_continues_at_the_next_epoch(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real = E.train_one_epoch
+    epochs: list[int] = []
+
+    def interrupted(model, optimizer, scheduler, loader, epoch, *args, **kwargs):
+        if epoch == 1 and not epochs.count(-1):
+            epochs.append(-1)
+            raise KeyboardInterrupt  # the machine went down during epoch 2
+        epochs.append(epoch)
+        return real(model, optimizer, scheduler, loader, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(E, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(TINY, tiny, out)
+    assert not (out / "detector.pt").exists()
+    after_one = torch.load(out / "ckpt" / "last.pt", weights_only=True)
+    assert after_one["epoch"] == 0
+    metrics = _run(dataclasses.replace(TINY, num_workers=1), tiny, out)  # runtime key
+    assert epochs == [0, -1, 1]
+    assert metrics["epochs_run"] == 2 and len(metrics["val_map_50_per_epoch"]) == 2
+    assert metrics["val_map_50_per_epoch"][0] == after_one["history"][0]["val_map_50"]
+    lines = (out / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert len(lines) == 3  # header + both epochs, the first replayed from the checkpoint
+    # A finished run with the same config trains nothing; another config starts afresh.
+    _run(TINY, tiny, out)
+    assert epochs == [0, -1, 1]
+    _run(dataclasses.replace(TINY, lr=5e-4), tiny, out)
+    assert epochs == [0, -1, 1, 0, 1]
+
+
+def test_empty_training_split_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = make_cache(tmp_path / "cache", {"train": 0, "val": 2})
+    with pytest.raises(StageError, match="train is empty"):
+        _run(TINY, root, tmp_path / "out")
+
+
+def test_cli_reads_its_params_section(tiny, tmp_path, params):
+    params["train_detector"] = {**params["train_detector"], "epochs": 1, "fpn_channels": 64,
+                                "threads": 1, "checkpoint_dir": "ckpt"}  # fmt: skip
+    (tmp_path / "p.yaml").write_text(json.dumps(params))  # JSON is YAML
+    main(["--params", "p.yaml", "--cache", str(tiny), "--model", "m/detector.pt",
+          "--metrics", "m/metrics.json", "--live", "live"])  # fmt: skip
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["epochs_run"] == 1
+    assert (tmp_path / "ckpt" / "last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_overfits_a_handful_of_synthetic_images(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = make_cache(tmp_path / "cache", {"train": 6, "val": 6}, size=96, seed=3)
+    # Validate on the training images themselves: the bar is memorisation.
+    for name in ("images.npy", "index.csv", "annotations.json"):
+        (root / "val" / name).write_bytes((root / "train" / name).read_bytes())
+    cache.write_policy(root, {"hflip": 0.0, "scale_jitter": [1.0, 1.0], "brightness": 0.0,
+                              "contrast": 0.0})  # fmt: skip
+    cfg = dataclasses.replace(TINY, epochs=40, batch_size=6, lr=2e-3, warmup_iters=5, threads=0)
+    metrics = _run(cfg, root, tmp_path / "out")
+    assert metrics["val_map_50"] > 0.9, metrics["val_map_50_per_epoch"]
