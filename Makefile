@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 WORKERS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup repro test test-fast lint format dag ablations bench clean
+.PHONY: setup repro test test-fast lint format dag ablations
 
 setup: $(VENV)/.installed
 
@@ -37,3 +37,17 @@ format: setup
 
 dag: setup
 	$(BIN)/dvc dag
+
+# --- make ablations (owner: stages/ablations.py; paste next to the other targets) ---------------
+# WORKERS (defined above, default 1) = parallel DVC queue workers; DATA_ROOT = folder holding
+# kermany224/ (made absolute by the queue step: queued runs execute in a temporary copy).
+# ABLATIONS_ARGS: extra queue options, e.g. --replace (run all seven again) or
+# --set train_classifier.epochs=5 (applied to every row). The code must be committed first.
+DATA_ROOT ?= ../shared/data
+ABLATIONS_TIMEOUT ?= 86400
+ABLATIONS_ARGS ?=
+
+ablations: setup  ## seed 002's seven ablation rows via the DVC queue -> reports/ablations.md
+	$(BIN)/python -m stages.ablations queue --data-root $(DATA_ROOT) $(ABLATIONS_ARGS)
+	$(BIN)/python -m stages.ablations run --workers $(WORKERS) --timeout $(ABLATIONS_TIMEOUT)
+	$(BIN)/python -m stages.ablations report --out reports/ablations.md

@@ -6,4 +6,10 @@ project (stages, tests, benchmarks) imports this package first, so the order is 
 The set-up (`make setup`) also removes triton, which the CPU build never needs.
 """
 
-import torch  # noqa: F401  (import order guard, see above)
+import os
+
+# TensorFlow's C++ start-up chatter (oneDNN, CPU feature notices) buries the stage logs; errors
+# still show. A user's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import torch  # noqa: E402, F401  (import order guard, see above)

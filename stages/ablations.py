@@ -30,6 +30,7 @@ from stages.utils import StageError, run_cli
 
 log = logging.getLogger("stages.ablations")
 PENDING = ("queued", "running")
+_RANK = {"running": 0, "queued": 0, "failed": 1}  # which status of a name parse_status keeps
 LOG_TAIL = 25  # lines of `dvc queue logs` shown per failed experiment
 
 
@@ -41,17 +42,27 @@ def _env() -> dict[str, str]:
 
 
 def _dvc(args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``dvc <args>`` (captured); StageError with DVC's own message when it fails."""
+    """Run ``dvc <args>``; StageError with DVC's own message when it fails.
+
+    Output goes through a temporary file, not a pipe: ``dvc queue start`` leaves a worker
+    behind that inherits the descriptors and would hold a pipe open until the queue is empty.
+    """
     argv = [sys.executable, "-m", "dvc", *args]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=_env(), check=False)
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(), check=False)
+        out.seek(0)
+        text = out.read()
     if check and proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        tail = "\n".join(text.strip().splitlines()[-15:])
         raise StageError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n{tail}")
-    return proc
+    return subprocess.CompletedProcess(argv, proc.returncode, text, "")
 
 
-def exp_show() -> list:
-    return json.loads(_dvc(["exp", "show", "--json"]).stdout or "[]")
+def exp_show(all_commits: bool = False) -> list:
+    """``dvc exp show --json``: experiments of HEAD's commit (``-A``: of every commit)."""
+    return json.loads(
+        _dvc(["exp", "show", "--json", *(["-A"] if all_commits else [])]).stdout or "[]"
+    )
 
 
 # ----------------------------------------------------------------------------- dvc exp show
@@ -167,6 +178,11 @@ def missing_inputs(name: str, data_root: str) -> list[str]:
     return found
 
 
+def has_commit() -> bool:
+    head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True)
+    return head.returncode == 0
+
+
 def queue(
     names: Sequence[str], data_root: str, extra: Sequence[str] = (), replace: bool = False
 ) -> list[str]:
@@ -178,8 +194,7 @@ def queue(
     """
     for name in names:
         X.get(name)  # unknown names fail before anything is queued
-    head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True)
-    if head.returncode != 0:
+    if not has_commit():
         raise StageError("no git commit yet: commit the project first (queued runs use a commit)")
     root = str(Path(data_root).resolve())
     missing = sorted({p for n in names for p in missing_inputs(n, root)})
@@ -216,7 +231,10 @@ def parse_status(text: str) -> tuple[dict[str, str], tuple[int, int] | None]:
             nums = [int(p) for p in line.replace(",", " ").split() if p.isdigit()]
             workers = (nums[0], nums[1]) if len(nums) >= 2 else None
         elif len(parts) >= 3 and parts[0] != "Task":
-            tasks.setdefault(parts[1], parts[-1].lower())  # newest task of a name first
+            # a re-queued name can also have its earlier run listed: pending, then failed, win
+            name, status = parts[1], parts[-1].lower()
+            if _RANK.get(status, 2) < _RANK.get(tasks.get(name, ""), 3):
+                tasks[name] = status
     return tasks, workers
 
 
@@ -254,7 +272,7 @@ def run(names: Sequence[str], workers: int, timeout: float, poll: float = 30.0) 
         logs = []
         for name in failed:
             out = _dvc(["queue", "logs", name], check=False)
-            tail = (out.stdout + out.stderr).strip().splitlines()[-LOG_TAIL:]
+            tail = out.stdout.strip().splitlines()[-LOG_TAIL:]
             logs.append(f"--- {name}: last lines of `dvc queue logs {name}`\n" + "\n".join(tail))
         raise StageError(
             f"{len(failed)} experiment(s) failed: {', '.join(failed)}\n" + "\n".join(logs)
@@ -290,16 +308,17 @@ def _data_note(results: dict[str, Result]) -> list[str]:
     if not done:
         return ["- No finished experiment yet: run `make ablations`."]
     p = done[0].params
-    path = str(_get(p, "data", "classification", "path"))
+    path = _get(p, "data", "classification", "path")
     mode = _get(p, "split", "classification", "mode")
     n = sorted({r.n_test for r in done if r.n_test is not None})
     lines = [
-        f"- Data: `{_get(p, 'data', 'classification', 'source')}` from `{path}` at "
-        f"{_get(p, 'augment', 'classification', 'image_size')} px; split mode `{mode}`.",
+        f"- Data: `{_get(p, 'data', 'classification', 'source')}`"
+        + (f" from `{path}`" if path else "")
+        + f" at {_get(p, 'augment', 'classification', 'image_size')} px; split mode `{mode}`.",
         f"- **test** = our held-out test split ({'/'.join(map(str, n)) or '?'} images), never "
         "seen in training or model selection. The seed's test was their own 20 % random split.",
     ]
-    if "kermany224" in path and mode == "random":
+    if "kermany224" in str(path) and mode == "random":
         lines.append(
             "- Only Kermany's train folder exists here (`kermany224/train`), so our test split is "
             "a patient-grouped hold-out of that folder, not Kermany's official test set."
@@ -342,8 +361,10 @@ def render(results: dict[str, Result], names: Sequence[str]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def report(out: Path, names: Sequence[str], show_json: Path | None = None) -> str:
-    show = json.loads(Path(show_json).read_text()) if show_json else exp_show()
+def report(
+    out: Path, names: Sequence[str], show_json: Path | None = None, all_commits: bool = False
+) -> str:
+    show = json.loads(Path(show_json).read_text()) if show_json else exp_show(all_commits)
     text = render(collect(show, names), names)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as fh:
@@ -368,13 +389,14 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--poll", type=float, default=30.0, help="seconds between status checks")
     p.add_argument("--out", type=Path, default=Path("reports/ablations.md"))
     p.add_argument("--show-json", type=Path, help="saved `dvc exp show --json` output")
+    p.add_argument("--all-commits", action="store_true", help="also experiments of older commits")
     args = parser.parse_args(argv)
     if args.command == "queue":
         queue(args.names, args.data_root, args.set, args.replace)
     elif args.command == "run":
         run(args.names, args.workers, args.timeout, args.poll)
     else:
-        report(args.out, args.names, args.show_json)
+        report(args.out, args.names, args.show_json, args.all_commits)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ dataclasses. YAML lists become tuples so configs stay hashable and immutable.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -23,6 +24,32 @@ T = TypeVar("T")
 PARAMS_FILE = Path("params.yaml")
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-05`` as a float.
+
+    YAML 1.1 (PyYAML) wants a dot in exponent floats, but `dvc exp run -S lr=0.00001` writes
+    ``1e-05`` into params.yaml; plain safe_load would hand the stage a string.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+
+
 class ConfigError(ValueError):
     """A params section does not match its schema; the message names the key."""
 
@@ -32,7 +59,7 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run from the repository root)")
     with path.open() as fh:
-        data = yaml.safe_load(fh) or {}
+        data = load_yaml(fh.read()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data

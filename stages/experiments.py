@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from stages.config import load_yaml
+
 DEFAULT_DATA_ROOT = "../shared/data"
 ROOT = "{data_root}"  # placeholder in string values, replaced by the data root
 _PLAIN = re.compile(r"[A-Za-z_./][A-Za-z0-9_./\-]*")  # strings Hydra reads back unquoted
@@ -335,9 +337,8 @@ def format_value(value: Any) -> str:
         return str(value)
     if isinstance(value, float):
         text = repr(value)
-        # DVC writes such floats as e.g. 1e-05, which PyYAML (the stages' reader) reads as a string
-        if not math.isfinite(value) or "e" in text:
-            raise ValueError(f"{value!r}: DVC would write it in a form params.yaml readers misread")
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r}: not a finite number")
         return text
     if isinstance(value, str):
         if "${" in value or "\\" in value:
@@ -395,7 +396,7 @@ def apply_overrides(params: dict, overrides: Sequence[str]) -> dict:
         path = Path(tmp) / "params.yaml"
         path.write_text(yaml.safe_dump(params, sort_keys=False))
         dvc_apply(path, list(overrides))
-        return yaml.safe_load(path.read_text())
+        return load_yaml(path.read_text())  # the stages' reader (reads DVC's 1e-05 as a float)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,7 +36,7 @@ from stages.classifier.data import (
 )
 from stages.classifier.models import build_model
 from stages.classifier.predict import ClassifierInfo, save_info
-from stages.config import load_section, parse, to_dict
+from stages.config import load_section, parse
 from stages.utils import StageError, atomic_dir, run_cli, seed_everything, write_json
 
 log = logging.getLogger("stages.train_classifier")
@@ -136,6 +136,7 @@ def save_model_atomic(model: keras.Model, path: Path) -> None:
     os.close(fd)
     try:
         model.save(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the model is a shared artefact
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -184,7 +185,10 @@ def train(
         policy=policy,
     )
     val_ds, _ = make_dataset(
-        val_split, encode_targets(val_split.labels, encoding, n_classes), global_batch, training=False
+        val_split,
+        encode_targets(val_split.labels, encoding, n_classes),
+        global_batch,
+        training=False,
     )
     size = train_split.image_size
     with strategy.scope():
@@ -192,8 +196,14 @@ def train(
         _compile(model, cfg, encoding, n_classes, steps)
     log.info(
         "%s: %d params, %d train / %d val images of %s at %d px, %d steps/epoch, %s strategy",
-        cfg.arch, model.count_params(), len(train_split), len(val_split), list(classes), size,
-        steps, cfg.strategy,
+        cfg.arch,
+        model.count_params(),
+        len(train_split),
+        len(val_split),
+        list(classes),
+        size,
+        steps,
+        cfg.strategy,
     )
 
     with atomic_dir(live_dir) as tmp_live:
@@ -215,6 +225,8 @@ def train(
     epochs_run = len(history["loss"])
     best = early.best_epoch if early.best_weights is not None else epochs_run - 1
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    # val_*: the validation split at the best epoch (never test: that is the evaluate stage);
+    # train_*: Keras' running values over that epoch's augmented, class-weighted batches.
     metrics = {
         **{f"train_{k}": float(history[k][best]) for k in ("accuracy", "loss", "auc")},
         **{f"val_{k}": float(history[f"val_{k}"][best]) for k in ("accuracy", "loss", "auc")},
@@ -231,9 +243,6 @@ def train(
         "train_class_counts": dict(zip(classes, counts.tolist(), strict=True)),
         "image_size": size,
         "classes": list(classes),
-        "note": "validation-split figures at the best epoch (train_* are Keras' running "
-        "values on augmented batches); test figures come from the evaluate stage",
-        "config": {**to_dict(cfg), "class_map": dict(cfg.class_map)},
     }
     info = ClassifierInfo(
         classes=classes,
@@ -249,7 +258,11 @@ def train(
     write_json(metrics_path, metrics)
     log.info(
         "best epoch %d/%d: val_accuracy %.4f, val_auc %.4f, %.1f s (%.0f images/s)",
-        best + 1, epochs_run, metrics["val_accuracy"], metrics["val_auc"], seconds,
+        best + 1,
+        epochs_run,
+        metrics["val_accuracy"],
+        metrics["val_auc"],
+        seconds,
         metrics["images_per_second"],
     )
     return metrics

@@ -48,8 +48,14 @@ def resolve_sizes(cfg: TrainDetectorConfig, image_size: int) -> TrainDetectorCon
 def data_fingerprint(cache_dir: Path) -> str:
     """Hash of what defines the training data (meta, policy, train/val index and boxes)."""
     h = hashlib.sha256()
-    for rel in ("meta.json", "policy.json", "train/index.csv", "train/annotations.json",
-                "val/index.csv", "val/annotations.json"):  # fmt: skip
+    for rel in (
+        "meta.json",
+        "policy.json",
+        "train/index.csv",
+        "train/annotations.json",
+        "val/index.csv",
+        "val/annotations.json",
+    ):
         path = cache_dir / rel
         h.update(rel.encode())
         h.update(path.read_bytes() if path.is_file() else b"<absent>")
@@ -81,8 +87,15 @@ def train(
     """
     info = E.setup_distributed()
     try:
-        return _train(cfg, Path(cache_dir), Path(model_path), Path(metrics_path),
-                      Path(live_dir), Path(checkpoint_dir), info)  # fmt: skip
+        return _train(
+            cfg,
+            Path(cache_dir),
+            Path(model_path),
+            Path(metrics_path),
+            Path(live_dir),
+            Path(checkpoint_dir),
+            info,
+        )
     finally:
         E.cleanup_distributed(info)
 
@@ -150,22 +163,40 @@ def _train(
         if info.is_main:
             t0 = time.perf_counter()
             val = E.evaluate_map(_unwrap(model), val_loader, info.device) if len(val_ds) else {}
-            row = {"epoch": epoch, **stats, "lr": optimizer.param_groups[0]["lr"],
-                   "val_seconds": time.perf_counter() - t0, **{f"val_{k}": v for k, v in val.items()}}  # fmt: skip
+            row = {
+                "epoch": epoch,
+                **stats,
+                "lr": optimizer.param_groups[0]["lr"],
+                "val_seconds": time.perf_counter() - t0,
+                **{f"val_{k}": v for k, v in val.items()},
+            }
             history.append(row)
             # Without a validation split every epoch counts as the best (so the last one wins).
             score = val.get("map_50", float("inf"))
             if not val or best["epoch"] < 0 or score > best["map_50"]:
                 best = {"epoch": epoch, "map_50": score if val else None}
                 E.save_checkpoint(best_path, {"model": _unwrap(model).state_dict(), "epoch": epoch})
-            E.save_checkpoint(last_path, {
-                "run_key": run_key, "epoch": epoch, "model": _unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rngs, "history": history, "best": best,
-            })  # fmt: skip
+            E.save_checkpoint(
+                last_path,
+                {
+                    "run_key": run_key,
+                    "epoch": epoch,
+                    "model": _unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rngs,
+                    "history": history,
+                    "best": best,
+                },
+            )
             _log_epoch(live, row)
-            log.info("epoch %d/%d: loss %.4f, val mAP@0.5 %s", epoch + 1, cfg.epochs,
-                     row["loss"], f"{val['map_50']:.4f}" if val else "n/a")  # fmt: skip
+            log.info(
+                "epoch %d/%d: loss %.4f, val mAP@0.5 %s",
+                epoch + 1,
+                cfg.epochs,
+                row["loss"],
+                f"{val['map_50']:.4f}" if val else "n/a",
+            )
         E.barrier(info)
 
     metrics: dict[str, Any] = {}
@@ -176,9 +207,14 @@ def _train(
         if best_state is None:
             raise StageError(f"{best_path} is missing: delete {ckpt_dir} and train again")
         _unwrap(model).load_state_dict(best_state["model"])
-        metrics = _metrics(history, best, len(train_ds), len(val_ds), info, time.perf_counter() - wall)
-        extra = {"best_epoch": best["epoch"] + 1, "val_map_50": best["map_50"],
-                 "image_size": int(meta["image_size"])}  # fmt: skip
+        metrics = _metrics(
+            history, best, len(train_ds), len(val_ds), info, time.perf_counter() - wall
+        )
+        extra = {
+            "best_epoch": best["epoch"] + 1,
+            "val_map_50": best["map_50"],
+            "image_size": int(meta["image_size"]),
+        }
         save_detector(model_path, model, cfg, classes, extra)
         write_json(metrics_path, metrics)
     E.barrier(info)

@@ -116,13 +116,18 @@ def test_every_arch_builds_and_trains_one_step(arch):
     before = [w.numpy().copy() for w in model.trainable_weights]
     loss = model.train_on_batch(x, y)
     assert np.isfinite(loss)
-    assert any(not np.array_equal(b, w.numpy()) for b, w in zip(before, model.trainable_weights))
+    after = [w.numpy() for w in model.trainable_weights]
+    assert any(not np.array_equal(b, a) for b, a in zip(before, after, strict=True))
 
 
 @pytest.mark.parametrize("arch", sorted(HEAVY))
 def test_heavy_application_archs_build_and_predict(arch):
-    model = build_model(make_cfg(arch=arch, head={"activation": "softmax", "units": 2},
-                                 loss="categorical_crossentropy"), S)  # fmt: skip
+    model = build_model(
+        make_cfg(
+            arch=arch, head={"activation": "softmax", "units": 2}, loss="categorical_crossentropy"
+        ),
+        S,
+    )
     p = model.predict_on_batch(_tiny_batch()[0])
     assert p.shape == (4, 2) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
 
@@ -167,8 +172,9 @@ def test_too_small_images_are_refused_clearly():
 
 
 @pytest.mark.parametrize(
-    ("activation", "units"), [("sigmoid", 1), ("softmax", 2), ("sigmoid", 2), ("softmax", 3), ("sigmoid", 3)]
-)  # fmt: skip
+    ("activation", "units"),
+    [("sigmoid", 1), ("softmax", 2), ("sigmoid", 2), ("softmax", 3), ("sigmoid", 3)],
+)
 def test_predict_proba_columns_sum_to_one(tmp_path, activation, units):
     loss = "binary_crossentropy" if activation == "sigmoid" else "categorical_crossentropy"
     cfg = make_cfg(arch="as_is", head={"activation": activation, "units": units}, loss=loss)

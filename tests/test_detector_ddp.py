@@ -24,9 +24,17 @@ from stages.detector.model import build_detector
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = TrainDetectorConfig(
-    min_size=64, fpn_channels=64, anchor_sizes=((8,), (16,), (32,), (64,), (128,)),
-    aspect_ratios=(1.0,), batch_size=2, lr=1e-3, warmup_iters=0, threads=1, seed=0, epochs=1,
-)  # fmt: skip
+    min_size=64,
+    fpn_channels=64,
+    anchor_sizes=((8,), (16,), (32,), (64,), (128,)),
+    aspect_ratios=(1.0,),
+    batch_size=2,
+    lr=1e-3,
+    warmup_iters=0,
+    threads=1,
+    seed=0,
+    epochs=1,
+)
 
 
 def _free_port() -> int:
@@ -43,24 +51,51 @@ def _tiny_cache(root: Path, n: int = 4, size: int = 64) -> Path:
         x, y = (int(v) for v in rng.integers(0, size - 16, 2))
         img[y : y + 16, x : x + 16] = 220
         images.append(img)
-        anns.append({"id": i + 1, "image_id": i, "category_id": 1, "bbox": [x, y, 16, 16],
-                     "area": 256, "iscrowd": 0})  # fmt: skip
-    coco = {"images": [{"id": i, "file_name": f"{i}.png", "width": size, "height": size}
-                       for i in range(n)],
-            "annotations": anns, "categories": [{"id": 1, "name": "Box"}]}  # fmt: skip
+        anns.append(
+            {
+                "id": i + 1,
+                "image_id": i,
+                "category_id": 1,
+                "bbox": [x, y, 16, 16],
+                "area": 256,
+                "iscrowd": 0,
+            }
+        )
+    coco = {
+        "images": [
+            {"id": i, "file_name": f"{i}.png", "width": size, "height": size} for i in range(n)
+        ],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "Box"}],
+    }
     index = pd.DataFrame({"path": [f"{i}.png" for i in range(n)], "label": "abnormal"})
     for split in ("train", "val"):
         cache.write_split(root, split, images, index, size, coco)
-    cache.write_meta(root, {"task": "detection", "image_size": size, "resize": "pad",
-                            "classes": ["Box"], "counts": {"train": n, "val": n}})  # fmt: skip
-    cache.write_policy(root, {"hflip": 0.5, "scale_jitter": [1.0, 1.0], "brightness": 0.0,
-                              "contrast": 0.0})  # fmt: skip
+    cache.write_meta(
+        root,
+        {
+            "task": "detection",
+            "image_size": size,
+            "resize": "pad",
+            "classes": ["Box"],
+            "counts": {"train": n, "val": n},
+        },
+    )
+    cache.write_policy(
+        root, {"hflip": 0.5, "scale_jitter": [1.0, 1.0], "brightness": 0.0, "contrast": 0.0}
+    )
     return root
 
 
 def _one_step_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     info = E.setup_distributed()
     try:
@@ -82,8 +117,9 @@ def _one_step_worker(rank: int, world: int, port: int, root: str, out: str) -> N
 
 def test_two_ranks_agree_on_weights_after_one_step(tmp_path):
     root = _tiny_cache(tmp_path / "cache")
-    mp.spawn(_one_step_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2,
-             join=True)  # fmt: skip
+    mp.spawn(
+        _one_step_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=True
+    )
     init0, init1 = (torch.load(tmp_path / f"init{r}.pt", weights_only=True) for r in (0, 1))
     after0, after1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     key = "head.classification_head.cls_logits.weight"
@@ -100,13 +136,38 @@ def test_two_ranks_agree_on_weights_after_one_step(tmp_path):
 @pytest.mark.slow
 def test_torchrun_runs_the_stage(tmp_path):
     root = _tiny_cache(tmp_path / "cache", n=6)
-    params = {"train_detector": {"min_size": 64, "fpn_channels": 64, "epochs": 1, "batch_size": 2,
-                                 "threads": 1, "checkpoint_dir": str(tmp_path / "ckpt")}}  # fmt: skip
+    params = {
+        "train_detector": {
+            "min_size": 64,
+            "fpn_channels": 64,
+            "epochs": 1,
+            "batch_size": 2,
+            "threads": 1,
+            "checkpoint_dir": str(tmp_path / "ckpt"),
+        }
+    }
     (tmp_path / "params.yaml").write_text(json.dumps(params))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "stages.train_detector",
-           "--params", "params.yaml", "--cache", str(root), "--model", "detector.pt",
-           "--metrics", "metrics.json", "--live", "live"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "stages.train_detector",
+        "--params",
+        "params.yaml",
+        "--cache",
+        str(root),
+        "--model",
+        "detector.pt",
+        "--metrics",
+        "metrics.json",
+        "--live",
+        "live",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

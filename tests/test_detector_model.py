@@ -47,8 +47,10 @@ def _batch(n: int = 2, size: int = 64) -> tuple[list[torch.Tensor], list[dict]]:
         x, y = 8 + 10 * i, 12
         img[0, y : y + 16, x : x + 16] = 0.9
         targets.append(
-            {"boxes": torch.tensor([[x, y, x + 16, y + 16]], dtype=torch.float32),
-             "labels": torch.tensor([1 + i % 2])}  # fmt: skip
+            {
+                "boxes": torch.tensor([[x, y, x + 16, y + 16]], dtype=torch.float32),
+                "labels": torch.tensor([1 + i % 2]),
+            }
         )
     return images, targets
 

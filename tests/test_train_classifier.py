@@ -83,11 +83,21 @@ def test_cli_writes_model_metrics_and_live(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"train_classifier": cfg_dict(epochs=3)}))
     main(
-        ["--params", str(params), "--cache-dir", str(cache), "--model", str(out["model_path"]),
-         "--metrics", str(out["metrics_path"]), "--live-dir", str(out["live_dir"])]
-    )  # fmt: skip
+        [
+            "--params",
+            str(params),
+            "--cache-dir",
+            str(cache),
+            "--model",
+            str(out["model_path"]),
+            "--metrics",
+            str(out["metrics_path"]),
+            "--live-dir",
+            str(out["live_dir"]),
+        ]
+    )
     metrics = read_json(out["metrics_path"])
-    assert METRIC_KEYS <= set(metrics)
+    assert set(metrics) >= METRIC_KEYS
     assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] <= 3
     for split in ("train", "val"):
         for name in ("loss", "accuracy", "auc"):
@@ -139,8 +149,10 @@ def test_class_selection_and_merge(tmp_path):
     assert set(two[index["label"] == "COVID"]) == {-1}
     assert set(two[index["label"] == "PNEUMONIA"]) == {1}
     merged = class_indices(
-        index, ("NORMAL", "BACTERIA", "OTHER"), {"PNEUMONIA/bacteria": "BACTERIA", "PNEUMONIA": "OTHER", "COVID": "OTHER"}
-    )  # fmt: skip
+        index,
+        ("NORMAL", "BACTERIA", "OTHER"),
+        {"PNEUMONIA/bacteria": "BACTERIA", "PNEUMONIA": "OTHER", "COVID": "OTHER"},
+    )
     pneumonia = index["label"] == "PNEUMONIA"
     bacteria = pneumonia & (index["subtype"] == "bacteria")
     assert set(merged[bacteria]) == {1} and set(merged[pneumonia & ~bacteria]) == {2}

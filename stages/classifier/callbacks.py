@@ -8,10 +8,9 @@ which Keras 3 does not provide. Used by ``stages.train_classifier``; no run comm
 
 from __future__ import annotations
 
-from typing import Any
-
 import logging
 import time
+from typing import Any
 
 import keras
 from dvclive import Live

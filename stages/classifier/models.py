@@ -69,8 +69,8 @@ def resolve_weights(arch: str, weights: str) -> str | None:
             raise StageError(
                 f"weights: imagenet needs {file_name}, which is not in {path.parent} and cannot "
                 "be downloaded here (no internet). On a connected machine run "
-                f"`python -c \"import keras; keras.applications.{_BASES[arch][0].__name__}"
-                "(include_top=False)\"` and copy the file from ~/.keras/models/ to "
+                f'`python -c "import keras; keras.applications.{_BASES[arch][0].__name__}'
+                '(include_top=False)"` and copy the file from ~/.keras/models/ to '
                 f"{path.parent}/ (or set KERAS_HOME), or set weights: <path to the file>"
             )
         return str(path)
@@ -150,17 +150,22 @@ def _seed001(x, r):
     return x
 
 
+def _bn(x, **kw):
+    # momentum 0.9 (Keras: 0.99): with a few hundred steps per run the moving statistics used
+    # at validation must catch up with the training batches quickly.
+    return layers.BatchNormalization(momentum=0.9, **kw)(x)
+
+
 def _res_block(x, filters: int, stride: int):
     """Basic residual block (two 3x3 convs, BN); the last BN starts at 0 so the block starts
     as identity, which keeps a from-scratch run stable at higher learning rates."""
     shortcut = x
     y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(x)
-    y = layers.ReLU()(layers.BatchNormalization()(y))
+    y = layers.ReLU()(_bn(y))
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False)(y)
-    y = layers.BatchNormalization(gamma_initializer="zeros")(y)
+    y = _bn(y, gamma_initializer="zeros")
     if stride != 1 or x.shape[-1] != filters:
-        shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False)(x)
-        shortcut = layers.BatchNormalization()(shortcut)
+        shortcut = _bn(layers.Conv2D(filters, 1, strides=stride, use_bias=False)(x))
     return layers.ReLU()(layers.Add()([shortcut, y]))
 
 
@@ -171,7 +176,7 @@ def _resnet_small(x, r):
     the opacities that mark pneumonia are large, so early downsampling loses little.
     """
     x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False)(x)
-    x = layers.ReLU()(layers.BatchNormalization()(x))
+    x = layers.ReLU()(_bn(x))
     for filters, blocks in ((32, 1), (64, 2), (128, 2), (256, 2)):
         for b in range(blocks):
             x = _res_block(x, filters, 2 if b == 0 else 1)
@@ -245,4 +250,10 @@ def set_trainable_blocks(base: keras.Model, trainable_blocks: int | None) -> Non
         layer.trainable = not frozen
 
 
-__all__ = ["base_blocks", "build_model", "keras_models_dir", "resolve_weights", "set_trainable_blocks"]
+__all__ = [
+    "base_blocks",
+    "build_model",
+    "keras_models_dir",
+    "resolve_weights",
+    "set_trainable_blocks",
+]

@@ -55,7 +55,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
         heart=(u(0.06, 0.14), u(0.26, 0.34), u(0.28, 0.36), u(0.20, 0.26)),
         rib_spacing=u(0.105, 0.13),
         rib_phase=u(0.0, 1.0),
-        rib_curve=u(0.50, 0.70),
+        rib_curve=u(0.55, 0.75),
         clav_y=u(-0.74, -0.66),
         tissue=u(0.42, 0.52),
         lung_depth=u(0.26, 0.34),
@@ -123,16 +123,20 @@ def smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
 
 
 def sample_field(g: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Bilinear lookup of grid ``g`` at fractional coordinates u (columns), v (rows), wrapping."""
+    """Bilinear lookup of grid ``g`` at fractional (column u, row v), wrapping around.
+
+    The grid sides must be powers of two so the wrap is a cheap bit mask.
+    """
     h, w = g.shape
-    u0 = np.floor(u)
-    v0 = np.floor(v)
-    fu, fv = (u - u0).astype(F32), (v - v0).astype(F32)
-    i0 = u0.astype(np.int64) % w
-    j0 = v0.astype(np.int64) % h
-    i1, j1 = (i0 + 1) % w, (j0 + 1) % h
-    top = g[j0, i0] * (1 - fu) + g[j0, i1] * fu
-    bot = g[j1, i0] * (1 - fu) + g[j1, i1] * fu
+    flat = g.ravel()
+    u0, v0 = np.floor(u), np.floor(v)
+    fu, fv = u - u0, v - v0
+    i0 = u0.astype(np.int32)
+    j0 = v0.astype(np.int32)
+    i1, j1 = (i0 + 1) & (w - 1), ((j0 + 1) & (h - 1)) * w
+    i0, j0 = i0 & (w - 1), (j0 & (h - 1)) * w
+    top = flat[j0 + i0] * (1 - fu) + flat[j0 + i1] * fu
+    bot = flat[j1 + i0] * (1 - fu) + flat[j1 + i1] * fu
     return top * (1 - fv) + bot * fv
 
 
@@ -149,57 +153,59 @@ class Body:
 def render_body(a: Anatomy, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> Body:
     """Draw the normal anatomy. Consumes a fixed amount of ``rng`` (vessel texture)."""
     ax_ = np.abs(x)
-    chest = F32(a.body_w) * (F32(1.0) - F32(0.07) * (y - F32(0.15)) ** 2)
-    half = a.neck_w + (chest - F32(a.neck_w)) * ramp(y - F32(a.shoulder_y), 0.25)
-    body = ramp(half - ax_, 0.05)
+    # Silhouette: neck, rounded shoulders, chest widest low down, soft edge.
+    chest = F32(a.body_w) * (F32(1.0) - F32(0.08) * (y - F32(0.2)) ** 2)
+    shoulder = F32(0.07) * np.exp(-(((y - F32(a.shoulder_y + 0.12)) * F32(9.0)) ** 2))
+    half = a.neck_w + (chest + shoulder - F32(a.neck_w)) * ramp(y - F32(a.shoulder_y), 0.25)
+    body = ramp(half - ax_, 0.06)
     thick = np.sqrt(np.clip(1.0 - (ax_ / half) ** 2, 0.0, 1.0))
-    dens = F32(a.tissue) * body * (F32(0.7) + F32(0.3) * thick)
+    dens = F32(a.tissue) * body * (F32(0.65) + F32(0.35) * thick)
 
     # Heart shadow bulges towards image right (patient's left); the aortic knob above it.
     hx, hy, hw, hh = a.heart
-    heart = ramp(ellipse(x, y, hx, hy, hw, hh, angle=-0.35), 0.25)
-    knob = ramp(ellipse(x, y, 0.09, hy - hh - 0.28, 0.08, 0.07), 0.8)
-
+    heart = ramp(ellipse(x, y, hx, hy, hw, hh, angle=-0.35), 0.3)
+    knob = ramp(ellipse(x, y, 0.08, hy - hh - 0.27, 0.07, 0.06), 0.8)
+    solid = F32(1.0) - F32(0.92) * np.maximum(heart, knob)
     lungs = []
     for side in (-1, 1):
         depth, _ = lung_geometry(a, x, y, side)
-        lungs.append(ramp(depth, 0.05) * (F32(1.0) - F32(0.85) * np.maximum(heart, knob)))
+        lungs.append(ramp(depth, 0.09) * solid)
     lung = lungs[0] + lungs[1]
 
-    # Vessel markings: streaks radiating from each hilum, fading towards the periphery.
-    vessels = rng.standard_normal((10, 40)).astype(F32)
-    hil_x = np.where(x > 0, F32(0.2), F32(-0.2))
-    rx, ry = x - hil_x, y - F32(-0.05)
+    # Vessel markings: streaks radiating from each hilum, denser and brighter near it.
+    vessels = rng.standard_normal((16, 64)).astype(F32)
+    rx, ry = ax_ - F32(0.2), y + F32(0.02)
     r = np.sqrt(rx * rx + ry * ry)
-    ang = np.arctan2(ry, rx * np.sign(hil_x))
-    streak = sample_field(vessels, ang * F32(40 / np.pi), r * F32(8.0))
-    marks = (np.clip(streak, 0.0, None) * F32(0.05) + F32(0.08)) * np.exp(-r * F32(2.5))
+    streak = sample_field(vessels, np.arctan2(ry, rx) * F32(64 / (2 * np.pi)), r * F32(8.0))
+    marks = (np.clip(streak, 0.0, None) * F32(0.05) + F32(0.09)) * np.exp(-r * F32(2.5))
     dens -= lung * (F32(a.lung_depth) - marks)
-    dens += F32(0.03) * heart
 
-    # Spine and trachea down the midline.
-    spine = ramp(F32(0.065) - ax_, 0.03) * body
-    dens += spine * (F32(0.07) + F32(0.03) * np.cos(y * F32(2 * np.pi / 0.11)))
-    trachea = ramp(F32(0.035) - ax_, 0.02) * ramp(F32(-0.32) - y, 0.05)
-    dens -= F32(0.10) * trachea
+    # Spine (faint through the mediastinum) and trachea down the midline.
+    spine = ramp(F32(0.06) - ax_, 0.03) * body
+    dens += spine * (F32(0.05) + F32(0.02) * np.cos(y * F32(2 * np.pi / 0.11)))
+    trachea = ramp(F32(0.032) - ax_, 0.02) * ramp(F32(-0.34) - y, 0.06)
+    dens -= F32(0.09) * trachea
 
     # Abdomen below the domes, and the gastric bubble under the left dome.
     dome = dome_y(a, x)
     dens += F32(0.07) * ramp(y - dome, 0.06) * body
     if a.bubble:
         bub = ramp(ellipse(x, y, 0.45, dome_y(a, 0.45) + 0.09, 0.10, 0.05), 0.5)
-        dens -= F32(0.12) * bub
+        dens -= F32(0.10) * bub
 
-    # Posterior ribs (curved bright bands), fainter anterior ribs, clavicles.
-    cage = ramp(half * F32(0.96) - ax_, 0.06) * ramp(ax_ - F32(0.06), 0.04)
-    cage *= ramp(dome + F32(0.1) - y, 0.1) * ramp(y - F32(a.lung_top - 0.08), 0.06)
-    phase = (y - F32(a.rib_curve) * ax_ * ax_ + F32(0.12) * ax_) * F32(1.0 / a.rib_spacing)
-    post = (F32(0.5) + F32(0.5) * np.cos(F32(2 * np.pi) * (phase - F32(a.rib_phase)))) ** 4
-    ant = (F32(0.5) + F32(0.5) * np.cos(F32(2 * np.pi / 1.3) * (phase + F32(1.4) * ax_))) ** 6
-    dens += cage * (F32(0.03) + F32(0.05) * lung) * (post + F32(0.4) * ant)
-    clav_c = F32(a.clav_y) + F32(0.35) * (ax_ - F32(0.38)) ** 2 - F32(0.08) * ax_
-    clav = ramp(F32(0.028) - np.abs(y - clav_c), 0.02) * ramp(ax_ - F32(0.05), 0.04)
-    dens += F32(0.12) * clav * ramp(F32(0.75) - ax_, 0.08)
+    # Posterior ribs arc up from the spine then down laterally; anterior ribs are fainter.
+    cage = ramp(half * F32(0.94) - ax_, 0.08) * ramp(ax_ - F32(0.07), 0.04)
+    cage *= ramp(dome + F32(0.12) - y, 0.1) * ramp(y - F32(a.lung_top - 0.1), 0.06)
+    arc = y + F32(0.3) * ax_ - F32(a.rib_curve) * ax_ * ax_
+    phase = arc * F32(1.0 / a.rib_spacing) - F32(a.rib_phase)
+    post = (F32(0.5) + F32(0.5) * np.cos(F32(2 * np.pi) * phase)) ** 4
+    ant_phase = (y - F32(0.45) * ax_) * F32(1.0 / (1.4 * a.rib_spacing))
+    ant = (F32(0.5) + F32(0.5) * np.cos(F32(2 * np.pi) * ant_phase)) ** 6
+    dens += cage * (F32(0.03) + F32(0.05) * lung) * (post + F32(0.35) * ant)
+    # Clavicles rise from the sternum towards the shoulders.
+    clav_c = F32(a.clav_y + 0.06) - F32(0.22) * ax_ + F32(0.3) * (ax_ - F32(0.35)) ** 2
+    clav = ramp(F32(0.026) - np.abs(y - clav_c), 0.02) * ramp(ax_ - F32(0.05), 0.04)
+    dens += F32(0.11) * clav * ramp(F32(0.78) - ax_, 0.08)
     return Body(density=dens, lungs=(lungs[0], lungs[1]), x=x, y=y)
 
 
@@ -244,7 +250,7 @@ def blob(x, y, cx, cy, sx, sy, angle: float = 0.0) -> np.ndarray:
 def pneumonia(a: Anatomy, body: Body, rng: np.random.Generator, subtype: str, subtle: bool):
     """Soft patchy opacities inside the lungs: lobar/focal (bacteria) or diffuse (virus)."""
     x, y = body.x, body.y
-    amp = rng.uniform(0.05, 0.10) if subtle else rng.uniform(0.22, 0.38)
+    amp = rng.uniform(0.08, 0.15) if subtle else rng.uniform(0.22, 0.38)
     tex = smooth_field(rng, x.shape[0], 16 if subtype == "bacteria" else 28)
     sides = [int(rng.choice([-1, 1]))]
     if rng.random() < (0.25 if subtype == "bacteria" else 0.8):

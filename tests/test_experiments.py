@@ -1,0 +1,403 @@
+"""Named experiments (stages.experiments) and the seed 002 ablation runner/report (stages.ablations).
+
+Fast tests: every named experiment's overrides apply to the real params.yaml the way DVC applies
+them and every stage's schema accepts the result; the shell commands round-trip; the report is
+checked on a `dvc exp show --json` structure shaped like DVC 3.67's. Slow: a temporary git+DVC
+repository where two tiny rows are queued, run by a queue worker and reported end to end.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import stages  # noqa: F401  (torch before TensorFlow)
+from stages import ablations as A
+from stages import experiments as X
+from stages.augment import CONFIGS as AUGMENT_CONFIGS
+from stages.classifier.config import TrainClassifierConfig
+from stages.classifier.evaluate import EvalClassificationConfig
+from stages.config import ConfigError, get_section, parse
+from stages.detector import TrainDetectorConfig
+from stages.detector.evaluate import EvalDetectionConfig
+from stages.sources.config import ClassificationData, DetectionData
+from stages.split import SplitConfig
+from stages.utils import StageError
+from tests.conftest import REPO, shrink_params
+
+SCHEMAS = {
+    "data.classification": ClassificationData,
+    "data.detection": DetectionData,
+    "split.classification": SplitConfig,
+    "split.detection": SplitConfig,
+    "augment.classification": AUGMENT_CONFIGS["classification"],
+    "augment.detection": AUGMENT_CONFIGS["detection"],
+    "train_classifier": TrainClassifierConfig,
+    "train_detector": TrainDetectorConfig,
+    "evaluate.classification": EvalClassificationConfig,
+    "evaluate.detection": EvalDetectionConfig,
+}
+NAMES = list(X.EXPERIMENTS)
+
+
+def _plain(value):
+    """Tuples -> lists, recursively (what a YAML round trip gives back)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_overrides_apply_and_every_stage_parses(name, params):
+    before = copy.deepcopy(params)
+    out = X.apply_overrides(params, X.overrides_for(name, "/data"))
+    assert params == before, "apply_overrides must not modify its input"
+    for section, schema in SCHEMAS.items():
+        parse(schema, get_section(out, section), section)  # ConfigError = a wrong key or value
+    for key, value in X.get(name).set_params:
+        expected = _plain(X._resolve(value, "/data"))
+        assert get_section(out, key) == expected, f"{key}: DVC would write something else"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_override_keys_exist_in_params_and_are_unique(name, _params_master):
+    keys = [k for k, _ in X.get(name).set_params]
+    assert len(keys) == len(set(keys)), f"{name}: a key is set twice (DVC keeps only the last)"
+    for key in keys:
+        get_section(_params_master, key)  # raises ConfigError naming the missing key
+
+
+def test_a_typo_is_caught(params):
+    from dvc.exceptions import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError):
+        X.apply_overrides(params, ["train_classifier.hed.units=2"])
+    bad = X.apply_overrides(params, ["train_classifier.head.units=0"])
+    with pytest.raises(ConfigError, match="units"):
+        parse(TrainClassifierConfig, bad["train_classifier"], "train_classifier")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["../shared/data/kermany224", "/abs path/with space", "true", "null", "1e-05", "a:b", "none",
+     0.0005, 1e-5, 2.0, -3, True, None, [0.4, 0.25, 0.5], [[32, 40], [64, 80]],
+     [{"name": "kermany", "path": "/x y/k", "classes": {"PNEUMONIA/bacteria": "BACTERIA"}}]],
+)  # fmt: skip
+def test_format_value_reads_back_equal_through_dvc(value):
+    out = X.apply_overrides({"k": "old"}, [f"k={X.format_value(value)}"])
+    assert out["k"] == value
+
+
+@pytest.mark.parametrize("value", [float("nan"), "${oops}", "back\\slash", {"a b": 1}])
+def test_format_value_refuses_what_dvc_would_mangle(value):
+    with pytest.raises(ValueError):
+        X.format_value(value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_command_round_trips_through_the_shell(name):
+    root = "/mnt/my data/x-rays"
+    argv = shlex.split(X.command(name, root))
+    assert argv[:5] == ["dvc", "exp", "run", "-n", name]
+    assert argv[-1] == X.get(name).target
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "-S"]
+    assert sets == X.overrides_for(name, root)
+    keys = [s.split("=", 1)[0] for s in sets]
+    assert len(keys) == len(set(keys)) == len(X.get(name).set_params)
+    assert "{data_root}" not in " ".join(argv)
+    if any("{data_root}" in repr(v) for _, v in X.get(name).set_params):
+        assert root in " ".join(sets)
+    assert shlex.split(X.command(name, root, queue=True))[3] == "--queue"
+
+
+def test_seed002_rows_are_the_seven_of_both_tables():
+    rows = [X.get(n) for n in X.SEED002_ROWS]
+    assert [e.table for e in rows].count("loss") == 5
+    assert [e.table for e in rows].count("regularisation") == 2
+    assert all(len(e.row) == 3 for e in rows)
+    # rows that ARE the TO-BE system share its params exactly, so DVC's run cache trains it once
+    to_be = dict(X.get("seed002-to-be").set_params)
+    same = [e.name for e in rows if dict(e.set_params) == to_be]
+    assert same == ["seed002-sigmoid-bce-adam", "seed002-gen-dropout"]
+    # every row reads the same data/split/augment params: the upstream stages run once
+    upstream = {tuple((k, repr(v)) for k, v in e.set_params if not k.startswith("train_"))
+                for e in rows}  # fmt: skip
+    assert len(upstream) == 1
+
+
+def test_merge_overrides_replaces_same_key_in_place():
+    base = ["a.b=1", "c=2"]
+    assert A.merge_overrides(base, ["c=3", "+d.e=4"]) == ["a.b=1", "c=3", "+d.e=4"]
+    with pytest.raises(StageError, match="key=value"):
+        A.merge_overrides(base, ["oops"])
+
+
+def test_queue_argv_has_one_set_per_key():
+    argv = A.queue_argv("seed002-to-be", "/d", ["train_classifier.epochs=1", "+x.y=2"])
+    assert argv[:5] == ["exp", "run", "--queue", "-n", "seed002-to-be"]
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "-S"]
+    keys = [s.split("=", 1)[0].lstrip("+") for s in sets]
+    assert len(keys) == len(set(keys))
+    assert "train_classifier.epochs=1" in sets and "train_classifier.epochs=50" not in sets
+    assert (
+        "data.classification.path=/d/kermany224" in sets and argv[-1] == "evaluate@classification"
+    )
+
+
+def test_missing_inputs_names_the_absent_folder(tmp_path):
+    assert A.missing_inputs("seed002-to-be", str(tmp_path)) == [f"{tmp_path}/kermany224"]
+    (tmp_path / "kermany224").mkdir()
+    assert A.missing_inputs("seed002-to-be", str(tmp_path)) == []
+    assert len(A.missing_inputs("seed003-vgg16-4class", str(tmp_path))) == 1  # covid19_radiography
+
+
+def test_experiments_cli_prints_the_commands(capsys):
+    X.main(["seed002-to-be", "--data-root", "/d", "--queue"])
+    out = capsys.readouterr().out
+    assert X.command("seed002-to-be", "/d", queue=True) in out
+    assert out.startswith("# seed002-to-be: Seed 002 TO-BE")
+
+
+def test_queue_resumes_requeues_failed_and_replaces(monkeypatch, tmp_path):
+    (tmp_path / "kermany224").mkdir()
+    show = json.dumps(exp_show_json())
+    calls = []
+
+    def fake(args, check=True):
+        calls.append(list(args))
+        return subprocess.CompletedProcess(args, 0, show if args[:2] == ["exp", "show"] else "", "")
+
+    monkeypatch.setattr(A, "_dvc", fake)
+    monkeypatch.setattr(A, "has_commit", lambda: True)
+    names = ["seed002-to-be", "seed002-nogen-dropout", "seed002-sigmoid-bce-rmsprop",
+             "seed002-gen-dropout"]  # fmt: skip
+    # success and queued are kept, failed is removed and queued again, unknown is queued
+    assert A.queue(names, str(tmp_path)) == ["seed002-nogen-dropout", "seed002-gen-dropout"]
+    assert ["exp", "remove", "seed002-nogen-dropout"] in calls
+    runs = [c for c in calls if c[:3] == ["exp", "run", "--queue"]]
+    assert all(f"data.classification.path={tmp_path}/kermany224" in c for c in runs)
+    calls.clear()
+    assert A.queue(names[:1], str(tmp_path), replace=True) == ["seed002-to-be"]
+    assert ["exp", "remove", "seed002-to-be"] in calls
+    with pytest.raises(StageError, match="data not found"):
+        A.queue(names, str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(A, "has_commit", lambda: False)
+    with pytest.raises(StageError, match="commit"):
+        A.queue(names, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- run / status
+
+STATUS = """Task     Name                      Created    Status
+d372434  seed002-to-be             03:10 AM   {a}
+04e3ecd  seed002-gen-dropout       03:10 AM   {b}
+
+Worker status: {w} active, 0 idle
+"""
+
+
+def test_parse_status():
+    tasks, workers = A.parse_status(STATUS.format(a="Running", b="Queued", w=1))
+    assert tasks == {"seed002-to-be": "running", "seed002-gen-dropout": "queued"}
+    assert workers == (1, 0)
+    requeued = (
+        STATUS.format(a="Success", b="Success", w=0) + "9d4e4d0  seed002-to-be  03:30 AM  Queued"
+    )
+    assert A.parse_status(requeued)[0]["seed002-to-be"] == "queued"
+
+
+class FakeDvc:
+    """Stands in for ``ablations._dvc``: a scripted sequence of ``dvc queue status`` outputs."""
+
+    def __init__(self, statuses: list[str]):
+        self.statuses, self.calls = statuses, []
+
+    def __call__(self, args, check=True):
+        self.calls.append(list(args))
+        text = ""
+        if args[:2] == ["queue", "status"]:
+            text = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        elif args[:2] == ["queue", "logs"]:
+            text = "\n".join(f"line {i}" for i in range(100)) + "\nerror: head/loss refused"
+        return subprocess.CompletedProcess(args, 0, text, "")
+
+
+def test_run_waits_then_reports_failures_with_log_tail(monkeypatch):
+    names = ["seed002-to-be", "seed002-gen-dropout"]
+    fake = FakeDvc([STATUS.format(a="Running", b="Queued", w=1),
+                    STATUS.format(a="Success", b="Failed", w=0)])  # fmt: skip
+    monkeypatch.setattr(A, "_dvc", fake)
+    with pytest.raises(StageError, match="1 experiment.*seed002-gen-dropout") as err:
+        A.run(names, workers=2, timeout=60, poll=0)
+    assert "error: head/loss refused" in str(err.value) and "line 10\n" not in str(err.value)
+    assert fake.calls[0] == ["queue", "start", "-j", "2"]
+    assert ["queue", "logs", "seed002-gen-dropout"] in fake.calls
+
+
+def test_run_success_and_timeout(monkeypatch):
+    names = ["seed002-to-be", "seed002-gen-dropout"]
+    monkeypatch.setattr(A, "_dvc", FakeDvc([STATUS.format(a="Success", b="Success", w=0)]))
+    assert A.run(names, workers=1, timeout=60, poll=0)["seed002-gen-dropout"] == "success"
+    monkeypatch.setattr(A, "_dvc", FakeDvc([STATUS.format(a="Running", b="Queued", w=1)]))
+    with pytest.raises(StageError, match="still pending"):
+        A.run(names, workers=1, timeout=0, poll=0)
+
+
+def test_run_restarts_a_dead_worker_once_then_fails(monkeypatch):
+    fake = FakeDvc([STATUS.format(a="Queued", b="Queued", w=0)])
+    monkeypatch.setattr(A, "_dvc", fake)
+    with pytest.raises(StageError, match="no queue worker"):
+        A.run(["seed002-to-be"], workers=1, timeout=60, poll=0)
+    assert fake.calls.count(["queue", "start", "-j", "1"]) == 2
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _metrics(train: float, val: float, test: float, auc: float) -> dict:
+    return {
+        "metrics/train_classifier.json": {"data": {"train_accuracy": train, "val_accuracy": val}},
+        "metrics/classifier.json": {
+            "data": {"accuracy": test, "roc_auc": auc, "n_test": 523, "at_0_5": {"accuracy": 0.5}}
+        },
+        "metrics/detector.json": {"error": {"type": "FileNotFoundError", "msg": "absent"}},
+    }
+
+
+def _params(path: str) -> dict:
+    return {"params.yaml": {"data": {
+        "data": {"classification": {"source": "kermany", "path": path}},
+        "split": {"classification": {"mode": "random"}},
+        "augment": {"classification": {"image_size": 150}},
+    }}}  # fmt: skip
+
+
+def _exp(name: str, state: str | None, metrics: dict, error: dict | None = None) -> dict:
+    """One experiment as DVC 3.67 lists it under its baseline (executor null once cleaned)."""
+    data = {"rev": "f" * 40, "timestamp": "2026-01-01T00:00:00", "params": _params(
+        "/d/kermany224"), "metrics": metrics, "deps": {}, "outs": {}, "meta": {}}  # fmt: skip
+    executor = None if state is None else {"state": state, "name": "dvc-task", "local": {}}
+    rev = {"rev": "f" * 40, "name": name, "data": data, "error": error, "experiments": None}
+    return {"revs": [rev], "executor": executor, "name": name}
+
+
+def exp_show_json() -> list:
+    base = _metrics(0.1111, 0.2222, 0.3333, 0.4444)  # the baseline's (what a failed run shows)
+    return [
+        {"rev": "workspace", "name": None, "data": {"metrics": base}, "error": None,
+         "experiments": None},
+        {"rev": "a" * 40, "name": "main", "data": {"metrics": base}, "error": None,
+         "experiments": [
+             _exp("seed002-to-be", "success", _metrics(0.96, 0.93, 0.92, 0.97)),
+             _exp("seed002-softmax-cce-adam", None, _metrics(0.9512, 0.875, 0.8805, 0.9612)),
+             _exp("seed002-softmax-cce-adam", "success", _metrics(0.5, 0.5, 0.5, 0.5)),  # older
+             _exp("seed002-nogen-dropout", "failed", base,
+                  {"msg": "Experiment run failed", "type": ""}),
+             _exp("seed002-sigmoid-bce-rmsprop", "queued", base),
+         ]},
+    ]  # fmt: skip
+
+
+def test_collect_reads_the_newest_successful_run():
+    res = A.collect(exp_show_json(), list(X.SEED002_ROWS) + ["seed002-to-be"])
+    r = res["seed002-softmax-cce-adam"]
+    assert (r.train, r.val, r.test, r.roc_auc, r.n_test) == (0.9512, 0.875, 0.8805, 0.9612, 523)
+    assert res["seed002-nogen-dropout"].state == "failed"
+    assert res["seed002-nogen-dropout"].test is None  # never the baseline's figures
+    assert res["seed002-sigmoid-bce-rmsprop"].state == "queued"
+    assert "seed002-gen-dropout" not in res
+
+
+def test_report_markdown(tmp_path):
+    show = tmp_path / "show.json"
+    show.write_text(json.dumps(exp_show_json()))
+    out = tmp_path / "reports" / "ablations.md"
+    A.main(["report", "--out", str(out), "--show-json", str(show),
+            "--names", *X.SEED002_ROWS, "seed002-to-be", "seed002-as-is"])  # fmt: skip
+    text = out.read_text()
+    lines = {ln.split("`")[-2]: ln for ln in text.splitlines() if ln.startswith("|") and "`" in ln}
+    pub = X.get("seed002-softmax-cce-adam").published
+    assert lines["seed002-softmax-cce-adam"].startswith("| softmax | categorical CE | Adam |")
+    assert f"**0.9512** / {pub.train_accuracy:.4f}" in lines["seed002-softmax-cce-adam"]
+    assert f"**0.8805** / {pub.test_accuracy:.4f}" in lines["seed002-softmax-cce-adam"]
+    assert "| 0.9612 |" in lines["seed002-softmax-cce-adam"]
+    assert "| failed |" in lines["seed002-nogen-dropout"]
+    assert "| queued |" in lines["seed002-sigmoid-bce-rmsprop"]
+    assert "| not run |" in lines["seed002-gen-dropout"]
+    assert lines["seed002-to-be"].startswith("| TO-BE | **0.9600** / 0.9758")
+    assert "seed002-as-is" not in lines  # the systems table lists only what ran
+    assert "0.3333" not in text and "0.1111" not in text  # baseline figures never leak in
+    assert "523 images" in text and "patient-grouped hold-out" in text
+    table_rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "`seed002" in ln]
+    assert len({ln.count("|") for ln in table_rows if ln.count("|") > 8}) == 1
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_queue_run_report_end_to_end(tmp_path):
+    """Two tiny seed 002 rows (one is the TO-BE twin: run-cached) through the real DVC queue."""
+    repo, data_root = tmp_path / "repo", tmp_path / "data"
+    (data_root / "kermany224").mkdir(parents=True)
+    repo.mkdir()
+    for name in ("dvc.yaml", "stages", ".dvcignore"):
+        src = REPO / name
+        copy_fn = shutil.copytree if src.is_dir() else shutil.copy2
+        kw = {"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}
+        copy_fn(src, repo / name, **kw)
+    params = shrink_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    params["evaluate"]["classification"].update(bootstrap=0, n_samples_grid=0, n_gradcam=0)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / ".gitignore").write_text("__pycache__/\n")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for args in (["init", "-q"], ["config", "user.name", "t"], ["config", "user.email", "t@t"]):
+        _git(repo, *args)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=env)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "init")
+
+    names = ["seed002-to-be", "seed002-gen-dropout"]
+    tiny = ["data.classification.source=synthetic", "data.classification.path=null",
+            "augment.classification.image_size=48", "train_classifier.epochs=1"]  # fmt: skip
+
+    def cli(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "stages.ablations", *args, "--names", *names],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=220)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr
+
+    try:
+        cli("queue", "--data-root", str(data_root), *(f"--set={s}" for s in tiny))
+        cli("run", "--workers", "1", "--timeout", "200", "--poll", "3")
+        cli("report", "--out", "reports/ablations.md")
+    finally:
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], cwd=repo, env=env,
+                       capture_output=True, timeout=60)  # fmt: skip
+    text = (repo / "reports" / "ablations.md").read_text()
+    res = A.collect(json.loads(subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, env=env,
+        capture_output=True, text=True, check=True).stdout), names)  # fmt: skip
+    assert {n: r.state for n, r in res.items()} == dict.fromkeys(names, "success")
+    for name in names:
+        r = res[name]
+        assert r.test is not None and r.roc_auc is not None and r.params is not None
+        assert get_section(r.params, "train_classifier.epochs") == 1
+        assert f"**{r.test:.4f}** / 0.9311" in text
+    # the twin has the TO-BE's params, so DVC restored the trained model instead of training
+    assert res[names[0]].test == res[names[1]].test
