@@ -116,7 +116,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return value
     if origin is Literal:
         allowed = get_args(tp)
-        if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
+        if value not in allowed or isinstance(value, bool) != any(
+            isinstance(a, bool) for a in allowed
+        ):
             raise ConfigError(f"{where}: got {value!r}; allowed values: {_describe(tp)}")
         return value
     if origin in (Union, types.UnionType):
@@ -138,14 +140,19 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+            return tuple(
+                _convert(a, v, f"{where}[{i}]")
+                for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
         item = args[0] if args else Any
         return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         _, vt = get_args(tp) or (str, Any)
-        return types.MappingProxyType({str(k): _convert(vt, v, f"{where}.{k}") for k, v in value.items()})
+        return types.MappingProxyType(
+            {str(k): _convert(vt, v, f"{where}.{k}") for k, v in value.items()}
+        )
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")

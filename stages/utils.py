@@ -24,7 +24,9 @@ TASKS = ("classification", "detection")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -119,7 +121,9 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 def task_arg_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--task", choices=TASKS, required=True, help="which chain to run")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: params.yaml)"
+    )
     return parser
 
 

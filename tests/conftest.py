@@ -35,7 +35,9 @@ def params(_params_master) -> dict:
 def shared_data() -> Path:
     """The real data folder (../shared/data); tests using it skip with a reason when absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} is absent (set CXR_SHARED_DATA to point at it)")
+        pytest.skip(
+            f"real data folder {SHARED_DATA} is absent (set CXR_SHARED_DATA to point at it)"
+        )
     return SHARED_DATA
 
 

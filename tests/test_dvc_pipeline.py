@@ -23,10 +23,20 @@ from tests.conftest import REPO, shrink_params
 pytestmark = pytest.mark.slow
 
 COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", "stages", ".dvcignore"]
-CLS_STAGES = {"download@classification", "split@classification", "augment@classification",
-              "train-classifier", "evaluate@classification"}
-DET_STAGES = {"download@detection", "split@detection", "augment@detection",
-              "train-detector", "evaluate@detection"}
+CLS_STAGES = {
+    "download@classification",
+    "split@classification",
+    "augment@classification",
+    "train-classifier",
+    "evaluate@classification",
+}
+DET_STAGES = {
+    "download@detection",
+    "split@detection",
+    "augment@detection",
+    "train-detector",
+    "evaluate@detection",
+}
 
 
 def dvc(repo: Path, *args: str, timeout: float = 900) -> str:
@@ -35,7 +45,11 @@ def dvc(repo: Path, *args: str, timeout: float = 900) -> str:
     env.pop("CXR_SHARED_DATA", None)
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "dvc"), *args],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -82,9 +96,14 @@ def built(repo: Path) -> Path:
 
 
 def test_repro_builds_every_output(built: Path) -> None:
-    for path in ["data/raw/classification/manifest.csv", "data/split/detection/test.json",
-                 "data/augment/classification/meta.json", "models/classifier.keras",
-                 "models/detector.pt", "reports/augment/detection_preview.png"]:
+    for path in [
+        "data/raw/classification/manifest.csv",
+        "data/split/detection/test.json",
+        "data/augment/classification/meta.json",
+        "models/classifier.keras",
+        "models/detector.pt",
+        "reports/augment/detection_preview.png",
+    ]:
         assert (built / path).exists(), path
     cls = json.loads((built / "metrics/classifier.json").read_text())
     det = json.loads((built / "metrics/detector.json").read_text())
@@ -113,11 +132,16 @@ def _set_param(repo: Path, dotted: str, value) -> None:
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
-        ("split.detection.seed", 7, {"split@detection", "augment@detection", "train-detector",
-                                     "evaluate@detection"}),
-        ("augment.classification.policy.rotation", 5.0, {"augment@classification",
-                                                         "train-classifier",
-                                                         "evaluate@classification"}),
+        (
+            "split.detection.seed",
+            7,
+            {"split@detection", "augment@detection", "train-detector", "evaluate@detection"},
+        ),
+        (
+            "augment.classification.policy.rotation",
+            5.0,
+            {"augment@classification", "train-classifier", "evaluate@classification"},
+        ),
         ("evaluate.detection.score_thresh", 0.4, {"evaluate@detection"}),
     ],
 )
@@ -135,9 +159,21 @@ def test_param_change_reruns_only_its_chain(built: Path, key, value, expected) -
 
 
 def test_exp_run_as_is_reruns_only_classifier_and_reports_metrics(built: Path) -> None:
-    out = dvc(built, "exp", "run", "-n", "asis", "-S", "train_classifier.arch=as_is",
-              "-S", "train_classifier.head.activation=softmax", "-S", "train_classifier.head.units=2",
-              "-S", "train_classifier.loss=categorical_crossentropy")
+    out = dvc(
+        built,
+        "exp",
+        "run",
+        "-n",
+        "asis",
+        "-S",
+        "train_classifier.arch=as_is",
+        "-S",
+        "train_classifier.head.activation=softmax",
+        "-S",
+        "train_classifier.head.units=2",
+        "-S",
+        "train_classifier.loss=categorical_crossentropy",
+    )
     assert ran_stages(out) == {"train-classifier", "evaluate@classification"}, out[-3000:]
     shown = json.loads(dvc(built, "exp", "show", "--json"))
     text = json.dumps(shown)

@@ -1,0 +1,175 @@
+"""Seconds per training epoch of seed 002's TO-BE CNN at 150 px, fed three ways.
+
+Input:  the real Kermany train folder ``../shared/data/kermany224/train`` and its augment cache at
+        150 px (built by the real download -> split -> augment stages, or ``--cache``).
+        (a) ours: ``stages.classifier.data.make_dataset`` over the cache with seed 002's
+            augmentation (shear 0.2, zoom 0.2, hflip) and balanced class weights, as the stage;
+        (b) the ImageDataGenerator way: legacy ``flow_from_directory`` on the folder, same
+            augmentations, fed to ``model.fit`` (Keras' default: 1 loader thread + prefetch);
+        (c) the floor: the cache's train images as one in-memory float32 array, no augmentation.
+        Same model for all (``stages.classifier.models.build_model``, arch to_be, 1 channel,
+        rescaling inside), compiled like the train-classifier stage (Adam 1e-3, binary CE,
+        accuracy + AUC), batch 32, same initial weights.
+Output: s/step, images/s and s/epoch of each and the ratios ours/IDG (target <= 0.5x) and
+        ours/floor (target: within 10 %); JSON with ``--out``.
+Run:    .venv/bin/python bench/train_epoch.py [--cache DIR] [--steps N] [--out r.json]
+        .venv/bin/python bench/train_epoch.py --quick
+
+Timing: a callback stamps the end of every training step; the first ``--warmup`` steps (graph
+tracing, XLA compilation, the loader filling its buffers) are dropped. Without ``--steps`` each
+feed runs one full pass over its own data; with ``--steps N`` only N timed steps run. Either way
+"s/epoch" = (images in the Kermany train folder, 5,216) / (measured images/s): one epoch over the
+folder, the same number of images for the three feeds. Validation is not included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import kermany_cache, load1, machine, print_table, save, seed002_policy
+from input_pipeline import CLASSES, idg_iterator, warm_page_cache
+
+from stages.classifier.config import TrainClassifierConfig
+from stages.classifier.data import (
+    balanced_class_weights,
+    encode_targets,
+    load_class_split,
+    make_dataset,
+)
+from stages.classifier.models import build_model
+from stages.config import parse
+
+FOLDER_IMAGES = 5216  # Kermany train: 1,341 NORMAL + 3,875 PNEUMONIA
+
+
+def step_timer() -> Any:
+    import keras
+
+    class StepTimer(keras.callbacks.Callback):
+        """perf_counter at the end of every training step."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.stamps: list[float] = []
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            self.stamps.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def compiled_model(size: int, seed: int = 0) -> Any:
+    """TO-BE as the stage builds and compiles it (train_classifier defaults), fixed init."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = build_model(parse(TrainClassifierConfig, {"arch": "to_be"}), size)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+    )
+    return model
+
+
+def fit_timed(data: Any, warmup: int, batch: int, size: int, **fit_kw) -> dict:
+    """Fit one 'epoch' (its length set by ``fit_kw``); images/s over the steps after warm-up."""
+    model = compiled_model(size)
+    timer = step_timer()
+    load = load1()
+    model.fit(data, epochs=1, verbose=0, callbacks=[timer], **fit_kw)
+    stamps = timer.stamps
+    if len(stamps) < warmup + 2:
+        raise RuntimeError(f"only {len(stamps)} steps ran; need more than warmup={warmup}")
+    timed = len(stamps) - warmup
+    seconds = stamps[-1] - stamps[warmup - 1]
+    per_step = seconds / timed
+    ips = batch / per_step  # every step is a whole batch (callers make sure)
+    return {
+        "timed_steps": timed,
+        "s_per_step": round(per_step, 4),
+        "images_per_s": round(ips, 1),
+        "s_per_epoch": round(FOLDER_IMAGES / ips, 1),
+        "load_1min_before": load,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    bs, warmup = args.batch_size, 2 if args.quick else args.warmup
+    want = 3 if args.quick else args.steps
+    results: dict[str, Any] = {"machine": machine(), "batch_size": bs, "warmup_steps": warmup}
+    rows = []
+    with kermany_cache(args.cache, args.image_size, 200 if args.quick else None) as (cache, b):
+        results["cache_build_seconds"] = {k: round(v, 1) for k, v in b.items()}
+        warm_page_cache(Path(cache))
+        split = load_class_split(cache, "train", CLASSES)
+        targets = encode_targets(split.labels, "binary", len(CLASSES))
+        weights = balanced_class_weights(split.labels, len(CLASSES))
+        size = split.image_size
+        ds, steps_epoch = make_dataset(
+            split,
+            targets,
+            bs,
+            training=True,
+            seed=0,
+            class_weights=weights,
+            policy=seed002_policy(),
+        )
+        n_ours = warmup + (want or steps_epoch)
+        ours = fit_timed(ds, warmup, bs, size, steps_per_epoch=n_ours, shuffle=False)
+        rows.append({"feed": "(a) ours: tf.data + seed-002 aug"} | ours)
+
+        it = idg_iterator(size, bs)
+        warm_page_cache(Path(it.directory))
+        # One pass is len(it) batches (5,216 = 163 x 32); the iterator is not repeated.
+        n_idg = min(len(it), warmup + want) if want else len(it)
+        idg = fit_timed(it, warmup, bs, size, steps_per_epoch=n_idg, shuffle=False)
+        rows.append({"feed": "(b) ImageDataGenerator + same aug"} | idg)
+
+        # The floor: the same cache images as one float32 array in memory, no augmentation.
+        # Whole batches only (a partial last batch would skew the per-step time).
+        n_floor = bs * min(len(split) // bs, warmup + (want or len(split) // bs))
+        x = np.asarray(split.images[split.rows[:n_floor]], dtype=np.float32)[..., None]
+        floor = fit_timed(x, warmup, bs, size, y=targets[:n_floor], batch_size=bs, shuffle=True)
+        rows.append({"feed": "(c) floor: in-memory fp32 array, no aug"} | floor)
+        del x
+    results["rows"] = rows
+    results["ratio_ours_vs_idg_s_per_epoch"] = round(ours["s_per_epoch"] / idg["s_per_epoch"], 3)
+    results["ratio_ours_vs_floor_s_per_epoch"] = round(
+        ours["s_per_epoch"] / floor["s_per_epoch"], 3
+    )
+    results["ratio_idg_vs_floor_s_per_epoch"] = round(idg["s_per_epoch"] / floor["s_per_epoch"], 3)
+    results["targets"] = {"ours_vs_idg": "<= 0.5x", "ours_vs_floor": "<= 1.10x"}
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=None, help="reuse/build the cache here")
+    parser.add_argument("--image-size", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 1 pass)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
+    parser.add_argument("--quick", action="store_true", help="3 timed steps, 200-image cache")
+    parser.add_argument("--out", type=Path, default=None, help="write results as JSON")
+    args = parser.parse_args(argv)
+    res = run(args)
+    cols = ["feed", "timed_steps", "s_per_step", "images_per_s", "s_per_epoch", "load_1min_before"]
+    print_table(res["rows"], cols, f"TO-BE training, {args.image_size} px, batch {args.batch_size}")
+    print(
+        f"ours / ImageDataGenerator: {res['ratio_ours_vs_idg_s_per_epoch']}x s/epoch "
+        "(target <= 0.5x)\n"
+        f"ours / floor:              {res['ratio_ours_vs_floor_s_per_epoch']}x s/epoch "
+        "(target <= 1.10x)\n"
+        f"ImageDataGenerator / floor: {res['ratio_idg_vs_floor_s_per_epoch']}x s/epoch"
+    )
+    save(args.out, res)
+    return res
+
+
+if __name__ == "__main__":
+    main()
