@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with kermany_cache(args.cache, args.image_size, 200 if quick else None) as (cache_dir, build):
         results["cache_build_seconds"] = {k: round(v, 1) for k, v in build.items()}
         warm_page_cache(KERMANY_TRAIN)
+        warm_page_cache(cache_dir)
         rows = [
             {"pipeline": "ours: tf.data over the cache, seed-002 aug"}
             | ours(cache_dir, args.batch_size, warmup, batches, seed002_policy()),

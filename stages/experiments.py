@@ -302,8 +302,10 @@ OURS = (
     Experiment(
         "ours-pneumoniamnist",
         "Ours, PneumoniaMNIST (28 px, upsampled to 64 in the cache so the stride-2 stages keep "
-        "some extent): resnet_small, balanced class weights, cosine lr. Target: test accuracy "
-        ">= 0.92, ROC-AUC >= 0.98 (placeholder until the quality run is recorded).",
+        "some extent): resnet_small, balanced class weights, cosine lr over 30 epochs, patience "
+        "10. Measured 2026-11-22 on the official train+val npz (pooled, random 80/10/10; the "
+        "official test split is not in ../shared): hold-out test accuracy 0.964 [0.946, 0.977], "
+        "ROC-AUC 0.996 [0.992, 0.999]; 5.5 min for the whole chain on the 2-core CPU.",
         (
             ("data.classification.source", "pneumoniamnist"),
             ("data.classification.path", f"{ROOT}/pneumoniamnist"),
@@ -311,6 +313,8 @@ OURS = (
             ("augment.classification.image_size", 64),
             *_policy(rotation=10, zoom=0.1, shift=0.05, brightness=0.1, contrast=0.1),
             *_train("resnet_small", 30, 64, 2e-3, "balanced", "cosine", augmentation=True, dropout=None),
+            # val loss is noisy in the first epochs at lr 2e-3: patience 4 stopped at epoch 6
+            ("train_classifier.early_stopping.patience", 10),
             *_head("sigmoid", 1, BCE, "adam"),
         ),
         Published("MedMNIST v2 benchmark: Google AutoML Vision", test_accuracy=0.946, roc_auc=0.991),
