@@ -10,6 +10,7 @@ import torch
 
 from stages.aug_detection import DetectionPolicy, DetectionTransform, hflip, scale_jitter
 from stages.config import ConfigError, parse
+from stages.sources import intake
 
 # ----------------------------------------------------------------------------- detection
 
@@ -284,17 +285,7 @@ def test_classification_policy_validation():
 
 # ----------------------------------------------------------------------------- the stage
 
-MANIFEST_COLUMNS = [
-    "path",
-    "label",
-    "subtype",
-    "patient_id",
-    "source",
-    "source_split",
-    "width",
-    "height",
-    "sha256",
-]
+MANIFEST_COLUMNS = list(intake.MANIFEST_COLUMNS)
 CATEGORIES = [{"id": 1, "name": "Nodule"}, {"id": 2, "name": "Mass"}]
 
 

@@ -118,7 +118,8 @@ def test_pneumonia_opacities_brighten_the_lungs():
         x, y = pose_grid(np.random.default_rng(ikey), size)
         depth = np.maximum(*(phantom.lung_geometry(anatomy, x, y, s)[0] for s in (-1, 1)))
         assert diff[depth > 0.02].mean() > 1.0, f"{subtype}: opacities barely change the lungs"
-        assert not diff[depth < -0.04].any(), "opacities drawn outside the lung fields"
+        # +-1 grey level is uint8 rounding of the smooth body; anything more is a drawn opacity
+        assert not (np.abs(diff[depth < -0.04]) > 1).any(), "opacities drawn outside the lungs"
         subtle = render_classification(pkey, ikey, size, subtype, subtle=True).astype(float)
         assert 0 < (subtle - same_pose).mean() < diff.mean()
 
@@ -179,7 +180,7 @@ def test_detection_boxes_are_tight(kind):
         without, boxes2 = render_detection(key, (*key, 0), size, (kind,), draw_findings=False)
         assert boxes == boxes2
         ((x1, y1, x2, y2),) = boxes
-        diff = with_l.astype(int) != without.astype(int)
+        diff = np.abs(with_l.astype(int) - without.astype(int)) > 1  # beyond uint8 rounding
         inside = np.zeros_like(diff)
         inside[y1:y2, x1:x2] = True
         assert not (diff & ~inside).any(), "pixels changed outside the box"

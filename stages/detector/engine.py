@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from tqdm import tqdm
 
 from stages.detector import TrainDetectorConfig
+from stages.detector.model import atomic_torch_save
 from stages.utils import StageError
 
 # --------------------------------------------------------------------------- distributed
@@ -228,16 +228,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save to a temp file and rename: an interrupted write never corrupts last.pt."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomic: an interrupted write never corrupts last.pt."""
+    atomic_torch_save(payload, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:

@@ -241,6 +241,13 @@ def save_detector(
         "classes": list(classes),
         "num_classes": len(classes),
     }
+    atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(payload: dict[str, Any], path: str | Path) -> None:
+    """torch.save to a temp file and rename: an interrupted write never leaves a broken file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
