@@ -206,3 +206,14 @@ def test_detection_label_noise_changes_exact_count(tmp_path):
             total += len(ra["syms"])
     assert changed == round(0.25 * total) > 0
     assert _digest(clean / "images") == _digest(noisy / "images")
+
+
+def test_lesion_contrast_scales_lesions_not_boxes():
+    key = (4, 2, 0)
+    base, _ = render_detection(key, (*key, 0), 96, ("Mass",), draw_findings=False)
+    weak, box_w = render_detection(key, (*key, 0), 96, ("Mass",), contrast=0.5)
+    strong, box_s = render_detection(key, (*key, 0), 96, ("Mass",), contrast=2.0)
+    assert box_w == box_s
+    x1, y1, x2, y2 = box_w[0]
+    gain = [np.abs(im.astype(int) - base)[y1:y2, x1:x2].mean() for im in (weak, strong)]
+    assert 0 < gain[0] < gain[1]

@@ -278,7 +278,7 @@ def load_detector(path: str | Path) -> tuple[RetinaNet, TrainDetectorConfig, lis
 
 def _as_tensor(img: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (H, W) -> float (1, H, W) in [0, 1]; float input is taken as already in [0, 1]."""
-    t = torch.as_tensor(np.asarray(img)) if not isinstance(img, torch.Tensor) else img
+    t = img if isinstance(img, torch.Tensor) else torch.from_numpy(np.array(img))  # copy: memmaps are read-only
     if t.ndim == 3 and t.shape[0] == 1:
         t = t[0]
     if t.ndim != 2:

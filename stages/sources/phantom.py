@@ -78,11 +78,10 @@ def ramp(d: np.ndarray, width: float) -> np.ndarray:
     return t * t * (F32(3.0) - F32(2.0) * t)
 
 
-def lung_geometry(a: Anatomy, x, y, side: int, floor: float | None = None):
+def lung_geometry(a: Anatomy, x, y, side: int):
     """Signed distance-like depth inside one lung (side -1 = image left, +1 = image right).
 
     Returns (depth, t) where depth > 0 inside and t is the fractional height apex->base.
-    ``floor`` replaces the diaphragm dome by a flat bottom (the space an effusion fills).
     Works on scalars and arrays, so lesion placement can test single points.
     """
     xm = x * side
@@ -92,8 +91,6 @@ def lung_geometry(a: Anatomy, x, y, side: int, floor: float | None = None):
     width = a.lung_w * t**0.45  # rounded apex, widest at the base
     centre = med + 0.4 * a.lung_w
     dome = base - a.dome_h * np.clip(1.0 - ((xm - centre) / (0.6 * a.lung_w)) ** 2, 0.0, 1.0)
-    if floor is not None:
-        dome = floor
     depth = np.minimum(np.minimum(xm - med, med + width - xm), np.minimum(y - a.lung_top, dome - y))
     return depth, t
 
@@ -205,7 +202,7 @@ def render_body(a: Anatomy, x: np.ndarray, y: np.ndarray, rng: np.random.Generat
     # Clavicles rise from the sternum towards the shoulders.
     clav_c = F32(a.clav_y + 0.06) - F32(0.22) * ax_ + F32(0.3) * (ax_ - F32(0.35)) ** 2
     clav = ramp(F32(0.026) - np.abs(y - clav_c), 0.02) * ramp(ax_ - F32(0.05), 0.04)
-    dens += F32(0.11) * clav * ramp(F32(0.78) - ax_, 0.08)
+    dens += F32(0.11) * clav * ramp(F32(0.78) - ax_, 0.08) * body
     return Body(density=dens, lungs=(lungs[0], lungs[1]), x=x, y=y)
 
 
@@ -247,32 +244,15 @@ def blob(x, y, cx, cy, sx, sy, angle: float = 0.0) -> np.ndarray:
     return np.exp(np.minimum(ellipse(x, y, cx, cy, sx, sy, angle) - F32(1.0), 0.0))
 
 
-def pneumonia(a: Anatomy, body: Body, rng: np.random.Generator, subtype: str, subtle: bool):
-    """Soft patchy opacities inside the lungs: lobar/focal (bacteria) or diffuse (virus)."""
-    x, y = body.x, body.y
-    amp = rng.uniform(0.08, 0.15) if subtle else rng.uniform(0.22, 0.38)
-    tex = smooth_field(rng, x.shape[0], 16 if subtype == "bacteria" else 28)
-    sides = [int(rng.choice([-1, 1]))]
-    if rng.random() < (0.25 if subtype == "bacteria" else 0.8):
-        sides.append(-sides[0])
+def patch(x, y, rng: np.random.Generator, centre, count, size, spread: float, aspect=(0.6, 1.2)):
+    """Union (capped at 1) of a random number of elliptical Gaussian blobs around ``centre``."""
     m = np.zeros_like(x)
-    for side in sides:
-        lung = body.lungs[0 if side < 0 else 1]
-        if subtype == "bacteria":  # a lobe: several large overlapping blobs in one zone
-            cx, cy = lung_point(a, rng, side, (0.3, 0.9), 0.05)
-            part = np.zeros_like(x)
-            for _ in range(int(rng.integers(3, 7))):
-                s = rng.uniform(0.14, 0.26)
-                dx, dy = rng.normal(0, 0.1, 2)
-                part += blob(x, y, cx + dx, cy + dy, s, s * rng.uniform(0.6, 1.2), rng.uniform(0, 3))
-            m += np.minimum(part, 1.0) * lung
-        else:  # interstitial: perihilar and basal haze with reticular texture
-            hx = side * (a.lung_med + rng.uniform(0.2, 0.4) * a.lung_w)
-            hy = rng.uniform(-0.05, 0.25)
-            haze = blob(x, y, hx, hy, rng.uniform(0.25, 0.35), rng.uniform(0.35, 0.5))
-            m += haze * lung
-    retic = np.clip(F32(0.65) + F32(0.4) * tex, 0.0, 1.0)
-    return F32(amp) * m * retic
+    for _ in range(int(rng.integers(*count))):
+        s = rng.uniform(*size)
+        dx, dy = rng.normal(0, spread, 2)
+        cx, cy = centre[0] + dx, centre[1] + dy
+        m += blob(x, y, cx, cy, s, s * rng.uniform(*aspect), rng.uniform(0, np.pi))
+    return np.minimum(m, 1.0)
 
 
 def _compact(m: np.ndarray, level: float) -> np.ndarray:
@@ -284,7 +264,7 @@ def _compact(m: np.ndarray, level: float) -> np.ndarray:
 
 
 def lesion(kind: str, a: Anatomy, body: Body, rng: np.random.Generator, side: int):
-    """Density map of one detection finding (compact support) and its rough canonical extent."""
+    """Density map of one detection finding, exactly zero outside its drawn extent."""
     x, y = body.x, body.y
     lung = body.lungs[0 if side < 0 else 1]
     u = rng.uniform
@@ -292,7 +272,7 @@ def lesion(kind: str, a: Anatomy, body: Body, rng: np.random.Generator, side: in
         r = u(0.035, 0.065)
         cx, cy = lung_point(a, rng, side, (0.2, 0.85), r * 1.2)
         q = np.clip(ellipse(x, y, cx, cy, r, r * u(0.85, 1.15)), 0.0, 1.0)
-        return F32(u(0.16, 0.28)) * np.sqrt(q), (cx, cy, r)
+        return F32(u(0.24, 0.38)) * np.sqrt(q)
     if kind == "Mass":  # larger, dense, slightly lobulated
         r = u(0.10, 0.17)
         cx, cy = lung_point(a, rng, side, (0.25, 0.8), r * 0.6)
@@ -302,39 +282,28 @@ def lesion(kind: str, a: Anatomy, body: Body, rng: np.random.Generator, side: in
             F32(1.0) + F32(0.08) * np.sin(3 * ang + ph[0]) + F32(0.05) * np.sin(5 * ang + ph[1])
         )
         q = np.clip(1.0 - ((x - F32(cx)) ** 2 + (y - F32(cy)) ** 2) / (rr * rr), 0.0, 1.0)
-        return F32(u(0.22, 0.34)) * q**0.4, (cx, cy, r)
+        return F32(u(0.26, 0.38)) * q**0.4
     if kind == "Consolidation":  # large, soft, irregular, mottled, confined to the lung
         cx, cy = lung_point(a, rng, side, (0.3, 0.85), 0.1)
-        m = np.zeros_like(x)
-        for _ in range(int(rng.integers(3, 7))):
-            s = u(0.06, 0.12)
-            m += blob(
-                x,
-                y,
-                cx + rng.normal(0, 0.07),
-                cy + rng.normal(0, 0.07),
-                s,
-                s * u(0.6, 1.3),
-                u(0, np.pi),
-            )
+        m = patch(x, y, rng, (cx, cy), (3, 7), (0.06, 0.12), 0.07, aspect=(0.6, 1.3))
         tex = np.clip(F32(0.6) + F32(0.4) * smooth_field(rng, x.shape[0], 20), 0.0, 1.0)
-        m = np.minimum(m, 1.0) * tex * lung
-        return F32(u(0.14, 0.24)) * _compact(m, 0.2), (cx, cy, 0.2)
+        m = m * tex * lung
+        return F32(u(0.20, 0.32)) * _compact(m, 0.3)
     if kind == "Effusion":  # meniscus at the costophrenic angle, blunting the base
         base = a.lung_base + (a.base_skew if side > 0 else 0.0)
         h = u(0.22, 0.40)
         edge = a.lung_med + a.lung_w
         frac = np.clip((F32(edge) - x * side) / F32(a.lung_w), 0.0, 1.0)
         top = F32(base - h) + F32(0.6 * h) * frac**0.7  # higher laterally: the meniscus sign
-        depth, _ = lung_geometry(a, x, y, side, floor=base + 0.03)
-        region = ramp(depth, 0.03) * ramp(y - top, 0.05)
+        depth, _ = lung_geometry(a, x, y, side)
+        region = ramp(depth + F32(0.02), 0.03) * ramp(y - top, 0.05)  # fluid blurs the dome
         fluid = F32(a.tissue + 0.08) - body.density
         m = np.maximum(fluid, 0.0) * region
-        return _compact(m, 0.1), (side * (edge - 0.2), base - h / 2, 0.25)
+        return _compact(m, 0.3)
     if kind == "Atelectasis":  # plate-like band in the mid/lower zone
         cx, cy = lung_point(a, rng, side, (0.45, 0.85), 0.08)
         q = np.clip(ellipse(x, y, cx, cy, u(0.12, 0.2), u(0.02, 0.035), u(-0.35, 0.35)), 0.0, 1.0)
-        return F32(u(0.14, 0.22)) * np.sqrt(q) * np.minimum(lung * 1.5, 1.0), (cx, cy, 0.15)
+        return F32(u(0.14, 0.22)) * np.sqrt(q) * np.minimum(lung * 1.5, 1.0)
     if kind == "Pneumothorax":  # apical/lateral air rim without vessels, thin pleural line
         depth, t = lung_geometry(a, x, y, side)
         width = F32(a.lung_w) * t**0.45
@@ -344,8 +313,7 @@ def lesion(kind: str, a: Anatomy, body: Body, rng: np.random.Generator, side: in
         keep = (depth > 0) & (t < t_end)
         rim = np.where(keep & (x * side > inner), F32(-0.07), F32(0.0))
         line = np.where(keep & (np.abs(x * side - inner) < 0.012), F32(0.08), F32(0.0))
-        cy = a.lung_top + t_end / 2 * (a.lung_base - a.lung_top)
-        return rim + line, (side * (a.lung_med + a.lung_w * 0.8), cy, 0.25)
+        return rim + line
     raise ValueError(f"unknown lesion kind {kind!r}")
 
 

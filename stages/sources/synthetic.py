@@ -62,13 +62,16 @@ class SyntheticDetectionConfig:
     normal_fraction: float = 0.2  # images with no lesion (negatives)
     max_lesions: int = 3
     classes: tuple[LesionKind, ...] = ("Consolidation", "Nodule", "Mass", "Effusion")
+    lesion_contrast: float = 1.0  # multiplies every lesion's density (difficulty knob)
     label_noise: float = 0.0  # fraction of boxes given a wrong class
     test_fraction: float = 0.15
     seed: int = 11
 
     def __post_init__(self) -> None:
         _check_common(self.n_patients, self.images_per_patient, self.image_size, self.test_fraction)
+        check(self.image_size >= 64, "image_size must be >= 64 (smaller nodules vanish)")
         check(0.0 <= self.normal_fraction <= 1.0, "normal_fraction must be in [0, 1]")
+        check(0.0 < self.lesion_contrast <= 3.0, "lesion_contrast must be in (0, 3]")
         check(1 <= self.max_lesions <= 6, "max_lesions must be in [1, 6]")
         check(len(self.classes) >= 1, "classes must name at least one lesion kind")
         check(len(set(self.classes)) == len(self.classes), "classes must not repeat")
@@ -83,6 +86,31 @@ def pose_grid(rng: np.random.Generator, size: int):
     """Small random rotation/scale/shift; lungs always stay inside the frame."""
     shift = (rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05))
     return phantom.canonical_grid(size, rng.uniform(-0.07, 0.07), rng.uniform(0.88, 1.04), shift)
+
+
+def pneumonia_opacity(
+    a: phantom.Anatomy, body: phantom.Body, rng: np.random.Generator, subtype: str, subtle: bool
+):
+    """Soft patchy opacities inside the lungs: lobar/focal (bacteria) or diffuse (virus)."""
+    x, y = body.x, body.y
+    amp = rng.uniform(0.08, 0.15) if subtle else rng.uniform(0.22, 0.38)
+    tex = phantom.smooth_field(rng, x.shape[0], 16 if subtype == "bacteria" else 28)
+    sides = [int(rng.choice([-1, 1]))]
+    if rng.random() < (0.25 if subtype == "bacteria" else 0.8):
+        sides.append(-sides[0])
+    m = np.zeros_like(x)
+    for side in sides:
+        lung = body.lungs[0 if side < 0 else 1]
+        if subtype == "bacteria":  # a lobe: several large overlapping blobs in one zone
+            centre = phantom.lung_point(a, rng, side, (0.3, 0.9), 0.05)
+            m += phantom.patch(x, y, rng, centre, (3, 7), (0.14, 0.26), 0.1) * lung
+        else:  # interstitial: perihilar and basal haze with reticular texture
+            hx = side * (a.lung_med + rng.uniform(0.2, 0.4) * a.lung_w)
+            hy = rng.uniform(-0.05, 0.25)
+            haze = phantom.blob(x, y, hx, hy, rng.uniform(0.25, 0.35), rng.uniform(0.35, 0.5))
+            m += haze * lung
+    retic = np.clip(np.float32(0.65) + np.float32(0.4) * tex, 0.0, 1.0)
+    return np.float32(amp) * m * retic
 
 
 def render_classification(
@@ -103,10 +131,14 @@ def render_classification(
     body = phantom.render_body(anatomy, x, y, rng)
     dens = body.density
     if subtype is not None:
-        opacity = phantom.pneumonia(anatomy, body, rng, subtype, subtle)
+        opacity = pneumonia_opacity(anatomy, body, rng, subtype, subtle)
         if draw_findings:
             dens = dens + opacity
     return phantom.expose(dens, rng)
+
+
+def _intersection(a: list[int], b: list[int]) -> int:
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 def render_detection(
@@ -115,6 +147,7 @@ def render_detection(
     size: int,
     kinds: tuple[str, ...],
     draw_findings: bool = True,
+    contrast: float = 1.0,
 ) -> tuple[np.ndarray, list[list[int]]]:
     """One (S, S) uint8 image with one lesion per entry of ``kinds`` and their tight boxes.
 
@@ -124,25 +157,29 @@ def render_detection(
     rng = np.random.default_rng(image_key)
     x, y = pose_grid(rng, size)
     body = phantom.render_body(anatomy, x, y, rng)
-    dens, boxes, placed = body.density, [], []
+    dens, boxes = body.density, []
     used_sides: set[int] = set()
     for kind in kinds:
-        for _ in range(20):  # keep lesions apart so each box shows one finding
+        best = None
+        for _ in range(20):  # keep boxes apart so each one shows a single finding
             side = int(rng.choice([-1, 1]))
             if kind == "Effusion" and side in used_sides and len(used_sides) < 2:
                 side = -side
-            m, (cx, cy, r) = phantom.lesion(kind, anatomy, body, rng, side)
-            if all(np.hypot(cx - px, cy - py) > r + pr for px, py, pr in placed):
+            m = phantom.lesion(kind, anatomy, body, rng, side)
+            box = phantom.support_box(m)
+            if box is None:  # cannot happen for drawn kinds; guard keeps the JSON consistent
+                raise RuntimeError(f"synthetic {kind} lesion rendered empty")
+            overlap = max((_intersection(box, b) for b in boxes), default=0)
+            if best is None or overlap < best[0]:
+                best = (overlap, m, side, box)
+            if overlap == 0:
                 break
-        placed.append((cx, cy, r))
+        _, m, side, box = best
+        boxes.append(box)
         if kind == "Effusion":
             used_sides.add(side)
-        box = phantom.support_box(m)
-        if box is None:  # cannot happen for drawn kinds; guard keeps the JSON consistent
-            raise RuntimeError(f"synthetic {kind} lesion rendered empty")
-        boxes.append(box)
         if draw_findings:
-            dens = dens + m
+            dens = dens + np.float32(contrast) * m
     return phantom.expose(dens, rng), boxes
 
 
@@ -233,7 +270,11 @@ def generate_detection(cfg: SyntheticDetectionConfig, out_dir: Path) -> Path:
     with atomic_dir(out_dir / "images") as tmp:
         for i, (p, k) in enumerate(tqdm(images, desc="synthetic detection", unit="img")):
             arr, boxes = render_detection(
-                (cfg.seed, DETECTION, p), (cfg.seed, DETECTION, p, k), cfg.image_size, kinds[i]
+                (cfg.seed, DETECTION, p),
+                (cfg.seed, DETECTION, p, k),
+                cfg.image_size,
+                kinds[i],
+                contrast=cfg.lesion_contrast,
             )
             name = f"{i + 1:05d}.png"
             Image.fromarray(arr).save(tmp / name, format="PNG")
