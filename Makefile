@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 WORKERS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup repro test test-fast lint format dag ablations
+.PHONY: setup repro test test-fast lint format dag ablations serve remote
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,18 @@ format: setup
 
 dag: setup
 	$(BIN)/dvc dag
+
+# make remote: DVC remote from env (CXR_REMOTE_URL, CXR_S3_ENDPOINT, AWS_*, CXR_SSH_KEY ...);
+# URL/endpoint -> .dvc/config, credentials -> .dvc/config.local only. REMOTE_ARGS=--local for a personal remote.
+REMOTE_ARGS ?=
+remote: setup  ## configure the team's DVC remote from environment variables
+	$(BIN)/python -m stages.remote setup $(REMOTE_ARGS)
+
+HOST ?= 127.0.0.1
+PORT ?= 7860
+MAX_UPLOAD_MB ?= 50
+serve: setup  ## the web page for the models of the current pipeline (dvc repro / dvc pull first)
+	$(BIN)/python -m stages.serve --host $(HOST) --port $(PORT) --max-upload-mb $(MAX_UPLOAD_MB)
 
 # --- make ablations (owner: stages/ablations.py; paste next to the other targets) ---------------
 # WORKERS (defined above, default 1) = parallel DVC queue workers; DATA_ROOT = folder holding

@@ -158,7 +158,9 @@ def _report(task: str, manifest: pd.DataFrame, result: IntakeResult, loaded: lis
                 "name": src.name,
                 "key": key,
                 "location": src.path,
-                "resolved": str(root),
+                # generated data lives in a throw-away temp dir: its name must not reach the
+                # report, or every re-run would change data/raw's hash and re-run everything after
+                "resolved": "(generated)" if src.name == "synthetic" else str(root),
                 "listed": n,
                 "written": len(rows),
                 "rejected": sum(r["source"] == key for r in result.rejected),

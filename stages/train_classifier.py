@@ -252,6 +252,7 @@ def train(
         encoding=encoding,
         image_size=size,
         arch=cfg.arch,
+        resize=str(meta.get("resize", "stretch")),
     )
     save_info(model_path, info)
     save_model_atomic(model, model_path)

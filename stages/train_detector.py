@@ -214,11 +214,28 @@ def _train(
             "best_epoch": best["epoch"] + 1,
             "val_map_50": best["map_50"],
             "image_size": int(meta["image_size"]),
+            # the cache's resize (stages.cache.resize_gray): predict repeats it, boxes map back
+            "resize": str(meta.get("resize", "pad")),
         }
         save_detector(model_path, model, cfg, classes, extra)
         write_json(metrics_path, metrics)
+        _finish_checkpoints(ckpt_dir, best)
     E.barrier(info)
     return metrics
+
+
+def _finish_checkpoints(ckpt_dir: Path, best: dict[str, Any]) -> None:
+    """After a finished run the weights live in the model file: drop the resume checkpoints so
+    the DVC out (``persist``, cached and pushed like any out) is one small marker, not ~200 MB."""
+    write_json(
+        ckpt_dir / "complete.json",
+        {
+            "note": "run finished; last.pt/best.pt exist only while a run is unfinished (resume)",
+            "best_epoch": best["epoch"] + 1,
+        },
+    )
+    for name in ("last.pt", "best.pt"):
+        (ckpt_dir / name).unlink(missing_ok=True)
 
 
 def _gather_rng(info: E.DistInfo) -> list[dict[str, Any]]:

@@ -34,6 +34,11 @@ def seed_everything(seed: int) -> None:
 
     The one place seeds are set. Deterministic kernels are requested too: bit-identical CPU
     results matter more here than the few percent of speed they cost.
+    Pinned: TF via ``enable_op_determinism`` (the API form of ``TF_DETERMINISTIC_OPS=1``; also
+    fixes tf.data's parallel map order), torch via ``use_deterministic_algorithms`` (warn-only:
+    an op without a deterministic kernel warns instead of failing). Not pinned here: thread
+    counts (each stage's ``threads`` param) change float reduction order, so compare runs with
+    equal counts; PYTHONHASHSEED only reaches child processes (tests/test_reproducibility.py).
     """
     random.seed(seed)
     np.random.seed(seed)

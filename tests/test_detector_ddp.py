@@ -173,4 +173,4 @@ def test_torchrun_runs_the_stage(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["epochs_run"] == 1
-    assert (tmp_path / "detector.pt").is_file() and (tmp_path / "ckpt" / "last.pt").is_file()
+    assert (tmp_path / "detector.pt").is_file() and (tmp_path / "ckpt" / "complete.json").is_file()

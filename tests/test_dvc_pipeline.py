@@ -8,21 +8,17 @@ the stages that read the changed key, with metrics readable from `dvc exp show -
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import REPO, shrink_params
+from tests.dvc_helpers import COPY, dvc, git, ran_stages
 
 pytestmark = pytest.mark.slow
 
-COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", "stages", ".dvcignore"]
 CLS_STAGES = {
     "download@classification",
     "split@classification",
@@ -37,32 +33,6 @@ DET_STAGES = {
     "train-detector",
     "evaluate@detection",
 }
-
-
-def dvc(repo: Path, *args: str, timeout: float = 900) -> str:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("CXR_SHARED_DATA", None)
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "dvc"), *args],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{out[-4000:]}")
-    return out
-
-
-def ran_stages(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-def git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Load the trained classifier and turn images into class probabilities (contract 5).
 
 Input: ``models/classifier.keras`` and its sidecar ``models/classifier.meta.json`` (classes in
-output order, class_map, head, image size); images as uint8 (N, S, S) arrays or memmaps.
+output order, class_map, head, image size and resize mode); images as uint8 (N, S, S) arrays or memmaps.
 Output: float32 (N, C) probabilities in the sidecar's class order, every head type alike.
 Used by the evaluate stage and the reports; no run command of its own.
 """
@@ -32,6 +32,8 @@ class ClassifierInfo:
     encoding: str
     image_size: int
     arch: str
+    # How images were brought to image_size (stages.cache.resize_gray): predict must match it.
+    resize: str = "stretch"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -41,6 +43,7 @@ class ClassifierInfo:
             "encoding": self.encoding,
             "image_size": self.image_size,
             "arch": self.arch,
+            "resize": self.resize,
             # For readers of the file: probability columns follow "classes"; with 1 sigmoid
             # unit the model outputs P(classes[1]).
             "input": "float32 (S, S, 1) grey in [0, 255]; rescaling is inside the model",
@@ -69,6 +72,7 @@ def load_info(model_path: str | Path) -> ClassifierInfo:
         encoding=d["encoding"],
         image_size=int(d["image_size"]),
         arch=d["arch"],
+        resize=d.get("resize", "stretch"),  # sidecars older than the field: the cache default
     )
 
 

@@ -260,12 +260,24 @@ def atomic_torch_save(payload: dict[str, Any], path: str | Path) -> None:
 
 def load_detector(path: str | Path) -> tuple[RetinaNet, TrainDetectorConfig, list[str]]:
     """(model in eval mode on CPU, its TrainDetectorConfig, class names in id order 1..K)."""
+    return detector_from_checkpoint(read_checkpoint(path), path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The saved dict (state_dict, config, classes and the extra keys, e.g. image_size, resize)."""
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path} not found: run the train-detector stage first")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise StageError(f"{path} is not a detector saved by stages.detector.save_detector")
+    return ckpt
+
+
+def detector_from_checkpoint(
+    ckpt: dict[str, Any], path: str | Path = "<checkpoint>"
+) -> tuple[RetinaNet, TrainDetectorConfig, list[str]]:
+    """``load_detector`` on a dict from ``read_checkpoint`` (callers that need its extra keys)."""
     try:
         cfg = parse(TrainDetectorConfig, ckpt["config"], f"{path}:config")
     except ConfigError as exc:
@@ -320,10 +332,12 @@ __all__ = [
     "FocalClassificationHead",
     "GrayTransform",
     "build_detector",
+    "detector_from_checkpoint",
     "fpn_backbone",
     "imagenet_weights_path",
     "load_detector",
     "predict",
+    "read_checkpoint",
     "save_detector",
     "trainable_layers",
 ]

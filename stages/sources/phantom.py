@@ -269,7 +269,7 @@ def lesion(kind: str, a: Anatomy, body: Body, rng: np.random.Generator, side: in
     lung = body.lungs[0 if side < 0 else 1]
     u = rng.uniform
     if kind == "Nodule":  # small, round, well defined
-        r = u(0.035, 0.065)
+        r = u(0.045, 0.075)  # >= ~4 px radius at 192 px: smaller ones are noise-level
         cx, cy = lung_point(a, rng, side, (0.2, 0.85), r * 1.2)
         q = np.clip(ellipse(x, y, cx, cy, r, r * u(0.85, 1.15)), 0.0, 1.0)
         return F32(u(0.24, 0.38)) * np.sqrt(q)
@@ -288,7 +288,7 @@ def lesion(kind: str, a: Anatomy, body: Body, rng: np.random.Generator, side: in
         m = patch(x, y, rng, (cx, cy), (3, 7), (0.06, 0.12), 0.07, aspect=(0.6, 1.3))
         tex = np.clip(F32(0.6) + F32(0.4) * smooth_field(rng, x.shape[0], 20), 0.0, 1.0)
         m = m * tex * lung
-        return F32(u(0.20, 0.32)) * _compact(m, 0.3)
+        return F32(u(0.20, 0.32)) * _compact(m, 0.4)  # drop faint tails: box = visible extent
     if kind == "Effusion":  # meniscus at the costophrenic angle, blunting the base
         base = a.lung_base + (a.base_skew if side > 0 else 0.0)
         h = u(0.22, 0.40)

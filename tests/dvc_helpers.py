@@ -1,0 +1,170 @@
+"""Helpers of the tests that drive DVC itself: temporary git+DVC copies of this repository, the
+`dvc`/`git` commands with timeouts, and the tiny pipeline built once per session.
+
+No tests here; imported by tests/test_dvc_pipeline.py, tests/test_remotes.py and
+tests/test_reproducibility.py (servers: tests/remote_servers.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO, shrink_params
+
+BIN = Path(sys.executable).parent
+COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", "stages", ".dvcignore"]
+# make_repo copies .gitignore too: what git keeps out of a clone (e.g. /models/) must then come
+# from the remote, as in a real clone of this repository.
+TEAM_COPY = [*COPY, ".gitignore"]
+
+
+def tool_env() -> dict[str, str]:
+    """The environment of every dvc/git call: the venv first on PATH (stages call `python`)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("CXR_SHARED_DATA", None)
+    return env
+
+
+def dvc(repo: Path, *args: str, timeout: float = 900, env: dict | None = None) -> str:
+    proc = subprocess.run(
+        [str(BIN / "dvc"), *args],
+        cwd=repo,
+        env=env or tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{out[-4000:]}")
+    return out
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def git(repo: Path, *args: str) -> str:
+    proc = subprocess.run(
+        ["git", *args], cwd=repo, check=True, capture_output=True, text=True, timeout=60
+    )
+    return proc.stdout
+
+
+def make_repo(root: Path, shrink: Callable[[dict], dict] = shrink_params) -> Path:
+    """A git+DVC copy of this repository's pipeline in ``root`` with params passed through
+    ``shrink``, committed once."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in TEAM_COPY:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, root / name)
+    params = shrink(yaml.safe_load((REPO / "params.yaml").read_text()))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    init_repo(root)
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "init")
+    return root
+
+
+def init_repo(root: Path) -> None:
+    git(root, "init", "-q")
+    git(root, "config", "user.name", "test")
+    git(root, "config", "user.email", "test@example.invalid")
+    dvc(root, "init", "-q")
+    dvc(root, "config", "core.autostage", "true")
+
+
+def commit_all(repo: Path, message: str) -> None:
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "--allow-empty", "-m", message)
+
+
+def cached_outs(repo: Path) -> list[str]:
+    """Paths of the pipeline outputs DVC caches (and pushes), as DVC itself resolves dvc.yaml."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        return sorted({out.def_path for out in dvc_repo.index.outs if out.use_cache})
+
+
+def tree_digest(root: Path, rel_paths: list[str]) -> dict[str, str]:
+    """sha256 of every file under each of ``rel_paths`` (files or folders), keyed by path."""
+    digests = {}
+    for rel in rel_paths:
+        base = root / rel
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        for f in files:
+            digests[f.relative_to(root).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return digests
+
+
+def status_clean(repo: Path, *targets: str) -> bool:
+    out = dvc(repo, "status", *targets)
+    return "up to date" in out.lower() and "changed" not in out
+
+
+# ----------------------------------------------------------------------------- shared build
+
+
+@dataclass
+class Built:
+    """The tiny pipeline built once per test session, stage by stage, committed."""
+
+    path: Path
+    writes: dict[str, set[str]]  # stage -> workspace files it created, changed or removed
+    seconds: float
+
+
+_BUILT: dict[str, Built] = {}
+_SKIP_DIRS = {".git", ".dvc", "__pycache__"}  # git/DVC internals; bytecode is the interpreter's
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every workspace file -> (mtime_ns, size)."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+        for name in filenames:
+            path = Path(dirpath) / name
+            st = path.stat()
+            found[path.relative_to(root).as_posix()] = (st.st_mtime_ns, st.st_size)
+    return found
+
+
+def changed_files(before: dict, after: dict) -> set[str]:
+    return {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+
+
+def built_repo(tmp_path_factory) -> Built:
+    """Build the tiny pipeline once per session with `dvc repro -s <stage>` in dependency order,
+    recording what each stage touched; shared by the remote and reproducibility tests."""
+    from stages.param_table import load_stages, order
+
+    if "repo" not in _BUILT:
+        start = time.perf_counter()
+        root = make_repo(tmp_path_factory.mktemp("team") / "repo")
+        writes = {}
+        for name in order(load_stages(root / "dvc.yaml")):
+            before = snapshot(root)
+            out = dvc(root, "repro", "-s", name)
+            if ran_stages(out) != {name}:
+                raise AssertionError(f"dvc repro -s {name} ran {ran_stages(out)}:\n{out[-3000:]}")
+            writes[name] = changed_files(before, snapshot(root))
+        commit_all(root, "baseline")
+        _BUILT["repo"] = Built(root, writes, time.perf_counter() - start)
+    return _BUILT["repo"]

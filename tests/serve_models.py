@@ -1,0 +1,248 @@
+"""Tiny models for the serve/predict tests (not a test module): built once per session.
+
+``tiny_models(base)`` writes under ``base``: a to_be classifier (softmax, 2 classes, 48 px,
+trained for two short epochs by the real ``stages.train_classifier.train`` on a cache whose
+meta says ``resize: pad``), its sidecar, a ``metrics/classifier.json`` with an evaluate-style
+threshold, and an untrained RetinaNet (real builder, 64 px, ``score_thresh`` 0 so it always
+returns boxes) saved by ``save_detector`` with image_size/resize like train-detector does.
+Also ``bad_inputs(folder)``: one file per kind of bad or odd upload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+import stages  # noqa: F401  (torch before TensorFlow)
+from stages.aug_classification import ClassificationPolicy
+from stages.cache import write_meta, write_policy, write_split
+from stages.config import parse, to_dict
+from stages.detector import TrainDetectorConfig
+from stages.detector.model import build_detector, save_detector
+from stages.utils import write_json
+
+S = 48
+CLASSES = ("NORMAL", "PNEUMONIA")
+DET_CLASSES = ["Mass", "Nodule"]
+THRESHOLD = 0.42
+
+
+def _disc_images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Class k = noise + a bright centred disc when k = 1: learnable in a few steps."""
+    yy, xx = np.mgrid[:S, :S]
+    disc = ((yy - S / 2) ** 2 + (xx - S / 2) ** 2) < (S / 4) ** 2
+    k = np.arange(n) % 2
+    images = rng.integers(0, 90, (n, S, S)) + disc[None] * (80 * k)[:, None, None]
+    return images.clip(0, 255).astype(np.uint8), k
+
+
+def _cache(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    counts = {"train": 48, "val": 16}
+    for split, n in counts.items():
+        images, k = _disc_images(n, rng)
+        index = pd.DataFrame(
+            {
+                "path": [f"img/{split}_{i}.png" for i in range(n)],
+                "label": [CLASSES[j] for j in k],
+                "subtype": "",
+                "patient_id": [f"p{i}" for i in range(n)],
+                "split": split,
+                "label_index": k,
+            }
+        )
+        write_split(root, split, images, index, S)
+    meta = {"task": "classification", "image_size": S, "resize": "pad"}
+    write_meta(root, {**meta, "classes": list(CLASSES), "counts": counts})
+    write_policy(root, to_dict(ClassificationPolicy()))
+    return root
+
+
+def _train_classifier(base: Path) -> Path:
+    from stages.classifier.config import TrainClassifierConfig
+    from stages.train_classifier import train
+
+    cfg = parse(
+        TrainClassifierConfig,
+        {
+            "arch": "to_be",
+            "epochs": 2,
+            "batch_size": 8,
+            "head": {"activation": "softmax", "units": 2},
+            "loss": "categorical_crossentropy",
+            "early_stopping": {"patience": None},
+            "threads": 2,
+        },
+        "train_classifier",
+    )
+    model = base / "models" / "classifier.keras"
+    cwd = Path.cwd()
+    os.chdir(base)  # dvclive probes the cwd's git/DVC repo: keep it away from the project's
+    try:
+        train(cfg, _cache(base / "cache"), model, base / "train.json", base / "live")
+    finally:
+        os.chdir(cwd)
+    return model
+
+
+def _save_detector(base: Path) -> Path:
+    cfg = parse(
+        TrainDetectorConfig,
+        {"fpn_channels": 64, "min_size": 64, "max_size": 64, "score_thresh": 0.0},
+        "train_detector",
+    )
+    cfg = parse(TrainDetectorConfig, {**to_dict(cfg), "detections_per_img": 10}, "td")
+    model = build_detector(cfg, len(DET_CLASSES))
+    path = base / "models" / "detector.pt"
+    save_detector(path, model, cfg, DET_CLASSES, {"image_size": 64, "resize": "pad"})
+    return path
+
+
+_BUILT: dict[Path, dict[str, Path]] = {}
+
+
+def tiny_models(base: Path) -> dict[str, Path]:
+    """{"classifier", "detector", "metrics"} paths under ``base`` (built on the first call)."""
+    if base not in _BUILT:
+        base.mkdir(parents=True, exist_ok=True)
+        metrics = base / "metrics" / "classifier.json"
+        write_json(
+            metrics,
+            {
+                "threshold": THRESHOLD,
+                "threshold_method": "youden",
+                "positive_class": ["PNEUMONIA"],
+                "classes": list(CLASSES),
+                "accuracy": 0.9,
+                "roc_auc": 0.95,
+            },
+        )
+        _BUILT[base] = {
+            "classifier": _train_classifier(base),
+            "detector": _save_detector(base),
+            "metrics": metrics,
+        }
+    return _BUILT[base]
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def keep_absl_stream() -> None:
+    """Call before starting the server in a test.
+
+    uvicorn's logging.config.dictConfig closes every existing logging handler; absl's (installed
+    by TensorFlow) then closes its stream unless it is the current sys.stderr. Under pytest's
+    capture it is an older captured stream pytest still reads, and the run dies with "I/O
+    operation on closed file". Pointing it at the current sys.stderr keeps it open.
+    """
+    import sys
+
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().python_handler.stream = sys.stderr
+
+
+def xray_like(h: int = 120, w: int = 90, seed: int = 0) -> np.ndarray:
+    """A non-square uint8 image with structure (so Grad-CAM has something to look at)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    disc = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2) < (min(h, w) / 4) ** 2
+    return (rng.integers(0, 90, (h, w)) + 90 * disc).clip(0, 255).astype(np.uint8)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height, with no pixel data at all."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def _dicom_without_pixels(path: Path) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = 64, 64
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _dicom_16bit(path: Path, img: np.ndarray) -> None:
+    """A 12-bit-in-16 MONOCHROME2 DICOM with pixel data (what a DX modality writes)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = img.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (img.astype(np.uint16) * 16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def bad_inputs(folder: Path) -> dict[str, tuple[Path, str | None]]:
+    """{kind: (file, reason)}; reason None = accepted (converted to 8-bit grey)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    img = xray_like()
+    good = folder / "good.png"
+    Image.fromarray(img).save(good)
+    out: dict[str, tuple[Path, str | None]] = {}
+    (folder / "notes.txt").write_text("not an image at all\n")
+    out["non_image"] = (folder / "notes.txt", "not_an_image")
+    scrambled = bytearray(good.read_bytes())
+    for i in range(80, len(scrambled) - 20):  # valid header and chunks, scrambled pixel data
+        scrambled[i] ^= 0x5A
+    (folder / "corrupt.png").write_bytes(bytes(scrambled))
+    out["corrupt"] = (folder / "corrupt.png", "corrupt")
+    jpeg = folder / "full.jpg"
+    Image.fromarray(img).save(jpeg, quality=90)
+    (folder / "truncated.jpg").write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    jpeg.unlink()
+    out["truncated"] = (folder / "truncated.jpg", "truncated")
+    (folder / "empty.png").write_bytes(b"")
+    out["zero_byte"] = (folder / "empty.png", "empty_file")
+    _dicom_without_pixels(folder / "no_pixels.dcm")
+    out["dicom_no_pixels"] = (folder / "no_pixels.dcm", "no_pixel_data")
+    (folder / "bomb.png").write_bytes(_png_header_only(12_000, 9_000))  # 108 MP
+    out["bomb"] = (folder / "bomb.png", "too_large")
+    Image.fromarray(img.astype(np.uint16) * 257).save(folder / "sixteen_bit.png")
+    out["16bit"] = (folder / "sixteen_bit.png", None)
+    rgba = np.dstack([img, img, img, np.full_like(img, 255)])
+    Image.fromarray(rgba, mode="RGBA").save(folder / "rgba.png")
+    out["rgba"] = (folder / "rgba.png", None)
+    Image.fromarray(img).convert("CMYK").save(folder / "cmyk.jpg")
+    out["cmyk"] = (folder / "cmyk.jpg", None)
+    _dicom_16bit(folder / "xray.dcm", img)
+    out["dicom"] = (folder / "xray.dcm", None)
+    return out

@@ -1,0 +1,312 @@
+"""Team sharing through DVC remotes against real servers on loopback, started by the tests.
+
+Round trips (push, then a clone or a wiped copy pulls, outputs byte-identical, `dvc status` clean,
+`dvc repro` runs nothing) to a local folder, an S3 server (`rclone serve s3`) and an OpenSSH
+server; an experiment shared through a bare git remote (`dvc exp push` / `dvc exp pull`); and a
+push whose server is killed midway. The remotes are configured by `python -m stages.remote setup`
+from environment variables, as `make remote` does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.param_table import load_stages, param_rows
+from stages.remote import plan_remote, plan_shared_cache, shown
+from stages.utils import StageError
+from tests.dvc_helpers import (
+    BIN,
+    Built,
+    built_repo,
+    cached_outs,
+    commit_all,
+    dvc,
+    git,
+    init_repo,
+    ran_stages,
+    status_clean,
+    tool_env,
+    tree_digest,
+)
+from tests.remote_servers import RcloneS3, SSHServer, sshd_missing_reason
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Built:
+    return built_repo(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s3")
+    server = RcloneS3(root / "data", root).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    reason = sshd_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    server = SSHServer(tmp_path_factory.mktemp("sshd")).start()
+    yield server
+    server.stop()
+
+
+def setup_remote(repo: Path, env: dict[str, str], *flags: str) -> str:
+    """`python -m stages.remote setup` in ``repo`` with ``env`` (what `make remote` runs)."""
+    proc = subprocess.run(
+        [str(BIN / "python"), "-m", "stages.remote", "setup", *flags],
+        cwd=repo,
+        env={**tool_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def clone_and_pull(src: Path, dst: Path, env: dict[str, str]) -> Path:
+    git(src.parent, "clone", "-q", str(src), str(dst))
+    setup_remote(dst, env, "--local")
+    dvc(dst, "pull")
+    return dst
+
+
+def assert_same_outputs_and_nothing_to_run(built: Built, work: Path) -> None:
+    outs = cached_outs(built.path)
+    assert outs, "dvc.lock lists no cached outputs"
+    assert tree_digest(work, outs) == tree_digest(built.path, outs)
+    assert status_clean(work), dvc(work, "status")
+    out = dvc(work, "repro")
+    assert ran_stages(out) == set(), out[-3000:]
+
+
+OBJECT = re.compile(r"[0-9a-f]{2}/[0-9a-f]{30}(\.dir)?")
+
+
+def object_files(store: Path) -> list[Path]:
+    """DVC objects only: a server may keep its own temporary files beside them (rclone leaves
+    `.rclone_temp_put_*` of an upload cut by a kill), which DVC never lists as objects."""
+    return [
+        p for p in store.rglob("*") if p.is_file() and OBJECT.fullmatch(f"{p.parent.name}/{p.name}")
+    ]
+
+
+def assert_objects_intact(store: Path) -> None:
+    """Every object of a DVC 3 remote (files/md5/ab/cdef...) holds the bytes its name says."""
+    objects = object_files(store / "files" / "md5")
+    assert objects, f"no objects under {store}"
+    for path in objects:
+        digest = hashlib.md5(path.read_bytes()).hexdigest()
+        assert digest == (path.parent.name + path.name).removesuffix(".dir"), path
+
+
+# ----------------------------------------------------------------------------- set-up module
+
+
+def test_setup_keeps_secrets_out_of_the_project_config() -> None:
+    env = {
+        "CXR_REMOTE_URL": "s3://team-bucket/cxr",
+        "CXR_S3_ENDPOINT": "https://minio.example:9000",
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "very-secret",
+    }
+    commands = plan_remote(env)
+    assert commands[0] == [
+        "remote",
+        "add",
+        "--force",
+        "--default",
+        "storage",
+        "s3://team-bucket/cxr",
+    ]
+    project = [c for c in commands if "--local" not in c]
+    assert ["remote", "modify", "storage", "endpointurl", "https://minio.example:9000"] in project
+    assert not any("very-secret" in c or "AKIAEXAMPLE" in c for c in project)
+    assert all("very-secret" not in shown(c) for c in commands)
+    assert all("--local" in c for c in plan_remote(env, local=True))
+    ssh = plan_remote({"CXR_REMOTE_URL": "ssh://me@host:2222/srv/dvc", "CXR_SSH_KEY": "k"})
+    assert ssh[1][:4] == ["remote", "modify", "--local", "storage"] and ssh[1][4] == "keyfile"
+    folder = plan_remote({"CXR_REMOTE_URL": "shared", "CXR_REMOTE_NAME": "nas"})
+    assert folder == [["remote", "add", "--force", "--default", "nas", str(Path.cwd() / "shared")]]
+    assert ["config", "--local", "cache.shared", "group"] in plan_shared_cache(
+        {"CXR_SHARED_CACHE": "/srv/dvc-cache"}
+    )
+    with pytest.raises(StageError, match="CXR_REMOTE_URL"):
+        plan_remote({})
+    with pytest.raises(StageError, match="unsupported scheme"):
+        plan_remote({"CXR_REMOTE_URL": "gs://bucket"})
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.slow
+def test_local_folder_remote_round_trip(built: Built, tmp_path: Path) -> None:
+    store = tmp_path / "remote"
+    setup_remote(built.path, {"CXR_REMOTE_URL": str(store), "CXR_REMOTE_NAME": "folder"}, "--local")
+    dvc(built.path, "push")
+    assert_objects_intact(store)
+    # A copy of the workspace with every cached output and the cache wiped, then pulled back.
+    work = tmp_path / "work"
+    shutil.copytree(built.path, work, symlinks=True)
+    for rel in cached_outs(built.path):
+        target = work / rel
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    shutil.rmtree(work / ".dvc" / "cache")
+    assert not status_clean(work)
+    dvc(work, "pull")
+    assert_same_outputs_and_nothing_to_run(built, work)
+
+
+@pytest.mark.slow
+def test_s3_round_trip_and_shared_experiment(built: Built, s3: RcloneS3, tmp_path: Path) -> None:
+    s3.make_bucket("team")
+    env = s3.env("team")
+    setup_remote(built.path, env, "--local")
+    dvc(built.path, "push")
+    assert_objects_intact(s3.root / "team" / "cache")
+
+    # Teammate A: clone, set the remote up for the team (URL and endpoint in .dvc/config, keys in
+    # .dvc/config.local only), pull, find everything up to date.
+    a = tmp_path / "a"
+    git(tmp_path, "clone", "-q", str(built.path), str(a))
+    setup_remote(a, env)
+    project = (a / ".dvc" / "config").read_text()
+    assert "s3://team/cache" in project and s3.endpoint in project
+    assert s3.secret_key not in project and s3.access_key not in project
+    assert f"secret_access_key = {s3.secret_key}" in (a / ".dvc" / "config.local").read_text()
+    dvc(a, "pull")
+    assert_same_outputs_and_nothing_to_run(built, a)
+
+    # A runs an experiment and shares it through a bare git remote; B pulls and sees it.
+    origin = tmp_path / "origin.git"
+    git(tmp_path, "init", "-q", "--bare", str(origin))
+    branch = git(a, "rev-parse", "--abbrev-ref", "HEAD").strip()
+    git(a, "remote", "set-url", "origin", str(origin))
+    git(a, "push", "-q", "origin", f"HEAD:refs/heads/{branch}")
+    out = dvc(a, "exp", "run", "-n", "team-exp", "-S", "train_classifier.seed=1")
+    row = next(r for r in param_rows(load_stages(a / "dvc.yaml")) if r[0] == "train_classifier")
+    assert ran_stages(out) == set(row[1]) | set(row[2]), out[-3000:]  # the params table holds
+    dvc(a, "exp", "push", "origin", "team-exp")
+    model = tree_digest(a, ["models/classifier.keras"])
+
+    b = tmp_path / "b"
+    git(tmp_path, "clone", "-q", "--branch", branch, str(origin), str(b))
+    setup_remote(b, env, "--local")
+    dvc(b, "exp", "pull", "origin", "team-exp")
+    shown_b = json.loads(dvc(b, "exp", "show", "--json"))
+    shown_a = json.loads(dvc(a, "exp", "show", "--json"))
+    metrics_b = experiment_metrics(shown_b, "team-exp")
+    assert 0.0 <= metrics_b["accuracy"] <= 1.0
+    assert metrics_b == experiment_metrics(shown_a, "team-exp")
+    dvc(b, "exp", "apply", "team-exp")  # the experiment's model came with it from the remote
+    assert tree_digest(b, ["models/classifier.keras"]) == model
+
+
+def experiment_metrics(shown: list, name: str) -> dict:
+    """metrics/classifier.json of experiment ``name`` in `dvc exp show --json`."""
+    stack: list = [shown]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("name") == name and isinstance(node.get("data"), dict):
+                for path, entry in node["data"].get("metrics", {}).items():
+                    if path.endswith("metrics/classifier.json"):
+                        return entry["data"]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    raise AssertionError(f"experiment {name} not in dvc exp show: {json.dumps(shown)[:2000]}")
+
+
+@pytest.mark.slow
+def test_ssh_round_trip(built: Built, sshd: SSHServer, tmp_path: Path) -> None:
+    store = tmp_path / "ssh-store"
+    env = {**sshd.env(store), "CXR_REMOTE_NAME": "ssh"}
+    setup_remote(built.path, env, "--local")
+    dvc(built.path, "push")
+    assert_objects_intact(store)
+    c = clone_and_pull(built.path, tmp_path / "c", env)
+    assert_same_outputs_and_nothing_to_run(built, c)
+
+
+# ----------------------------------------------------------------------------- fault
+
+
+@pytest.mark.slow
+def test_push_survives_server_killed_midway(tmp_path: Path) -> None:
+    """SIGKILL the S3 server after ~50 of 800 objects, bring it back 6 s later (longer than the
+    client's retries), push again: the remote is complete and intact, a fresh clone pulls it."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    init_repo(repo)
+    rng = np.random.default_rng(0)
+    (repo / "data").mkdir()
+    for i in range(800):
+        size = int(rng.integers(1_000, 60_000))
+        (repo / "data" / f"f{i:04d}.bin").write_bytes(rng.bytes(size))
+    dvc(repo, "add", "data")
+    commit_all(repo, "data")
+    server = RcloneS3(tmp_path / "s3", tmp_path)
+    try:
+        server.start().make_bucket("team")
+        env = server.env("team")
+        setup_remote(repo, env, "--local")
+        store = server.root / "team" / "cache"
+        push = subprocess.Popen(
+            [str(BIN / "dvc"), "push"],
+            cwd=repo,
+            env=tool_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while push.poll() is None and time.monotonic() < deadline:
+                if store.exists() and len(object_files(store)) >= 50:
+                    break
+                time.sleep(0.02)
+            at_kill = len(object_files(store)) if store.exists() else 0
+            assert push.poll() is None, "push finished before the server could be killed"
+            server.stop(signal.SIGKILL)
+            time.sleep(6.0)
+            server.start()
+            first, _ = push.communicate(timeout=300)
+        finally:
+            if push.poll() is None:
+                push.kill()
+                push.wait(timeout=30)
+        assert at_kill < 801, at_kill
+        out = dvc(repo, "push")
+        assert "in sync" in dvc(repo, "status", "--cloud"), (first[-2000:], out)
+        assert len(object_files(store)) == 801  # 800 files + the folder's .dir listing
+        assert_objects_intact(store)
+        fresh = tmp_path / "fresh"
+        git(tmp_path, "clone", "-q", str(repo), str(fresh))
+        setup_remote(fresh, env, "--local")
+        dvc(fresh, "pull")
+        assert tree_digest(fresh, ["data"]) == tree_digest(repo, ["data"])
+        assert status_clean(fresh)
+    finally:
+        server.stop()
+
+
+def test_sshd_skip_reason_names_the_install_script(monkeypatch) -> None:
+    monkeypatch.setattr(Path, "exists", lambda _self: False)
+    reason = sshd_missing_reason()
+    assert reason is not None and ".ci/system-deps" in reason
