@@ -290,7 +290,9 @@ def detector_from_checkpoint(
 
 def _as_tensor(img: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (H, W) -> float (1, H, W) in [0, 1]; float input is taken as already in [0, 1]."""
-    t = img if isinstance(img, torch.Tensor) else torch.from_numpy(np.array(img))  # copy: memmaps are read-only
+    t = (
+        img if isinstance(img, torch.Tensor) else torch.from_numpy(np.array(img))
+    )  # copy: memmaps are read-only
     if t.ndim == 3 and t.shape[0] == 1:
         t = t[0]
     if t.ndim != 2:
