@@ -309,12 +309,15 @@ def _data_note(results: dict[str, Result]) -> list[str]:
         return ["- No finished experiment yet: run `make ablations`."]
     p = done[0].params
     path = _get(p, "data", "classification", "path")
+    if path and os.path.isabs(path):  # queued runs got it absolute: show it as the repo sees it
+        path = os.path.relpath(path)
     mode = _get(p, "split", "classification", "mode")
     n = sorted({r.n_test for r in done if r.n_test is not None})
     lines = [
         f"- Data: `{_get(p, 'data', 'classification', 'source')}`"
         + (f" from `{path}`" if path else "")
-        + f" at {_get(p, 'augment', 'classification', 'image_size')} px; split mode `{mode}`.",
+        + f" at {_get(p, 'augment', 'classification', 'image_size')} px, "
+        + f"{_get(p, 'train_classifier', 'epochs')} epochs; split mode `{mode}`.",
         f"- **test** = our held-out test split ({'/'.join(map(str, n)) or '?'} images), never "
         "seen in training or model selection. The seed's test was their own 20 % random split.",
     ]
