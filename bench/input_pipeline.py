@@ -8,7 +8,7 @@ Input:  the real Kermany train folder ``../shared/data/kermany224/train`` (5,216
         150 px grayscale batches of 32 (single thread as seed 002 ran it, and with 2 threads).
 Output: images/s of each, side by side, and the ratio ours / ImageDataGenerator (target >= 5x);
         JSON with ``--out``. Only batches are produced: no model.
-Run:    .venv/bin/python bench/input_pipeline.py [--cache /tmp/bench-kermany150] [--out r.json]
+Run:    .venv/bin/python bench/input_pipeline.py [--cache DIR] [--out r.json]
         .venv/bin/python bench/input_pipeline.py --quick        (seconds-long smoke run)
 
 Where ImageDataGenerator comes from: Keras 3 dropped it from the public ``keras.preprocessing``

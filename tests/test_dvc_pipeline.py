@@ -8,14 +8,12 @@ the stages that read the changed key, with metrics readable from `dvc exp show -
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, shrink_params
-from tests.dvc_helpers import COPY, dvc, git, ran_stages
+from tests.dvc_helpers import dvc, git, make_repo, ran_stages
 
 pytestmark = pytest.mark.slow
 
@@ -37,23 +35,7 @@ DET_STAGES = {
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cxr_repo")
-    for name in COPY:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, root / name)
-    params = shrink_params(yaml.safe_load((REPO / "params.yaml").read_text()))
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git(root, "init", "-q")
-    git(root, "config", "user.name", "test")
-    git(root, "config", "user.email", "test@example.invalid")
-    dvc(root, "init", "-q")
-    dvc(root, "config", "core.autostage", "true")
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "init")
-    return root
+    return make_repo(tmp_path_factory.mktemp("cxr_repo"))
 
 
 @pytest.fixture(scope="module")
