@@ -173,7 +173,8 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
-def _dicom_without_pixels(path: Path) -> None:
+def _dx_dataset(rows: int, cols: int):
+    """A digital-X-ray DICOM header (file meta, UIDs, size) without pixel attributes."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -186,25 +187,17 @@ def _dicom_without_pixels(path: Path) -> None:
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
-    ds.Rows, ds.Columns = 64, 64
-    ds.save_as(path, enforce_file_format=True)
+    ds.Rows, ds.Columns = rows, cols
+    return ds
+
+
+def _dicom_without_pixels(path: Path) -> None:
+    _dx_dataset(64, 64).save_as(path, enforce_file_format=True)
 
 
 def _dicom_16bit(path: Path, img: np.ndarray) -> None:
     """A 12-bit-in-16 MONOCHROME2 DICOM with pixel data (what a DX modality writes)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = img.shape
+    ds = _dx_dataset(*img.shape)
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = (img.astype(np.uint16) * 16).tobytes()
