@@ -273,8 +273,8 @@ def lesion(kind: str, a: Anatomy, body: Body, rng: np.random.Generator, side: in
         cx, cy = lung_point(a, rng, side, (0.2, 0.85), r * 1.2)
         q = np.clip(ellipse(x, y, cx, cy, r, r * u(0.85, 1.15)), 0.0, 1.0)
         return F32(u(0.24, 0.38)) * np.sqrt(q)
-    if kind == "Mass":  # larger, dense, slightly lobulated
-        r = u(0.10, 0.17)
+    if kind == "Mass":  # larger than any nodule, dense, homogeneous, sharp lobulated edge
+        r = u(0.11, 0.17)
         cx, cy = lung_point(a, rng, side, (0.25, 0.8), r * 0.6)
         ang = np.arctan2(y - F32(cy), x - F32(cx))
         ph = u(0, 2 * np.pi, 2)
@@ -282,13 +282,25 @@ def lesion(kind: str, a: Anatomy, body: Body, rng: np.random.Generator, side: in
             F32(1.0) + F32(0.08) * np.sin(3 * ang + ph[0]) + F32(0.05) * np.sin(5 * ang + ph[1])
         )
         q = np.clip(1.0 - ((x - F32(cx)) ** 2 + (y - F32(cy)) ** 2) / (rr * rr), 0.0, 1.0)
-        return F32(u(0.26, 0.38)) * q**0.4
-    if kind == "Consolidation":  # large, soft, irregular, mottled, confined to the lung
-        cx, cy = lung_point(a, rng, side, (0.3, 0.85), 0.1)
-        m = patch(x, y, rng, (cx, cy), (3, 7), (0.06, 0.12), 0.07, aspect=(0.6, 1.3))
-        tex = np.clip(F32(0.6) + F32(0.4) * smooth_field(rng, x.shape[0], 20), 0.0, 1.0)
-        m = m * tex * lung
-        return F32(u(0.20, 0.32)) * _compact(m, 0.4)  # drop faint tails: box = visible extent
+        return F32(u(0.26, 0.38)) * q**0.25
+    if kind == "Consolidation":  # lobar airspace opacity: wide, fainter, mottled, bronchograms
+        cx, cy = lung_point(a, rng, side, (0.3, 0.85), 0.12)
+        m = patch(x, y, rng, (cx, cy), (5, 9), (0.07, 0.13), 0.09, aspect=(0.6, 1.3))
+        # An absolute cut (the patch peaks at 1): exactly zero outside the lung, so no box
+        # is left around an opacity hidden behind the heart.
+        m = np.clip((m * lung - F32(0.35)) * F32(4.0), 0.0, 1.0)  # a steep, defined edge
+        tex = np.clip(F32(0.45) + F32(0.55) * smooth_field(rng, x.shape[0], 28), 0.0, 1.0)
+        # Air bronchograms: dark tubes running from the hilar side of the opacity outwards.
+        tubes = np.zeros_like(x)
+        for _ in range(int(rng.integers(2, 4))):
+            th = u(-0.6, 0.6) + (0.0 if side > 0 else np.pi)
+            length = u(0.12, 0.22)
+            px, py = cx - side * 0.06, cy + u(-0.05, 0.05)
+            dx, dy = np.cos(th), np.sin(th)
+            along = np.clip((x - F32(px)) * F32(dx) + (y - F32(py)) * F32(dy), 0.0, length)
+            dist = np.hypot(x - F32(px + 0) - along * F32(dx), y - F32(py) - along * F32(dy))
+            tubes = np.maximum(tubes, ramp(F32(0.011) - dist, 0.01))
+        return F32(u(0.16, 0.24)) * m * tex * (F32(1.0) - F32(0.75) * tubes)
     if kind == "Effusion":  # meniscus at the costophrenic angle, blunting the base
         base = a.lung_base + (a.base_skew if side > 0 else 0.0)
         h = u(0.22, 0.40)
