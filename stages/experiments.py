@@ -6,7 +6,9 @@ relative to the repository root). Output: the ``key=value`` overrides of ``dvc e
 DVC's own (Hydra) syntax, the full shell command, and the seeds' published figures that the
 reports put beside ours. The table is the single source of truth: README, ``make ablations`` and
 the tests all read it.
-Run: ``python -m stages.experiments [NAME ...] [--data-root DIR] [--queue]`` prints the commands.
+Run: ``python -m stages.experiments [NAME ...] [--data-root DIR] [--queue]`` prints the commands;
+``python -m stages.experiments --write README.md`` regenerates README's table and commands
+(``--check README.md``: exit 1 with a diff when stale; see ``stages/experiments_readme.py``).
 
 Choices where a seed is vague are written in each ``description``. ImageNet weights cannot be
 fetched offline, so transfer-learning systems default to ``weights: none``; on a connected
@@ -20,6 +22,7 @@ import argparse
 import math
 import re
 import shlex
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,17 +51,20 @@ class Published:
     roc_auc: float | None = None
     other: tuple[tuple[str, float], ...] = ()
     note: str = ""
+    other_label: str = ""  # what the ``other`` figures are, e.g. "AP@0.5" (README prefix)
 
 
 @dataclass(frozen=True)
 class Experiment:
     """One named configuration: ``set_params`` are (dotted params key, value) overrides.
 
+    ``title``: the short name of the system (the README's "system" column and summary line).
     ``table``/``row``: seed 002's ablation table the experiment is a row of, with the seed's row
     labels. ``target``: the stage ``dvc exp run`` reproduces (with everything upstream of it).
     """
 
     name: str
+    title: str
     description: str
     set_params: tuple[tuple[str, Any], ...]
     published: Published
@@ -124,11 +130,13 @@ BCE, CCE = "binary_crossentropy", "categorical_crossentropy"
 S002_NOTE = "slides: 80/20 random split (10% of train as val); test = their 20%"
 
 
-def _s002(name: str, table: str, row: tuple, head: tuple, fig: tuple, desc: str, **tr: Any):
+def _s002(
+    name: str, title: str, table: str, row: tuple, head: tuple, fig: tuple, desc: str, **tr: Any
+) -> Experiment:
     train = dict(S002_TRAIN)
     train.update({f"train_classifier.{k}": v for k, v in tr.items()})
     return Experiment(
-        name, f"Seed 002 {desc}", S002_DATA + tuple(train.items()) + head,
+        name, title, f"Seed 002 {desc}", S002_DATA + tuple(train.items()) + head,
         Published("seed 002 slides", *fig, note=S002_NOTE), table=table, row=row,
     )  # fmt: skip
 
@@ -136,30 +144,37 @@ def _s002(name: str, table: str, row: tuple, head: tuple, fig: tuple, desc: str,
 TO_BE_HEAD = _head("sigmoid", 1, BCE, "adam")
 TO_BE_FIG = (0.9758, 0.9375, 0.9311)
 SEED002 = (
-    _s002("seed002-as-is", "", ("AS-IS",), _head("softmax", 2, CCE, "rmsprop"), (0.7957, 0.6875, 0.7708),
+    _s002("seed002-as-is", "Seed 002: AS-IS", "", ("AS-IS",),
+          _head("softmax", 2, CCE, "rmsprop"), (0.7957, 0.6875, 0.7708),
           "AS-IS: as_is net, softmax/2 units, categorical CE, RMSprop, no generator.",
           arch="as_is", augmentation=False),
-    _s002("seed002-to-be", "", ("TO-BE",), TO_BE_HEAD, TO_BE_FIG,
+    _s002("seed002-to-be", "Seed 002: TO-BE", "", ("TO-BE",), TO_BE_HEAD, TO_BE_FIG,
           "TO-BE: to_be net, sigmoid/1 unit, binary CE, Adam, batch 16, 50 epochs, generator."),
-    _s002("seed002-softmax-cce-adam", "loss", ("softmax", "categorical CE", "Adam"),
+    _s002("seed002-softmax-cce-adam", "Seed 002 table 1: softmax / categorical CE / Adam",
+          "loss", ("softmax", "categorical CE", "Adam"),
           _head("softmax", 2, CCE, "adam"), (0.9689, 0.8125, 0.8622),
           "table 1: TO-BE net with softmax/2 units and categorical CE."),
-    _s002("seed002-softmax-bce-adam", "loss", ("softmax", "binary CE", "Adam"),
+    _s002("seed002-softmax-bce-adam", "Seed 002 table 1: softmax / binary CE / Adam",
+          "loss", ("softmax", "binary CE", "Adam"),
           _head("softmax", 2, BCE, "adam"), (0.9703, 0.6875, 0.7708),
           "table 1: TO-BE net with softmax/2 units and binary CE (one-hot targets)."),
-    _s002("seed002-sigmoid-bce-adam", "loss", ("sigmoid", "binary CE", "Adam"), TO_BE_HEAD,
-          TO_BE_FIG, "table 1: the TO-BE row (same params as seed002-to-be)."),
-    _s002("seed002-sigmoid-cce-adam", "loss", ("sigmoid", "categorical CE", "Adam"),
+    _s002("seed002-sigmoid-bce-adam", "Seed 002 table 1: sigmoid / binary CE / Adam (= TO-BE)",
+          "loss", ("sigmoid", "binary CE", "Adam"), TO_BE_HEAD, TO_BE_FIG,
+          "table 1: the TO-BE row (same params as seed002-to-be)."),
+    _s002("seed002-sigmoid-cce-adam", "Seed 002 table 1: sigmoid / categorical CE / Adam",
+          "loss", ("sigmoid", "categorical CE", "Adam"),
           _head("sigmoid", 2, CCE, "adam"), (0.9699, 0.8125, 0.9135),
           "table 1: TO-BE net, categorical CE; 2 sigmoid units (over 1 unit it cannot learn)."),
-    _s002("seed002-sigmoid-bce-rmsprop", "loss", ("sigmoid", "binary CE", "RMSprop"),
+    _s002("seed002-sigmoid-bce-rmsprop", "Seed 002 table 1: sigmoid / binary CE / RMSprop",
+          "loss", ("sigmoid", "binary CE", "RMSprop"),
           _head("sigmoid", 1, BCE, "rmsprop"), (0.9534, 0.8750, 0.8638),
           "table 1: the TO-BE net trained with RMSprop."),
-    _s002("seed002-nogen-dropout", "regularisation", ("no", "0.4/0.25/0.5", "Adam"), TO_BE_HEAD,
-          (0.9438, 0.7500, 0.8349),
+    _s002("seed002-nogen-dropout", "Seed 002 table 2: no generator / dropout 0.4, 0.25, 0.5",
+          "regularisation", ("no", "0.4/0.25/0.5", "Adam"), TO_BE_HEAD, (0.9438, 0.7500, 0.8349),
           "table 2: TO-BE net without generator, the AS-IS dropout rates in to_be's slots.",
           augmentation=False, dropout=(0.4, 0.25, 0.5)),
-    _s002("seed002-gen-dropout", "regularisation", ("yes", "0.5", "Adam"), TO_BE_HEAD, TO_BE_FIG,
+    _s002("seed002-gen-dropout", "Seed 002 table 2: generator / dropout 0.5 (= TO-BE)",
+          "regularisation", ("yes", "0.5", "Adam"), TO_BE_HEAD, TO_BE_FIG,
           "table 2: generator + the TO-BE dropout (same params as seed002-to-be)."),
 )  # fmt: skip
 # The seven rows of the two ablation tables (queued by `make ablations`).
@@ -188,6 +203,7 @@ def _s003_multi(n: int, lr: float, val: float) -> Experiment:
     )  # fmt: skip
     return Experiment(
         f"seed003-vgg16-{n}class",
+        f"Seed 003: VGG16, {' / '.join(classes)}",
         f"Seed 003 {n}-class ({'/'.join(classes)}): Kermany subtypes + COVID-19 Radiography "
         f"COVID, softmax/{n}, categorical CE, Adam lr {lr}, 100 epochs, balanced class weights "
         f"(the seed had ~79 images per class; ours are imbalanced). {_S003_DESC}",
@@ -210,6 +226,7 @@ def _s003_multi(n: int, lr: float, val: float) -> Experiment:
 SEED003 = (
     Experiment(
         "seed003-vgg16-binary",
+        "Seed 003: VGG16, NORMAL / PNEUMONIA",
         f"Seed 003 binary NORMAL/PNEUMONIA on Kermany: sigmoid/1, binary CE, Adam lr 5e-4, "
         f"20 epochs. {_S003_DESC}",
         _kermany(150) + _S003_POLICY
@@ -233,6 +250,7 @@ _ANCHORS = tuple(tuple(int(s * 2 ** (i / 3)) for i in range(3)) for s in (32, 64
 SEED000_001 = (
     Experiment(
         "seed000-cnn5",
+        "Seed 000: five-block CNN, 224 px",
         "Seed 000: cnn5 (5 x conv-pool-BN, 16 filters doubling, Dense 512/128) at 224 px, "
         "softmax/2, categorical CE, Adam (the report names no optimizer), batch 32, up to 100 "
         "epochs with early stopping; generator zoom 0.3, rotation 10.",
@@ -245,6 +263,7 @@ SEED000_001 = (
     ),
     Experiment(
         "seed001-cnn",
+        "Seed 001: Keras pipeline CNN",
         "Seed 001: seed001 net (5 conv blocks, Dense 512/128/64 with dropout), sigmoid/1, binary "
         "CE, Adam, 10 epochs, batch 32, best-epoch checkpoint + early stopping. The blog gives "
         "no image size or augmentation ranges: 150 px, zoom 0.3 and horizontal flip (our choice).",
@@ -259,10 +278,14 @@ SEED000_001 = (
 SEED004 = (
     Experiment(
         "seed004-retinanet-r101",
+        "Seed 004: RetinaNet ResNet-101, ChestX-Det10",
         "Seed 004: RetinaNet ResNet-101 + FPN (256 ch, v1 heads, torchvision anchors), focal "
         "loss alpha 0.25 gamma 2, ChestX-Det10 at 1024 px, batch 2, 10 epochs, its own test "
         "split. Backbone from scratch offline (weights_backbone=imagenet on a connected "
-        "machine). ../shared/data holds 4 of the images: point data_root at a full copy.",
+        "machine). ../shared/data holds 4 of the images: point data_root at a full copy. "
+        "Compare metrics/detector.json's mean_ap_50_over_classes with the seed's 0.232. "
+        "tests/test_detector_real_data.py runs this command, shrunk to 256 px / ResNet-18 / 1 "
+        "epoch, on the real ChestX-Det10 and NIH boxed images reachable here (~1 min).",
         (
             ("data.detection.sources", ({"name": "chestxdet10", "path": f"{ROOT}/chestxdet10",
                                          "missing_images": "skip"},)),
@@ -280,15 +303,16 @@ SEED004 = (
             ("train_detector.epochs", 10),
             ("train_detector.min_size", None),
         ),
-        Published("seed 004 report", other=_S004_AP,
+        Published("seed 004 report", other=_S004_AP, other_label="AP@0.5",
                   note="per-class AP after epoch 10; their mean over 9 classes 0.232"),
         target="evaluate@detection",
     ),
 )  # fmt: skip
-# Our configs. The lead fills in the final overrides of the quality runs.
+# Our configs: the overrides of the recorded quality runs.
 OURS = (
     Experiment(
         "ours-kermany-best",
+        "Ours: best Kermany classifier (resnet_small, 160 px)",
         "Ours, Kermany: resnet_small from scratch at 160 px, full augmentation policy, balanced "
         "class weights, Adam 2e-3 with cosine decay over 24 epochs, early stopping on val_loss "
         "(patience 4). Measured 2026-11-22 on kermany224/train (2-core CPU, 17 min for the whole "
@@ -297,10 +321,11 @@ OURS = (
                                 brightness=0.1, contrast=0.1)
         + _train("resnet_small", 24, 32, 2e-3, "balanced", "cosine", augmentation=True, dropout=None)
         + _head("sigmoid", 1, BCE, "adam"),
-        Published("Kermany et al. 2018 (official test split)", test_accuracy=0.928, roc_auc=0.968),
+        Published("Kermany et al. 2018, official test split", test_accuracy=0.928, roc_auc=0.968),
     ),
     Experiment(
         "ours-pneumoniamnist",
+        "Ours: best PneumoniaMNIST classifier (resnet_small, 64 px)",
         "Ours, PneumoniaMNIST (28 px, upsampled to 64 in the cache so the stride-2 stages keep "
         "some extent): resnet_small, balanced class weights, cosine lr over 30 epochs, patience "
         "10. Measured 2026-11-22 on the official train+val npz (pooled, random 80/10/10; the "
@@ -405,14 +430,32 @@ def apply_overrides(params: dict, overrides: Sequence[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the commands (the README's "Reproducing the papers" section is generated from it)."""
+    """Print the commands, or write / check README's generated section (--write / --check)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="experiments (default: all)")
-    parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
+    parser.add_argument("--data-root", default=None, help=f"default: {DEFAULT_DATA_ROOT}")
     parser.add_argument("--queue", action="store_true", help="print --queue commands")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--write", type=Path, help="rewrite the generated section of this file")
+    group.add_argument("--check", type=Path, help="exit 1 if this file's section is stale")
     args = parser.parse_args(argv)
+    if args.write or args.check:
+        if args.names or args.queue or args.data_root is not None:
+            parser.error("--write/--check render every experiment with the default data root")
+        from stages import experiments_readme as readme
+
+        if args.write:
+            changed = readme.write(args.write)
+            print(f"{args.write}: {'updated' if changed else 'already current'}")
+        elif diff := readme.stale_diff(args.check):
+            print(diff, end="", file=sys.stderr)
+            print(f"{args.check}: the experiments section is stale; run "
+                  f"{readme.WRITE} {args.check}", file=sys.stderr)  # fmt: skip
+            raise SystemExit(1)
+        return
+    data_root = args.data_root or DEFAULT_DATA_ROOT
     for name in args.names or EXPERIMENTS:
-        print(f"# {name}: {get(name).description}\n{command(name, args.data_root, args.queue)}\n")
+        print(f"# {name}: {get(name).description}\n{command(name, data_root, args.queue)}\n")
 
 
 if __name__ == "__main__":
