@@ -8,6 +8,7 @@ tests/test_reproducibility.py (servers: tests/remote_servers.py).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -54,6 +55,24 @@ def dvc(repo: Path, *args: str, timeout: float = 900, env: dict | None = None) -
 
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def experiment_metrics(
+    shown: list, name: str, metrics_file: str = "metrics/classifier.json"
+) -> dict:
+    """``metrics_file`` of experiment ``name`` in the output of `dvc exp show --json`."""
+    stack: list = [shown]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("name") == name and isinstance(node.get("data"), dict):
+                for path, entry in node["data"].get("metrics", {}).items():
+                    if path.endswith(metrics_file):
+                        return entry["data"]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    raise AssertionError(f"experiment {name} not in dvc exp show: {json.dumps(shown)[:2000]}")
 
 
 def git(repo: Path, *args: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.dvc_helpers import dvc, git, make_repo, ran_stages
+from tests.dvc_helpers import dvc, experiment_metrics, git, make_repo, ran_stages
 
 pytestmark = pytest.mark.slow
 
@@ -130,22 +130,5 @@ def test_exp_run_as_is_reruns_only_classifier_and_reports_metrics(built: Path) -
     shown = json.loads(dvc(built, "exp", "show", "--json"))
     text = json.dumps(shown)
     assert '"asis"' in text
-    found = _metrics_of(shown, "asis")
+    found = experiment_metrics(shown, "asis")
     assert 0.0 <= found["accuracy"] <= 1.0 and 0.0 <= found["roc_auc"] <= 1.0
-
-
-def _metrics_of(shown, name: str) -> dict:
-    """Find metrics/classifier.json's data for experiment `name` in `dvc exp show --json`."""
-    stack = [shown]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if node.get("name") == name and "data" in node:
-                metrics = node["data"].get("metrics", {})
-                for path, entry in metrics.items():
-                    if path.endswith("classifier.json") and "train" not in path:
-                        return entry["data"]
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    raise AssertionError(f"experiment {name} not found in exp show output")

@@ -31,6 +31,7 @@ from tests.dvc_helpers import (
     cached_outs,
     commit_all,
     dvc,
+    experiment_metrics,
     git,
     init_repo,
     ran_stages,
@@ -215,22 +216,6 @@ def test_s3_round_trip_and_shared_experiment(built: Built, s3: RcloneS3, tmp_pat
     assert metrics_b == experiment_metrics(shown_a, "team-exp")
     dvc(b, "exp", "apply", "team-exp")  # the experiment's model came with it from the remote
     assert tree_digest(b, ["models/classifier.keras"]) == model
-
-
-def experiment_metrics(shown: list, name: str) -> dict:
-    """metrics/classifier.json of experiment ``name`` in `dvc exp show --json`."""
-    stack: list = [shown]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if node.get("name") == name and isinstance(node.get("data"), dict):
-                for path, entry in node["data"].get("metrics", {}).items():
-                    if path.endswith("metrics/classifier.json"):
-                        return entry["data"]
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    raise AssertionError(f"experiment {name} not in dvc exp show: {json.dumps(shown)[:2000]}")
 
 
 @pytest.mark.slow
