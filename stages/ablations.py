@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from stages import experiments as X
-from stages.utils import StageError, run_cli
+from stages.utils import StageError, run_cli, write_text_atomic
 
 log = logging.getLogger("stages.ablations")
 PENDING = ("queued", "running")
@@ -369,10 +369,7 @@ def report(
 ) -> str:
     show = json.loads(Path(show_json).read_text()) if show_json else exp_show(all_commits)
     text = render(collect(show, names), names)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as fh:
-        fh.write(text)
-    os.replace(fh.name, out)
+    write_text_atomic(out, text)
     log.info("wrote %s", out)
     return text
 

@@ -21,10 +21,11 @@ from typing import Any
 
 import yaml
 
-from stages.utils import StageError, run_cli
+from stages.utils import StageError, replace_marked, run_cli, write_text_atomic
 
 BEGIN = "<!-- param-table:begin -->"
 END = "<!-- param-table:end -->"
+WRITE = "python -m stages.param_table --write"
 _VAR = re.compile(r"\$\{\s*([A-Za-z0-9_.]+)\s*\}")
 
 
@@ -169,11 +170,7 @@ def render(stages: dict[str, Stage]) -> str:
 
 
 def replace_block(text: str, table: str, where: str) -> str:
-    if BEGIN not in text or END not in text:
-        raise StageError(f"{where} has no {BEGIN} ... {END} block to hold the params table")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{table}{END}{tail}"
+    return replace_marked(text, BEGIN, END, table, where, f"{WRITE} {where}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,11 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     text = target.read_text()
     new = replace_block(text, table, str(target))
     if args.write:
-        target.write_text(new)
+        write_text_atomic(target, new)
     elif new != text:
-        raise StageError(
-            f"{target}: params table is stale; run python -m stages.param_table --write {target}"
-        )
+        raise StageError(f"{target}: params table is stale; run {WRITE} {target}")
 
 
 if __name__ == "__main__":

@@ -64,20 +64,45 @@ def _umask() -> int:
     return mask
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename) so a crash never leaves half a file."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` atomically (temp file + rename) so a crash never leaves half a file.
+
+    An existing file keeps its permissions; a new one gets the usual umask-based mode.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared like any file
+        os.fchmod(fd, mode)  # mkstemp makes 0600; outputs are shared like any file
         with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
-            fh.write("\n")
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (see write_text_atomic)."""
+    write_text_atomic(
+        path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    )
+
+
+def replace_marked(text: str, begin: str, end: str, block: str, where: str, fix: str) -> str:
+    """``text`` with the part between the marker lines ``begin`` and ``end`` replaced by ``block``.
+
+    Generated README sections live between such markers; ``fix`` is the command that writes them.
+    """
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise StageError(
+            f"{where} needs exactly one {begin} line followed by one {end} line around the "
+            f"generated text; add them, then run {fix}"
+        )
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{block}{end}{tail}"
 
 
 def _json_default(obj: Any) -> Any:
