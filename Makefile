@@ -42,7 +42,7 @@ dag: setup
 # URL/endpoint -> .dvc/config, credentials -> .dvc/config.local only. REMOTE_ARGS=--local for a personal remote.
 REMOTE_ARGS ?=
 remote: setup  ## configure the team's DVC remote from environment variables
-	$(BIN)/python -m stages.remote setup $(REMOTE_ARGS)
+	$(BIN)/python -m stages.tools.remote setup $(REMOTE_ARGS)
 
 HOST ?= 127.0.0.1
 PORT ?= 7860
@@ -60,6 +60,6 @@ ABLATIONS_TIMEOUT ?= 86400
 ABLATIONS_ARGS ?=
 
 ablations: setup  ## seed 002's seven ablation rows via the DVC queue -> reports/ablations.md
-	$(BIN)/python -m stages.ablations queue --data-root $(DATA_ROOT) $(ABLATIONS_ARGS)
-	$(BIN)/python -m stages.ablations run --workers $(WORKERS) --timeout $(ABLATIONS_TIMEOUT)
-	$(BIN)/python -m stages.ablations report --out reports/ablations.md
+	$(BIN)/python -m stages.tools.ablations queue --data-root $(DATA_ROOT) $(ABLATIONS_ARGS)
+	$(BIN)/python -m stages.tools.ablations run --workers $(WORKERS) --timeout $(ABLATIONS_TIMEOUT)
+	$(BIN)/python -m stages.tools.ablations report --out reports/ablations.md

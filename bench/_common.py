@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 import stages  # noqa: F401  (torch before TensorFlow: the other order segfaults)
-from stages.config import parse
-from stages.utils import read_json, write_json
+from stages.common.config import parse
+from stages.common.utils import read_json, write_json
 
 KERMANY = Path("../shared/data/kermany224")
 KERMANY_TRAIN = KERMANY / "train"
@@ -42,7 +42,7 @@ SEED002_POLICY = {
 def seed002_policy() -> Any:
     """Seed 002's policy as a ClassificationPolicy (imported here: it pulls in TensorFlow,
     which the detector benchmarks do not need)."""
-    from stages.aug_classification import ClassificationPolicy
+    from stages.classifier.augment import ClassificationPolicy
 
     return parse(ClassificationPolicy, SEED002_POLICY, "seed 002 policy")
 
@@ -189,13 +189,13 @@ def write_detection_cache(
     policy: dict | None = None,
     seed: int = 0,
 ) -> None:
-    """A detection augment cache (contract 3) of synthetic images, written with stages.cache's
+    """A detection augment cache (contract 3) of synthetic images, written with stages.common.cache's
     own writer: ``counts`` images per split, 0-3 boxes each (about 1 in 5 without boxes)."""
     import pandas as pd
 
-    from stages import cache
-    from stages.aug_detection import DetectionPolicy
-    from stages.config import to_dict
+    from stages.common import cache
+    from stages.common.config import to_dict
+    from stages.detector.augment import DetectionPolicy
 
     rng = np.random.default_rng(seed)
     categories = [{"id": i + 1, "name": c} for i, c in enumerate(classes)]

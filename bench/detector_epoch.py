@@ -1,7 +1,7 @@
 """Detector training speed on this CPU: s/step and extrapolated s/epoch of full ChestX-Det10.
 
 Input:  nothing real. Per (backbone, image size) config a small synthetic detection augment cache
-        (10 ChestX-Det10 classes, 0-3 boxes per image) is written with ``stages.cache``'s writer;
+        (10 ChestX-Det10 classes, 0-3 boxes per image) is written with ``stages.common.cache``'s writer;
         the real data path (``stages.detector.data``: DetectionCacheDataset + DetectionTransform
         + make_loader), model (``stages.detector.model.build_detector``, weights none) and
         training step (``stages.detector.engine.train_one_epoch``: loss sum, backward, gradient
@@ -39,8 +39,8 @@ from _common import (
     write_detection_cache,
 )
 
-from stages.config import load_section, to_dict
-from stages.detector import TrainDetectorConfig
+from stages.common.config import load_section, to_dict
+from stages.detector.config import TrainDetectorConfig
 
 TRAIN_IMAGES = 3001  # ChestX-Det10 train.json records
 BATCH = 2  # seed 004
@@ -78,11 +78,11 @@ def measure(cfg: TrainDetectorConfig, steps: int) -> dict[str, Any]:
     """One config in this process: warm-up step, then ``steps`` timed training steps."""
     import torch
 
-    from stages.aug_detection import DetectionPolicy, DetectionTransform
+    from stages.common.utils import seed_everything, set_torch_threads
     from stages.detector import engine as E
+    from stages.detector.augment import DetectionPolicy, DetectionTransform
     from stages.detector.data import DetectionCacheDataset, make_loader
     from stages.detector.model import build_detector
-    from stages.utils import seed_everything, set_torch_threads
 
     info = E.DistInfo()
     set_torch_threads(E.threads_per_process(cfg.threads, info))

@@ -1,6 +1,6 @@
 """Peak RSS of a detector training epoch over 40 vs 400 cached images: does memory grow with N?
 
-Input:  two synthetic detection augment caches written with ``stages.cache``'s writer, identical
+Input:  two synthetic detection augment caches written with ``stages.common.cache``'s writer, identical
         except for the number of train images (``--small`` 40 and ``--large`` 400; val 8 each),
         128 px by default. Each is trained for one epoch by the real stage function
         (``stages.train_detector.train``: params.yaml's train_detector section with backbone
@@ -29,15 +29,15 @@ from typing import Any
 
 from _common import load1, machine, peak_rss_mb, print_table, save, stopwatch, write_detection_cache
 
-from stages.config import load_section
-from stages.detector import TrainDetectorConfig
+from stages.common.config import load_section
+from stages.detector.config import TrainDetectorConfig
 
 VAL_IMAGES = 8
 
 
 def child(args: argparse.Namespace) -> None:
     """Train one epoch over ``args.cache`` in this (fresh) process; print the memory figures."""
-    from stages.train_detector import train
+    from stages.detector.train import train
 
     baseline = peak_rss_mb()
     base = load_section(TrainDetectorConfig, "train_detector", "params.yaml")

@@ -30,7 +30,7 @@ from PIL import Image
 from stages.classifier.config import TrainClassifierConfig
 from stages.classifier.models import build_model
 from stages.classifier.predict import ClassifierInfo, load_info, save_info
-from stages.config import parse
+from stages.common.config import parse
 from stages.serve.inference import Predictor, set_threads
 
 SIZE = 150

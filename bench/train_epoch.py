@@ -41,7 +41,7 @@ from stages.classifier.data import (
     make_dataset,
 )
 from stages.classifier.models import build_model
-from stages.config import parse
+from stages.common.config import parse
 
 FOLDER_IMAGES = 5216  # Kermany train: 1,341 NORMAL + 3,875 PNEUMONIA
 

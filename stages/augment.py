@@ -2,78 +2,50 @@
 
 Inputs:  data/split/<task>/{train,val,test}.csv (+ detection {split}.json, COCO in original pixels),
          the image files at each row's ``path``; params section ``augment.<task>``.
-Outputs: data/augment/<task>/ (contract 3: meta.json, policy.json, <split>/images.npy, index.csv,
-         detection <split>/annotations.json in cache pixels) and reports/augment/<task>_preview.png.
+Outputs: data/augment/<task>/ (``stages.common.cache``: meta.json, policy.json,
+         <split>/images.npy, index.csv, detection <split>/annotations.json in cache pixels) and
+         reports/augment/<task>_preview.png.
          index.csv ``label_index``: classification = index into meta classes; detection = 1 if the
          image has boxes else 0.
 Run:     python -m stages.augment --task classification|detection
+
+The task's policy schema and preview drawing live in its package (``stages.classifier`` /
+``stages.detector``) and are loaded for the task being run only, so the two chains share no code
+dependency in dvc.yaml (``task_module``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages import cache
-from stages.aug_classification import ClassificationPolicy
-from stages.aug_detection import DetectionPolicy
-from stages.config import check, load_section, to_dict
-from stages.imageio import ImageRejected, load_gray
-from stages.utils import StageError, atomic_dir, read_json, run_cli, task_arg_parser
+from stages.common import cache, paths
+from stages.common.config import load_section, to_dict
+from stages.common.imageio import ImageRejected, load_gray
+from stages.common.paths import SPLITS
+from stages.common.utils import (
+    StageError,
+    atomic_dir,
+    atomic_file,
+    read_json,
+    run_cli,
+    task_arg_parser,
+    task_module,
+)
 
 log = logging.getLogger("stages.augment")
-SPLITS = ("train", "val", "test")
 PREVIEW_COPIES = 3
 # Saturated colours that stay visible on grayscale X-rays (tab10 has a gray).
 BOX_COLOURS = ("red", "lime", "cyan", "yellow", "magenta", "orange", "deepskyblue", "springgreen")
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Fields shared by both tasks; ``policy`` is added per task below."""
-
-    image_size: int
-    resize: Literal["stretch", "pad"]
-    preview_count: int = 8  # rows of the preview grid (train images)
-    preview_seed: int = 0  # preview draws only; training seeds its own augmenter
-    workers: int = 2  # decoding threads
-
-    def __post_init__(self) -> None:
-        check(16 <= self.image_size <= 2048, f"image_size not in [16, 2048]: {self.image_size}")
-        check(0 <= self.preview_count <= 64, f"preview_count not in [0, 64]: {self.preview_count}")
-        check(1 <= self.workers <= 32, f"workers must be in [1, 32], got {self.workers}")
-
-
-@dataclass(frozen=True)
-class ClassificationAugmentConfig(AugmentConfig):
-    image_size: int = 128
-    resize: Literal["stretch", "pad"] = "stretch"
-    policy: ClassificationPolicy = field(default_factory=ClassificationPolicy)
-
-
-@dataclass(frozen=True)
-class DetectionAugmentConfig(AugmentConfig):
-    image_size: int = 256
-    resize: Literal["stretch", "pad"] = "pad"
-    policy: DetectionPolicy = field(default_factory=DetectionPolicy)
-
-
-CONFIGS: dict[str, type[AugmentConfig]] = {
-    "classification": ClassificationAugmentConfig,
-    "detection": DetectionAugmentConfig,
-}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -114,7 +86,9 @@ def _bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -
             yield pending.popleft().result()
 
 
-def _load_resized(path: str, cfg: AugmentConfig, expect: tuple[int, int] | None) -> np.ndarray:
+def _load_resized(
+    path: str, cfg: cache.AugmentConfig, expect: tuple[int, int] | None
+) -> np.ndarray:
     try:
         img = load_gray(path)
     except FileNotFoundError:
@@ -126,13 +100,15 @@ def _load_resized(path: str, cfg: AugmentConfig, expect: tuple[int, int] | None)
             f"{path}: file is {img.shape[1]}x{img.shape[0]} but its COCO entry says "
             f"{expect[1]}x{expect[0]}; boxes would be misplaced, re-run download"
         )
-    return cache.resize_gray(img, cfg.image_size, cfg.resize)[0]
+    return cache.prepare_gray(img, cfg.image_size, cfg.resize, cfg.intensity)[0]
 
 
 # ----------------------------------------------------------------------------- cache
 
 
-def cache_coco(coco: dict, paths: Iterable[str], cfg: AugmentConfig) -> tuple[dict, list, int]:
+def cache_coco(
+    coco: dict, paths: Iterable[str], cfg: cache.AugmentConfig
+) -> tuple[dict, list, int]:
     """COCO for the cache: row i of the split = image id i, boxes moved into cache pixels.
 
     The affine needs only the image size (from the COCO entry), so this runs before decoding;
@@ -170,20 +146,22 @@ def cache_coco(coco: dict, paths: Iterable[str], cfg: AugmentConfig) -> tuple[di
 
 
 def _classes(task: str, splits: dict[str, tuple[pd.DataFrame, dict | None]]) -> list[str]:
-    if task == "classification":
-        return sorted({str(v) for df, _ in splits.values() for v in df["label"]})
+    if task == "classification":  # what the model can learn: a test-only label is not a class
+        return sorted({str(v) for s in ("train", "val") for v in splits[s][0]["label"]})
     cats = sorted(splits["train"][1]["categories"], key=lambda c: int(c["id"]))
     return [str(c["name"]) for c in cats]
 
 
-def _images(task: str, split: str, index: pd.DataFrame, shapes: list | None, cfg: AugmentConfig):
+def _images(
+    task: str, split: str, index: pd.DataFrame, shapes: list | None, cfg: cache.AugmentConfig
+):
     expects = shapes if shapes is not None else [None] * len(index)
     jobs = zip(index["path"], expects, strict=True)
     loaded = _bounded_map(lambda job: _load_resized(job[0], cfg, job[1]), jobs, cfg.workers)
     return tqdm(loaded, total=len(index), desc=f"augment {task}/{split}", mininterval=2.0)
 
 
-def run(task: str, cfg: AugmentConfig, split_dir: Path, out_dir: Path, preview: Path) -> dict:
+def run(task: str, cfg: cache.AugmentConfig, split_dir: Path, out_dir: Path, preview: Path) -> dict:
     """Build the cache for ``task`` from ``split_dir`` into ``out_dir``; returns a summary."""
     t0 = time.perf_counter()
     splits = read_splits(task, Path(split_dir))
@@ -194,7 +172,7 @@ def run(task: str, cfg: AugmentConfig, split_dir: Path, out_dir: Path, preview: 
         for split, (index, coco) in splits.items():
             index, out_coco, shapes = index.copy(), None, None
             if task == "classification":
-                index["label_index"] = [classes.index(str(v)) for v in index["label"]]
+                index["label_index"] = [classes.index(v) if v in classes else -1 for v in index["label"].astype(str)]
             else:
                 out_coco, shapes, n_drop = cache_coco(coco, index["path"], cfg)
                 dropped += n_drop
@@ -204,7 +182,10 @@ def run(task: str, cfg: AugmentConfig, split_dir: Path, out_dir: Path, preview: 
             cache.write_split(tmp, split, images, index, cfg.image_size, coco=out_coco)
             counts[split] = len(index)
         meta = {"task": task, "image_size": cfg.image_size, "resize": cfg.resize}
-        cache.write_meta(tmp, {**meta, "classes": classes, "counts": counts})
+        meta["intensity"] = cfg.intensity
+        # train/val only: meta.json is a training input, and a new test set must not retrain
+        fit = {s: counts[s] for s in ("train", "val")}
+        cache.write_meta(tmp, {**meta, "classes": classes, "counts": fit})
         cache.write_policy(tmp, to_dict(cfg.policy))
         if cfg.preview_count:
             write_preview(task, cfg, cache.open_split(tmp, "train"), Path(preview))
@@ -228,37 +209,7 @@ def _preview_rows(split: cache.CacheSplit, count: int) -> list[int]:
     return rows
 
 
-def _augmented(task: str, cfg: AugmentConfig, split: cache.CacheSplit, rows: list[int]) -> list:
-    """Per row: [(image uint8-range (S, S), boxes (K, 4), category ids (K,))] * (1 + copies)."""
-    if task == "classification":
-        from stages.aug_classification import build_augmenter  # TF only where needed
-
-        x = np.asarray(split.images[rows], dtype=np.float32)[..., None]
-        aug = build_augmenter(cfg.policy, cfg.preview_seed)
-        copies = [x[..., 0]] + [aug(x, k).numpy()[..., 0] for k in range(PREVIEW_COPIES)]
-        none = (np.zeros((0, 4)), np.zeros(0, int))
-        return [[(c[i], *none) for c in copies] for i in range(len(rows))]
-
-    import torch
-
-    from stages.aug_detection import DetectionTransform
-
-    gen = torch.Generator().manual_seed(cfg.preview_seed)
-    transform = DetectionTransform(cfg.policy, train=True, generator=gen)
-    out = []
-    for i in rows:
-        boxes, cats = split.boxes(i)
-        cells = [(split.images[i], boxes, cats)]
-        img = torch.from_numpy(np.asarray(split.images[i], dtype=np.float32) / 255.0)[None]
-        for _ in range(PREVIEW_COPIES):
-            target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(cats)}
-            a, t = transform(img, target)
-            cells.append((a[0].numpy() * 255.0, t["boxes"].numpy(), t["labels"].numpy()))
-        out.append(cells)
-    return out
-
-
-def write_preview(task: str, cfg: AugmentConfig, split: cache.CacheSplit, path: Path) -> None:
+def write_preview(task: str, cfg: cache.AugmentConfig, split: cache.CacheSplit, path: Path) -> None:
     """Grid: each row one train image (cache version) and PREVIEW_COPIES augmented copies."""
     import matplotlib
 
@@ -267,7 +218,9 @@ def write_preview(task: str, cfg: AugmentConfig, split: cache.CacheSplit, path: 
     from matplotlib.patches import Rectangle
 
     rows = _preview_rows(split, cfg.preview_count)
-    cells = _augmented(task, cfg, split, rows)
+    cells = task_module(task, "augment").preview_cells(
+        cfg.policy, cfg.preview_seed, split, rows, PREVIEW_COPIES
+    )
     names = {int(c["id"]): c["name"] for c in (split.coco or {}).get("categories", [])}
     fig, axes = plt.subplots(
         len(rows),
@@ -291,15 +244,11 @@ def write_preview(task: str, cfg: AugmentConfig, split: cache.CacheSplit, path: 
                 )
     policy = ", ".join(f"{k}={v}" for k, v in to_dict(cfg.policy).items())
     fig.suptitle(f"augment {task}: {cfg.image_size} px, {cfg.resize}\npolicy: {policy}", fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=80)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -308,14 +257,10 @@ def write_preview(task: str, cfg: AugmentConfig, split: cache.CacheSplit, path: 
 def main(argv: list[str] | None = None) -> dict:
     parser = task_arg_parser("Resize the split images into the uint8 cache; preview the policy.")
     args = parser.parse_args(argv)
-    cfg = load_section(CONFIGS[args.task], f"augment.{args.task}", args.params)
-    return run(
-        args.task,
-        cfg,
-        split_dir=Path("data/split") / args.task,
-        out_dir=Path("data/augment") / args.task,
-        preview=Path("reports/augment") / f"{args.task}_preview.png",
-    )
+    schema = task_module(args.task, "config").AUGMENT_CONFIG
+    cfg = load_section(schema, f"augment.{args.task}", args.params)
+    p = paths.task_paths(args.task)
+    return run(args.task, cfg, split_dir=p.split, out_dir=p.augment, preview=p.preview)
 
 
 if __name__ == "__main__":

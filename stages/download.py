@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages import fetch
-from stages.sources import LOADERS, pneumoniamnist
+from stages.common import fetch, paths
+from stages.common.utils import StageError, atomic_dir, run_cli, task_arg_parser, write_json
+from stages.sources import loader
 from stages.sources.base import Box, Context, Notes, apply_limit
 from stages.sources.config import DataConfig, load_data_config
 from stages.sources.intake import MANIFEST_COLUMNS, IntakeResult, Item, ingest_all, output_names
 from stages.sources.synthetic import generate_classification, generate_detection
-from stages.utils import StageError, atomic_dir, run_cli, task_arg_parser, write_json
 
 log = logging.getLogger("stages.download")
 
@@ -43,6 +43,14 @@ WHAT = {
     "nih_bbox": "the NIH ChestX-ray14 BBox_List_2017.csv and its images (nihcc.app.box.com)",
 }
 PATIENT_PREFIX = {"nih_bbox": "nih"}  # NIH file names carry the NIH patient number
+# Sources that download a default file when ``path`` is null: (URL, md5).
+DEFAULT_DOWNLOADS = {
+    # MedMNIST's own Zenodo record of pneumoniamnist.npz (28 x 28) with its published md5
+    "pneumoniamnist": (
+        "https://zenodo.org/records/10519652/files/pneumoniamnist.npz?download=1",
+        "28209eda62fecd6e6a2d98b1501bb15f",
+    ),
+}
 
 
 def _keys(names: list[str]) -> list[str]:
@@ -55,21 +63,25 @@ def _keys(names: list[str]) -> list[str]:
     return keys
 
 
-def _resolve(src, task: str, cfg: DataConfig, work_dir: Path, param: str, stack) -> Path:
+def _resolve(src, task: str, cfg: DataConfig, work_dir: Path, param: str, stack) -> fetch.Fetched:
     if src.name == "synthetic":
         out = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=work_dir, prefix="synth-")))
         log.info("generating synthetic %s data", task)
         if task == "classification":
-            return generate_classification(cfg.synthetic, out)
-        return generate_detection(cfg.synthetic, out)
-    default = src.name == "pneumoniamnist" and src.path is None
+            root = generate_classification(cfg.synthetic, out)
+        else:
+            root = generate_detection(cfg.synthetic, out)
+        return fetch.Fetched(root, {"kind": "generated"})
+    default = DEFAULT_DOWNLOADS.get(src.name) if src.path is None else None
     return fetch.resolve(
         src.path,
         work_dir,
         what=WHAT[src.name],
         param=param,
-        default_url=pneumoniamnist.DEFAULT_URL if default else None,
-        md5=pneumoniamnist.DEFAULT_MD5 if default else None,
+        root=Path(cfg.root),
+        default_url=default[0] if default else None,
+        sha256=src.sha256,
+        md5=src.md5 or (default[1] if default else None),
     )
 
 
@@ -82,10 +94,15 @@ def load_sources(cfg: DataConfig, task: str, work_dir: Path, stack) -> tuple[lis
         param = f"data.{task}.sources[{i}].path" if cfg.sources else f"data.{task}.path"
         if task == "detection" and src.name == "synthetic" and src.classes is None:
             src = dataclasses.replace(src, classes=tuple(sorted(cfg.synthetic.classes)))
-        root = _resolve(src, task, cfg, work_dir, param, stack)
-        prefix = PATIENT_PREFIX.get(src.name, src.name) + key[len(src.name) :]
+        fetched = _resolve(src, task, cfg, work_dir, param, stack)
+        root = fetched.path
+        # Patient ids are namespaced by data set, not by entry: two entries of one data set (its
+        # train folder and its test folder) share patients, so the leak checks compare them.
+        prefix = PATIENT_PREFIX.get(src.name, src.name)
         ctx = Context(key=key, patient_prefix=prefix, work_dir=work_dir, notes=Notes(), param=param)
-        records = apply_limit(LOADERS[task][src.name](root, src, ctx), src.limit, ctx.notes)
+        records = apply_limit(loader(task, src.name)(root, src, ctx), src.limit, ctx.notes)
+        if src.split == "test":
+            records = [dataclasses.replace(r, source_split="test") for r in records]
         if not records:
             raise StageError(
                 f"source {key} ({root}): no images to take; check {param} and the report of "
@@ -94,7 +111,7 @@ def load_sources(cfg: DataConfig, task: str, work_dir: Path, stack) -> tuple[lis
         log.info("source %s: %d images listed from %s", key, len(records), root)
         names = output_names(records, key)
         items += [Item(r, src.name, key, n) for r, n in zip(records, names, strict=True)]
-        loaded.append((src, key, root, ctx.notes, len(records)))
+        loaded.append((src, key, fetched, ctx.notes, len(records)))
     return items, loaded
 
 
@@ -151,16 +168,17 @@ def _report(task: str, manifest: pd.DataFrame, result: IntakeResult, loaded: lis
         },
         "sources": [],
     }
-    for src, key, root, notes, n in loaded:
+    for src, key, fetched, notes, n in loaded:
         rows = manifest[manifest["path"].str.contains(f"/images/{key}/", regex=False)]
         report["sources"].append(
             {
                 "name": src.name,
                 "key": key,
                 "location": src.path,
-                # generated data lives in a throw-away temp dir: its name must not reach the
-                # report, or every re-run would change data/raw's hash and re-run everything after
-                "resolved": "(generated)" if src.name == "synthetic" else str(root),
+                "split": src.split or "the source's own",
+                # what was fetched from where (a generated source's temp dir never reaches the
+                # report, or every re-run would change data/raw's hash and re-run what follows)
+                "origin": fetched.origin,
                 "listed": n,
                 "written": len(rows),
                 "rejected": sum(r["source"] == key for r in result.rejected),
@@ -221,7 +239,7 @@ def run(cfg: DataConfig, task: str, out_dir: Path, work_dir: Path, workers: int 
 def main(argv: list[str] | None = None) -> None:
     args = task_arg_parser("Download and normalise the data sources of one task.").parse_args(argv)
     cfg = load_data_config(args.task, args.params)
-    run(cfg, args.task, Path("data/raw") / args.task, Path("data/downloads"))
+    run(cfg, args.task, paths.task_paths(args.task).raw, paths.DOWNLOADS)
 
 
 if __name__ == "__main__":

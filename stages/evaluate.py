@@ -1,55 +1,57 @@
 """evaluate@<task>: score the trained model on the held-out TEST split of its task.
 
-Inputs:  data/augment/<task>/ (val + test caches), models/classifier.keras | models/detector.pt
-Outputs: metrics/classifier.json | metrics/detector.json, reports/<classifier|detector>/ (plots,
-         figures, model card)
+Inputs:  data/augment/<task>/ (val + test caches), models/classifier.keras | models/detector.pt,
+         metrics/train_<model>.json (the training run, for the model card); params
+         ``evaluate.<task>``
+Outputs: metrics/classifier.json | metrics/detector.json (the headline figures `dvc exp show`
+         compares), reports/<classifier|detector>/ (the full evaluation json, plots, figures,
+         model card)
 Run:     python -m stages.evaluate --task classification   (or --task detection)
+         python -m stages.evaluate --task classification --model a.keras --model b.keras
+             scores the mean probability of several classifiers as one model (an ensemble)
 
 The two halves live in stages.classifier.evaluate and stages.detector.evaluate; each reads only
 its own params section (evaluate.classification / evaluate.detection), so the chains stay
-independent in DVC.
+independent in DVC. Frameworks load only after the params have parsed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from stages.config import load_section
-from stages.utils import run_cli, task_arg_parser
-
-PATHS = {
-    "classification": {
-        "cache_dir": Path("data/augment/classification"),
-        "model_path": Path("models/classifier.keras"),
-        "metrics_path": Path("metrics/classifier.json"),
-        "plots_dir": Path("reports/classifier/plots"),
-        "report_dir": Path("reports/classifier"),
-    },
-    "detection": {
-        "cache_dir": Path("data/augment/detection"),
-        "model_path": Path("models/detector.pt"),
-        "metrics_path": Path("metrics/detector.json"),
-        "plots_dir": Path("reports/detector/plots"),
-        "report_dir": Path("reports/detector"),
-    },
-}
+from stages.common import paths
+from stages.common.config import load_section
+from stages.common.utils import run_cli, task_arg_parser, task_module
 
 
-def evaluate(task: str, params_path: str | Path = "params.yaml") -> dict:
-    if task == "classification":
-        from stages.classifier import evaluate as half
+def evaluate(
+    task: str, params_path: str | Path = "params.yaml", models: list[Path] | None = None
+) -> dict:
+    p = paths.task_paths(task)
+    schema = task_module(task, "config").EVALUATE_CONFIG
+    cfg = load_section(schema, f"evaluate.{task}", params_path)
+    half = task_module(task, "evaluate")  # the other task's package is never imported
+    return half.run(
+        cfg,
+        cache_dir=p.augment,
+        model_paths=models or [p.model],
+        metrics_path=p.metrics,
+        report_dir=p.report_dir,
+        train_metrics_path=p.train_metrics,
+    )
 
-        cfg = load_section(half.EvalClassificationConfig, "evaluate.classification", params_path)
-    else:
-        from stages.detector import evaluate as half
 
-        cfg = load_section(half.EvalDetectionConfig, "evaluate.detection", params_path)
-    return half.run(cfg, **PATHS[task])
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = task_arg_parser(__doc__.splitlines()[0]).parse_args(argv)
-    evaluate(args.task, args.params)
+def main(argv: list[str] | None = None) -> dict:
+    parser = task_arg_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        dest="models",
+        help="model file to score (repeat for an ensemble; default: the pipeline's model)",
+    )
+    args = parser.parse_args(argv)
+    return evaluate(args.task, args.params, args.models)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Inputs: ``data/raw/<task>/manifest.csv`` (+ ``annotations.json`` for detection) 
 ``split.<task>`` (mode random | official, ratios, seed, min_val_fraction). Outputs:
 ``data/split/<task>/{train,val,test}.csv`` (manifest columns + ``split``, sorted by path;
 byte-identical for the same inputs and seed), detection also ``{train,val,test}.json`` (COCO
-subsets with the full category list, ids renumbered), and ``metrics/split_<task>.json``.
+subsets with the full category list, ids renumbered), ``summary.json`` (counts per label, patients
+per split, leak checks, boxes per class) and ``metrics/split_<task>.json`` (its headline).
 
 - random: stratified by label, grouped by patient; images with the same pixels (sha256) are merged
   into one group with their patients (union-find), so neither a patient nor a duplicate image can
@@ -27,11 +28,20 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from stages.config import check, load_section
-from stages.utils import StageError, atomic_dir, read_json, run_cli, task_arg_parser, write_json
+from stages.common import paths
+from stages.common.config import check, load_section
+from stages.common.paths import SPLITS
+from stages.common.utils import (
+    StageError,
+    atomic_dir,
+    read_json,
+    run_cli,
+    task_arg_parser,
+    write_json,
+)
 
 log = logging.getLogger("stages.split")
-SPLITS = ("train", "val", "test")
+SUMMARY_FILE = "summary.json"  # every count of the split, beside the csv files
 
 
 @dataclass(frozen=True)
@@ -167,7 +177,20 @@ def coco_subset(coco: dict, paths: list[str]) -> dict:
     return {"images": images, "annotations": annotations, "categories": coco["categories"]}
 
 
+def headline(summary: dict) -> dict:
+    """metrics/split_<task>.json: image counts and the leak checks, flat (the per-class and
+    per-patient tables are in data/split/<task>/summary.json)."""
+    out = {f"n_{s}": summary["counts"][s]["total"] for s in SPLITS}
+    out["patients_shared_across_splits"] = summary["patients_shared_across_splits"]
+    out["duplicate_hashes_shared_across_splits"] = summary["duplicate_hashes_shared_across_splits"]
+    if "dropped_overlapping_test" in summary:
+        out["dropped_overlapping_test"] = summary["dropped_overlapping_test"]
+    return out
+
+
 def run(cfg: SplitConfig, task: str, in_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
+    """Split ``in_dir``'s manifest into ``out_dir``; returns the full summary (also written to
+    ``out_dir/summary.json``; ``metrics_path`` gets its headline)."""
     manifest = in_dir / "manifest.csv"
     if not manifest.is_file():
         raise StageError(f"{manifest} not found; run the download stage first")
@@ -209,7 +232,8 @@ def run(cfg: SplitConfig, task: str, in_dir: Path, out_dir: Path, metrics_path: 
                 metrics.setdefault("boxes", {})[s] = {
                     n: int((per_class == n).sum()) for n in names.values()
                 }
-    write_json(metrics_path, metrics)
+        write_json(tmp / SUMMARY_FILE, metrics)
+    write_json(metrics_path, headline(metrics))
     log.info(
         "split %s (%s): %s; patients/duplicates shared across splits: 0/0",
         task,
@@ -222,13 +246,8 @@ def run(cfg: SplitConfig, task: str, in_dir: Path, out_dir: Path, metrics_path: 
 def main(argv: list[str] | None = None) -> None:
     args = task_arg_parser("Split one task's manifest into train/val/test.").parse_args(argv)
     cfg = load_section(SplitConfig, f"split.{args.task}", args.params)
-    run(
-        cfg,
-        args.task,
-        Path("data/raw") / args.task,
-        Path("data/split") / args.task,
-        Path("metrics") / f"split_{args.task}.json",
-    )
+    p = paths.task_paths(args.task)
+    run(cfg, args.task, p.raw, p.split, p.split_metrics)
 
 
 if __name__ == "__main__":

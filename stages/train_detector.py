@@ -1,324 +1,45 @@
-"""train-detector stage: RetinaNet (torchvision) on the detection augment cache.
+"""train-detector: RetinaNet (torchvision) on the detection augment cache, best epoch on val.
 
-Inputs: ``data/augment/detection/`` (meta.json, policy.json, train/, val/; contract 3) and the
-``train_detector`` params section. Outputs: ``models/detector.pt`` (the best epoch by validation
-mAP@0.5; contract 5), ``metrics/train_detector.json`` (validation figures), dvclive logs in
-``reports/live/detector`` and resumable checkpoints in ``train_detector.checkpoint_dir``
-(``last.pt`` every epoch, ``best.pt``). The checkpoint dir must survive ``dvc repro``: declare it
-as a ``persist: true`` out (or keep it outside the outs) so an interrupted run continues.
+Inputs:  data/augment/detection/{meta.json, policy.json, train/, val/}; params ``train_detector``
+         (``stages.detector.config.TrainDetectorConfig``)
+Outputs: models/detector.pt (the best epoch by validation mAP@0.5, with its config and classes),
+         metrics/train_detector.json (validation figures), reports/live/detector/ (dvclive) and
+         models/detector_ckpt/ (resume checkpoints while a run is unfinished; ``persist: true``
+         in dvc.yaml so an interrupted ``dvc repro`` continues where it stopped)
+Run:     python -m stages.train_detector [--params params.yaml]
+         torchrun --nproc_per_node N -m stages.train_detector   (DistributedDataParallel)
 
-Run: ``python -m stages.train_detector`` (one process) or, scaled out,
-``torchrun --nproc_per_node N -m stages.train_detector`` (DistributedDataParallel; gloo on CPU,
-nccl on GPU; rank 0 validates, logs and writes every file).
+The core is ``stages.detector.train.train``; torch is imported only once the params have parsed.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
-import logging
-import time
 from pathlib import Path
-from typing import Any
 
-import torch
-from torch import nn
+from stages.common import paths
+from stages.common.config import load_section
+from stages.common.utils import run_cli
+from stages.detector.config import TrainDetectorConfig
 
-from stages.aug_detection import DetectionPolicy, DetectionTransform
-from stages.cache import load_meta, load_policy
-from stages.config import ConfigError, load_section, parse, to_dict
-from stages.detector import TrainDetectorConfig
-from stages.detector import engine as E
-from stages.detector.data import DetectionCacheDataset, make_loader
-from stages.detector.model import build_detector, save_detector
-from stages.utils import StageError, run_cli, seed_everything, set_torch_threads, write_json
-
-log = logging.getLogger("stages.train_detector")
-# Keys that change how a run executes, not what it learns: they never block a resume.
-_RUNTIME_KEYS = ("threads", "num_workers", "checkpoint_dir")
+P = paths.DETECTION
 
 
-def resolve_sizes(cfg: TrainDetectorConfig, image_size: int) -> TrainDetectorConfig:
-    """min_size/max_size null -> the cache image size (the saved config holds the numbers)."""
-    min_size = cfg.min_size or image_size
-    return dataclasses.replace(cfg, min_size=min_size, max_size=cfg.max_size or min_size)
-
-
-def data_fingerprint(cache_dir: Path) -> str:
-    """Hash of what defines the training data (meta, policy, train/val index and boxes)."""
-    h = hashlib.sha256()
-    for rel in (
-        "meta.json",
-        "policy.json",
-        "train/index.csv",
-        "train/annotations.json",
-        "val/index.csv",
-        "val/annotations.json",
-    ):
-        path = cache_dir / rel
-        h.update(rel.encode())
-        h.update(path.read_bytes() if path.is_file() else b"<absent>")
-    return h.hexdigest()
-
-
-def _policy(cache_dir: Path) -> DetectionPolicy:
-    try:
-        return parse(DetectionPolicy, load_policy(cache_dir), f"{cache_dir}/policy.json")
-    except ConfigError as exc:
-        raise StageError(f"{exc}; re-run the augment stage") from exc
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def train(
-    cfg: TrainDetectorConfig,
-    cache_dir: Path,
-    model_path: Path,
-    metrics_path: Path,
-    live_dir: Path,
-    checkpoint_dir: Path,
-) -> dict[str, Any]:
-    """Train, validate every epoch, keep the best epoch; resume from ``checkpoint_dir/last.pt``.
-
-    Returns the metrics dict on rank 0 (``{}`` on the other ranks).
-    """
-    info = E.setup_distributed()
-    try:
-        return _train(
-            cfg,
-            Path(cache_dir),
-            Path(model_path),
-            Path(metrics_path),
-            Path(live_dir),
-            Path(checkpoint_dir),
-            info,
-        )
-    finally:
-        E.cleanup_distributed(info)
-
-
-def _train(
-    cfg: TrainDetectorConfig,
-    cache_dir: Path,
-    model_path: Path,
-    metrics_path: Path,
-    live_dir: Path,
-    ckpt_dir: Path,
-    info: E.DistInfo,
-) -> dict[str, Any]:
-    wall = time.perf_counter()
-    set_torch_threads(E.threads_per_process(cfg.threads, info))
-    meta = load_meta(cache_dir)
-    classes = [str(c) for c in meta["classes"]]
-    cfg = resolve_sizes(cfg, int(meta["image_size"]))
-    seed_everything(cfg.seed)
-    train_ds = DetectionCacheDataset(
-        cache_dir, "train", classes, DetectionTransform(_policy(cache_dir), train=True)
-    )
-    if len(train_ds) == 0:
-        raise StageError(f"{cache_dir}/train is empty: no images to train the detector on")
-    val_ds = DetectionCacheDataset(cache_dir, "val", classes)
-    model = build_detector(cfg, len(classes)).to(info.device)
-    if info.distributed:
-        model = nn.parallel.DistributedDataParallel(model)
-    torch.manual_seed(cfg.seed + info.rank)  # per-rank augmentation draws
-    train_loader, train_sampler = make_loader(
-        train_ds, cfg.batch_size, True, cfg.num_workers, cfg.seed, info.rank, info.world_size
-    )
-    val_loader, _ = make_loader(val_ds, cfg.batch_size, False, cfg.num_workers, cfg.seed)
-    optimizer = E.build_optimizer(cfg, model)
-    scheduler = E.build_scheduler(cfg, optimizer, cfg.epochs * len(train_loader))
-
-    run_key = {
-        "config": {k: v for k, v in to_dict(cfg).items() if k not in _RUNTIME_KEYS},
-        "classes": classes,
-        "data": data_fingerprint(cache_dir),
-        "world_size": info.world_size,
-    }
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"epoch": -1, "map_50": -1.0}
-    start_epoch = 0
-    state = E.load_checkpoint(last_path)
-    if state is not None and state.get("run_key") == run_key:
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        E.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
-        history, best, start_epoch = list(state["history"]), dict(state["best"]), state["epoch"] + 1
-        log.info("resuming from %s at epoch %d/%d", last_path, start_epoch + 1, cfg.epochs)
-    elif state is not None:
-        log.info("%s is from another config or data: starting afresh", last_path)
-
-    live = _open_live(live_dir, history) if info.is_main else None
-    for epoch in range(start_epoch, cfg.epochs):
-        train_sampler.set_epoch(epoch)
-        stats = E.train_one_epoch(
-            model, optimizer, scheduler, train_loader, epoch, cfg.grad_clip, info
-        )
-        rngs = _gather_rng(info)
-        if info.is_main:
-            t0 = time.perf_counter()
-            val = E.evaluate_map(_unwrap(model), val_loader, info.device) if len(val_ds) else {}
-            row = {
-                "epoch": epoch,
-                **stats,
-                "lr": optimizer.param_groups[0]["lr"],
-                "val_seconds": time.perf_counter() - t0,
-                **{f"val_{k}": v for k, v in val.items()},
-            }
-            history.append(row)
-            # Without a validation split every epoch counts as the best (so the last one wins).
-            score = val.get("map_50", float("inf"))
-            if not val or best["epoch"] < 0 or score > best["map_50"]:
-                best = {"epoch": epoch, "map_50": score if val else None}
-                E.save_checkpoint(best_path, {"model": _unwrap(model).state_dict(), "epoch": epoch})
-            E.save_checkpoint(
-                last_path,
-                {
-                    "run_key": run_key,
-                    "epoch": epoch,
-                    "model": _unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": rngs,
-                    "history": history,
-                    "best": best,
-                },
-            )
-            _log_epoch(live, row)
-            log.info(
-                "epoch %d/%d: loss %.4f, val mAP@0.5 %s",
-                epoch + 1,
-                cfg.epochs,
-                row["loss"],
-                f"{val['map_50']:.4f}" if val else "n/a",
-            )
-        E.barrier(info)
-
-    metrics: dict[str, Any] = {}
-    if info.is_main:
-        if live is not None:
-            live.end()
-        best_state = E.load_checkpoint(best_path)
-        if best_state is None:
-            raise StageError(f"{best_path} is missing: delete {ckpt_dir} and train again")
-        _unwrap(model).load_state_dict(best_state["model"])
-        metrics = _metrics(
-            history, best, len(train_ds), len(val_ds), info, time.perf_counter() - wall
-        )
-        extra = {
-            "best_epoch": best["epoch"] + 1,
-            "val_map_50": best["map_50"],
-            "image_size": int(meta["image_size"]),
-            # the cache's resize (stages.cache.resize_gray): predict repeats it, boxes map back
-            "resize": str(meta.get("resize", "pad")),
-        }
-        save_detector(model_path, model, cfg, classes, extra)
-        write_json(metrics_path, metrics)
-        _finish_checkpoints(ckpt_dir, best)
-    E.barrier(info)
-    return metrics
-
-
-def _finish_checkpoints(ckpt_dir: Path, best: dict[str, Any]) -> None:
-    """After a finished run the weights live in the model file: drop the resume checkpoints so
-    the DVC out (``persist``, cached and pushed like any out) is one small marker, not ~200 MB."""
-    write_json(
-        ckpt_dir / "complete.json",
-        {
-            "note": "run finished; last.pt/best.pt exist only while a run is unfinished (resume)",
-            "best_epoch": best["epoch"] + 1,
-        },
-    )
-    for name in ("last.pt", "best.pt"):
-        (ckpt_dir / name).unlink(missing_ok=True)
-
-
-def _gather_rng(info: E.DistInfo) -> list[dict[str, Any]]:
-    """Every rank's RNG state (rank order), so a resumed DDP run continues each stream."""
-    state = E.rng_state()
-    if not info.distributed:
-        return [state]
-    out: list[Any] = [None] * info.world_size
-    torch.distributed.all_gather_object(out, state)
-    return out
-
-
-def _open_live(live_dir: Path, history: list[dict[str, Any]]) -> Any:
-    """A fresh dvclive run; on resume the finished epochs are replayed so the plots are whole."""
-    from dvclive import Live  # noqa: PLC0415  (heavy import, rank 0 only)
-
-    live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None)
-    for row in history:
-        _log_epoch(live, row)
-    return live
-
-
-def _log_epoch(live: Any, row: dict[str, Any]) -> None:
-    if live is None:
-        return
-    live.step = row["epoch"]
-    for key in ("loss", "classification", "bbox_regression"):
-        live.log_metric(f"train/{key}", row[key])
-    live.log_metric("train/lr", row["lr"])
-    for key in ("val_map_50", "val_map"):
-        if key in row:
-            live.log_metric(f"val/{key.removeprefix('val_')}", row[key])
-    live.next_step()
-
-
-def _metrics(
-    history: list[dict[str, Any]],
-    best: dict[str, Any],
-    n_train: int,
-    n_val: int,
-    info: E.DistInfo,
-    seconds_this_run: float,
-) -> dict[str, Any]:
-    last = history[-1]
-    train_seconds = sum(r["seconds"] for r in history)
-    steps = sum(r["steps"] for r in history)
-    images = sum(r["images"] for r in history)
-    epoch_seconds = [r["seconds"] + r["val_seconds"] for r in history]
-    by_epoch = {r["epoch"]: r for r in history}
-    best_row = by_epoch.get(best["epoch"], last)
-    return {
-        "note": "val_* are validation-split figures; the test split is scored by evaluate",
-        "best_epoch": best["epoch"] + 1,
-        "val_map_50": best["map_50"],
-        "val_map": best_row.get("val_map"),
-        "train_loss": last["loss"],
-        "train_loss_classification": last["classification"],
-        "train_loss_bbox_regression": last["bbox_regression"],
-        "epochs_run": len(history),
-        "seconds": sum(epoch_seconds),
-        "seconds_this_run": seconds_this_run,
-        "seconds_per_epoch": sum(epoch_seconds) / len(history),
-        "seconds_per_step": train_seconds / max(1, steps),
-        "images_per_second": images / max(train_seconds, 1e-9),
-        "n_train": n_train,
-        "n_val": n_val,
-        "world_size": info.world_size,
-        "val_map_50_per_epoch": [r.get("val_map_50") for r in history],
-    }
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file")
-    parser.add_argument("--cache", default="data/augment/detection", help="augment cache dir")
-    parser.add_argument("--model", default="models/detector.pt", help="output model file")
-    parser.add_argument("--metrics", default="metrics/train_detector.json", help="metrics file")
-    parser.add_argument("--live", default="reports/live/detector", help="dvclive directory")
-    parser.add_argument("--checkpoint-dir", default=None, help="default: params checkpoint_dir")
+    parser.add_argument("--cache", type=Path, default=P.augment, help="augment cache dir")
+    parser.add_argument("--model", type=Path, default=paths.DETECTOR_MODEL, help="model file")
+    parser.add_argument("--metrics", type=Path, default=P.train_metrics, help="metrics file")
+    parser.add_argument("--live", type=Path, default=P.live_dir, help="dvclive directory")
+    parser.add_argument(
+        "--checkpoint-dir", type=Path, default=paths.DETECTOR_CHECKPOINTS, help="resume folder"
+    )
     args = parser.parse_args(argv)
     cfg = load_section(TrainDetectorConfig, "train_detector", args.params)
-    ckpt = Path(args.checkpoint_dir or cfg.checkpoint_dir)
-    train(cfg, Path(args.cache), Path(args.model), Path(args.metrics), Path(args.live), ckpt)
+    from stages.detector.train import train
+
+    return train(cfg, args.cache, args.model, args.metrics, args.live, args.checkpoint_dir)
 
 
 if __name__ == "__main__":

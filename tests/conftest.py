@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import stages  # noqa: F401  (imports torch before TensorFlow: see stages/__init__.py)
-from stages.config import read_params
+from stages.common.config import read_params
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", REPO.parent / "shared" / "data"))

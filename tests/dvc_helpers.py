@@ -172,7 +172,7 @@ def changed_files(before: dict, after: dict) -> set[str]:
 def built_repo(tmp_path_factory) -> Built:
     """Build the tiny pipeline once per session with `dvc repro -s <stage>` in dependency order,
     recording what each stage touched; shared by the remote and reproducibility tests."""
-    from stages.param_table import load_stages, order
+    from stages.tools.param_table import load_stages, order
 
     if "repo" not in _BUILT:
         start = time.perf_counter()

@@ -22,12 +22,12 @@ import pandas as pd
 from PIL import Image
 
 import stages  # noqa: F401  (torch before TensorFlow)
-from stages.aug_classification import ClassificationPolicy
-from stages.cache import write_meta, write_policy, write_split
-from stages.config import parse, to_dict
-from stages.detector import TrainDetectorConfig
+from stages.classifier.augment import ClassificationPolicy
+from stages.common.cache import write_meta, write_policy, write_split
+from stages.common.config import parse, to_dict
+from stages.common.utils import write_json
+from stages.detector.config import TrainDetectorConfig
 from stages.detector.model import build_detector, save_detector
-from stages.utils import write_json
 
 S = 48
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -68,7 +68,7 @@ def _cache(root: Path) -> Path:
 
 def _train_classifier(base: Path) -> Path:
     from stages.classifier.config import TrainClassifierConfig
-    from stages.train_classifier import train
+    from stages.classifier.train import train
 
     cfg = parse(
         TrainClassifierConfig,

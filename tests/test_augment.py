@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.aug_detection import DetectionPolicy, DetectionTransform, hflip, scale_jitter
-from stages.config import ConfigError, parse
+from stages.common.config import ConfigError, parse
+from stages.detector.augment import DetectionPolicy, DetectionTransform, hflip, scale_jitter
 from stages.sources import intake
 
 # ----------------------------------------------------------------------------- detection
@@ -141,7 +141,7 @@ def _batch(n: int = 8, size: int = 48, seed: int = 0) -> np.ndarray:
 
 
 def _cls_policy(**kw):
-    from stages.aug_classification import ClassificationPolicy
+    from stages.classifier.augment import ClassificationPolicy
 
     zero = dict(
         rotation=0.0, zoom=0.0, shear=0.0, shift=0.0, hflip=False, brightness=0.0, contrast=0.0
@@ -150,7 +150,7 @@ def _cls_policy(**kw):
 
 
 def test_classification_zero_policy_is_identity(tf):
-    from stages.aug_classification import build_augmenter
+    from stages.classifier.augment import build_augmenter
 
     x = _batch()
     out = build_augmenter(_cls_policy(), seed=1)(x)
@@ -158,7 +158,7 @@ def test_classification_zero_policy_is_identity(tf):
 
 
 def test_classification_default_policy_shape_range_determinism(tf):
-    from stages.aug_classification import ClassificationPolicy, build_augmenter
+    from stages.classifier.augment import ClassificationPolicy, build_augmenter
 
     x = _batch()
     aug = build_augmenter(ClassificationPolicy(), seed=3)
@@ -177,7 +177,7 @@ def test_classification_default_policy_shape_range_determinism(tf):
 
 
 def test_classification_hflip_only_flips_exactly(tf):
-    from stages.aug_classification import build_augmenter
+    from stages.classifier.augment import build_augmenter
 
     x = _batch(n=32)
     out = build_augmenter(_cls_policy(hflip=True), seed=0)(x, 0).numpy()
@@ -188,7 +188,7 @@ def test_classification_hflip_only_flips_exactly(tf):
 
 
 def test_classification_geometry_keeps_centre_and_bounds_shift(tf):
-    from stages.aug_classification import build_augmenter
+    from stages.classifier.augment import build_augmenter
 
     size = 65  # odd: the centre is a pixel
     x = np.zeros((16, size, size, 1), np.float32)
@@ -207,7 +207,7 @@ def test_classification_geometry_keeps_centre_and_bounds_shift(tf):
 
 
 def test_classification_nearest_fill_has_no_black_corners(tf):
-    from stages.aug_classification import build_augmenter
+    from stages.classifier.augment import build_augmenter
 
     x = np.full((4, 40, 40, 1), 100.0, np.float32)
     out = build_augmenter(_cls_policy(rotation=30.0, zoom=0.3, shift=0.2), 0)(x, 0).numpy()
@@ -217,7 +217,7 @@ def test_classification_nearest_fill_has_no_black_corners(tf):
 
 
 def test_classification_photometric(tf):
-    from stages.aug_classification import build_augmenter
+    from stages.classifier.augment import build_augmenter
 
     x = _batch(n=16)
     out = build_augmenter(_cls_policy(brightness=0.1), 0)(x, 0).numpy()
@@ -228,7 +228,7 @@ def test_classification_photometric(tf):
 
 
 def test_classification_in_tf_data_parallel_is_deterministic(tf):
-    from stages.aug_classification import ClassificationPolicy, augment_dataset
+    from stages.classifier.augment import ClassificationPolicy, augment_dataset
 
     x, y = _batch(n=24), np.arange(24, dtype=np.int64)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
@@ -254,7 +254,7 @@ def test_classification_in_tf_data_parallel_is_deterministic(tf):
 
 @pytest.mark.parametrize("fill_mode", ["nearest", "constant"])
 def test_classification_warp_matches_tf_kernel(tf, fill_mode):
-    from stages.aug_classification import ClassificationPolicy, _affine, _warp
+    from stages.classifier.augment import ClassificationPolicy, _affine, _warp
 
     x = tf.constant(_batch(n=6, size=37))
     policy = ClassificationPolicy(rotation=30.0, zoom=0.3, shear=0.3, shift=0.2)
@@ -272,7 +272,7 @@ def test_classification_warp_matches_tf_kernel(tf, fill_mode):
 
 
 def test_classification_policy_validation():
-    from stages.aug_classification import ClassificationPolicy
+    from stages.classifier.augment import ClassificationPolicy
 
     assert parse(ClassificationPolicy, {"zoom": 0.3}).zoom == 0.3
     with pytest.raises(ConfigError, match="zoom"):
@@ -297,7 +297,7 @@ def _write_split_inputs(root, task: str, sizes: dict[str, int]) -> dict:
     """
     import pandas as pd
 
-    from stages.imageio import save_gray_png
+    from stages.common.imageio import save_gray_png
 
     rng = np.random.default_rng(0)
     labels = (
@@ -351,10 +351,10 @@ def _write_split_inputs(root, task: str, sizes: dict[str, int]) -> dict:
 
 
 def _cfg(task: str, **kw):
-    from stages.augment import CONFIGS
+    from stages.common.utils import task_module
 
     base = {"image_size": 64, "preview_count": 4}
-    return parse(CONFIGS[task], {**base, **kw}, f"augment.{task}")
+    return parse(task_module(task, "config").AUGMENT_CONFIG, {**base, **kw}, f"augment.{task}")
 
 
 def _run(root, task: str, **kw) -> dict:
@@ -384,8 +384,8 @@ def _check_preview(path, rows: int) -> None:
 
 
 def test_stage_classification(in_tmp):
-    from stages.cache import load_policy, open_split, resize_gray
-    from stages.imageio import load_gray
+    from stages.common.cache import load_policy, open_split, resize_gray
+    from stages.common.imageio import load_gray
 
     _write_split_inputs(in_tmp, "classification", {"train": 7, "val": 2, "test": 2})
     summary = _run(in_tmp, "classification", resize="stretch")
@@ -409,7 +409,7 @@ def test_stage_classification(in_tmp):
 
 
 def test_stage_detection_boxes_in_cache_pixels(in_tmp):
-    from stages.cache import boxes_for, open_split
+    from stages.common.cache import boxes_for, open_split
 
     truth = _write_split_inputs(in_tmp, "detection", {"train": 8, "val": 2, "test": 2})
     summary = _run(in_tmp, "detection", resize="pad")
@@ -455,7 +455,7 @@ def test_stage_is_deterministic(in_tmp):
 
 
 def test_stage_empty_train_is_a_clear_error(in_tmp):
-    from stages.utils import StageError
+    from stages.common.utils import StageError
 
     _write_split_inputs(in_tmp, "classification", {"train": 0, "val": 2, "test": 2})
     with pytest.raises(StageError, match="train.csv has no rows"):
@@ -464,7 +464,7 @@ def test_stage_empty_train_is_a_clear_error(in_tmp):
 
 
 def test_stage_missing_split_and_missing_image(in_tmp):
-    from stages.utils import StageError
+    from stages.common.utils import StageError
 
     with pytest.raises(StageError, match="run the split stage"):
         _run(in_tmp, "classification")

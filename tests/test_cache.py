@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.cache import (
+from stages.common.cache import (
     Affine,
     CocoIndex,
     boxes_for,
@@ -21,7 +21,7 @@ from stages.cache import (
     write_policy,
     write_split,
 )
-from stages.utils import StageError
+from stages.common.utils import StageError
 
 
 def _bright_bbox(img: np.ndarray, thr: int = 128) -> tuple[int, int, int, int]:

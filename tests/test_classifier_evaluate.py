@@ -11,17 +11,15 @@ import pandas as pd
 import pytest
 
 import stages  # noqa: F401  (torch before TensorFlow)
-from stages.cache import write_meta, write_split
 from stages.classifier import metrics as M
 from stages.classifier.evaluate import (
-    PLOT_FILES,
-    REPORT_FILES,
     EvalClassificationConfig,
     compute_metrics,
     run,
 )
-from stages.config import load_section, parse
-from stages.utils import StageError
+from stages.common.cache import write_meta, write_split
+from stages.common.config import load_section, parse
+from stages.common.utils import StageError
 
 keras = pytest.importorskip("keras")
 from stages.classifier.gradcam import GradCam, find_target_layer, grad_cam, overlay  # noqa: E402
@@ -68,7 +66,7 @@ def setup(tmp_path_factory) -> dict:
     from stages.classifier.config import TrainClassifierConfig
     from stages.classifier.models import build_model
     from stages.classifier.predict import ClassifierInfo, save_info
-    from stages.utils import seed_everything
+    from stages.common.utils import seed_everything
 
     root = tmp_path_factory.mktemp("evalcls")
     cache = root / "cache"
@@ -115,10 +113,10 @@ def _run(setup: dict, name: str, cache: Path | None = None, **overrides) -> tupl
     )
     paths = {
         "metrics_path": out / "metrics" / "classifier.json",
-        "plots_dir": out / "reports" / "classifier" / "plots",
         "report_dir": out / "reports" / "classifier",
     }
-    doc = run(cfg, cache or setup["cache"], setup["model_path"], **paths)
+    doc = run(cfg, cache or setup["cache"], [setup["model_path"]], **paths)
+    paths["plots_dir"] = paths["report_dir"] / "plots"
     return doc, paths
 
 
@@ -135,8 +133,18 @@ def test_run_writes_exact_metrics_and_every_file(setup):
     from stages.classifier.predict import predict_proba
 
     doc, paths = _run(setup, "main")
-    written = json.loads(paths["metrics_path"].read_text())
+    headline = json.loads(paths["metrics_path"].read_text())
+    written = json.loads((paths["report_dir"] / "evaluation.json").read_text())
     assert written == json.loads(json.dumps(doc))
+    # metrics/classifier.json: the few flat headline figures, equal to the full document's
+    assert all(not isinstance(v, dict | list) and "." not in k for k, v in headline.items())
+    assert len(headline) <= 20
+    for key in TOP_KEYS + ("n_test", "threshold", "pr_auc"):
+        assert headline[key] == written[key], key
+    assert [headline["roc_auc_ci_low"], headline["roc_auc_ci_high"]] == written["roc_auc_ci"]
+    assert headline["accuracy_at_0_5"] == written["at_0_5"]["accuracy"]
+    assert written["decision"]["threshold"] == written["threshold"]
+    assert written["decision"]["positive_class"] == ["PNEUMONIA"]
     for key in TOP_KEYS + ("pr_auc", "threshold"):
         assert type(written[key]) is float, key
     assert written["split"] == "test" and written["val"]["split"] == "val"
@@ -151,9 +159,16 @@ def test_run_writes_exact_metrics_and_every_file(setup):
     y_test = setup["data"]["test"][1]
     assert written["roc_auc"] == pytest.approx(M.roc_auc(y_test, proba["test"][:, 1]), abs=1e-6)
     assert written["roc_auc"] > 0.7  # the blob task is learnable: predictions are not noise
-    for name in PLOT_FILES:
+    for name in ("roc.csv", "pr.csv", "confusion.csv"):
         assert (paths["plots_dir"] / name).stat().st_size > 0, name
-    for name in REPORT_FILES:
+    for name in (
+        "roc.png",
+        "pr.png",
+        "confusion.png",
+        "samples.png",
+        "gradcam.png",
+        "model_card.md",
+    ):
         assert (paths["report_dir"] / name).stat().st_size > 0, name
     roc = pd.read_csv(paths["plots_dir"] / "roc.csv")
     assert list(roc.columns) == ["fpr", "tpr", "threshold"]
@@ -209,10 +224,10 @@ def test_run_multiclass_drops_unknown_classes(tmp_path):
     cfg = EvalClassificationConfig(positive_class=("BACTERIA", "VIRUS"), bootstrap=20,
                                    n_samples_grid=4, n_gradcam=3)  # fmt: skip
     out_dir = tmp_path / "out"
-    doc = run(cfg, tmp_path / "cache", model_path, out_dir / "m.json", out_dir / "p", out_dir)
+    doc = run(cfg, tmp_path / "cache", [model_path], out_dir / "m.json", out_dir)
     assert doc["n_test"] == 18 and doc["classes"] == list(classes)  # 6 COVID rows dropped
     assert type(doc["macro_roc_auc"]) is float and len(doc["multiclass"]["confusion_matrix"]) == 3
-    confusion = pd.read_csv(out_dir / "p" / "confusion.csv")
+    confusion = pd.read_csv(out_dir / "plots" / "confusion.csv")
     assert set(confusion["actual"]) == set(classes)
     assert (out_dir / "gradcam.png").is_file() and (out_dir / "model_card.md").is_file()
 
@@ -220,7 +235,7 @@ def test_run_multiclass_drops_unknown_classes(tmp_path):
 def test_missing_model_is_a_clear_stage_error(setup, tmp_path):
     cfg = EvalClassificationConfig()
     with pytest.raises(StageError, match="train-classifier"):
-        run(cfg, setup["cache"], tmp_path / "none.keras", tmp_path / "m.json", tmp_path, tmp_path)
+        run(cfg, setup["cache"], [tmp_path / "none.keras"], tmp_path / "m.json", tmp_path / "r")
     assert not (tmp_path / "m.json").exists()
 
 
@@ -314,3 +329,113 @@ def test_grad_cam_on_nested_base_model(setup):
         assert any(c.std() > 1e-3 for c in cams)
         for cam in cams:
             assert cam.shape == (S, S) and 0.0 <= cam.min() <= cam.max() <= 1.0
+
+
+# --------------------------------------------------------------------------- ensembles, TTA, calibration
+
+
+def test_ensemble_scores_the_mean_probability_of_its_models(setup, tmp_path):
+    """Two models: evaluate's probabilities are their mean (AUC computed on it), and a model of
+    another cache (other classes) is refused before anything is written."""
+    import shutil
+
+    from stages.classifier.predict import ClassifierInfo, ensemble_proba, predict_proba, save_info
+
+    other = tmp_path / "other.keras"
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((S, S, 1))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inp))
+    keras.Model(inp, keras.layers.Dense(1, activation="sigmoid", name="head")(x)).save(other)
+    save_info(other, ClassifierInfo(CLASSES, {}, "sigmoid", 1, "binary", S, "tiny"))
+    cfg = EvalClassificationConfig(bootstrap=0, n_samples_grid=2, n_gradcam=2)
+    doc = run(
+        cfg, setup["cache"], [setup["model_path"], other], tmp_path / "m.json", tmp_path / "r"
+    )
+    images, y = setup["data"]["test"]
+    mean = (
+        predict_proba(setup["model"], images)
+        + predict_proba(keras.saving.load_model(other), images)
+    ) / 2
+    assert doc["roc_auc"] == pytest.approx(M.roc_auc(y, mean[:, 1]), abs=1e-6)
+    np.testing.assert_allclose(
+        ensemble_proba([setup["model"]], images), predict_proba(setup["model"], images)
+    )
+    assert doc["decision"]["models"] == [setup["model_path"].as_posix(), other.as_posix()]
+    wrong = tmp_path / "wrong.keras"
+    shutil.copy(other, wrong)
+    save_info(wrong, ClassifierInfo(("A", "B"), {}, "sigmoid", 1, "binary", S, "tiny"))
+    with pytest.raises(StageError, match="ensemble needs models of one cache"):
+        run(
+            cfg, setup["cache"], [setup["model_path"], wrong], tmp_path / "m2.json", tmp_path / "r2"
+        )
+    assert not (tmp_path / "m2.json").exists()
+
+
+def test_tta_averages_each_image_with_its_mirror(setup):
+    from stages.classifier.predict import ensemble_proba, predict_proba
+
+    images = setup["data"]["test"][0][:8]
+    plain = predict_proba(setup["model"], images)
+    mirror = predict_proba(setup["model"], images[:, :, ::-1].copy())
+    tta = ensemble_proba([setup["model"]], images, tta="hflip")
+    np.testing.assert_allclose(tta, (plain + mirror) / 2, atol=1e-6)
+    assert not np.allclose(plain, mirror)  # the blob images are not symmetric: TTA matters
+
+
+def test_temperature_is_fitted_on_validation_and_keeps_ranks():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    x = (2 * y - 1) * 1.0 + rng.normal(size=400)  # N(+-1, 1): the true log-odds are 2x
+    p_true = 1 / (1 + np.exp(-2.0 * x))
+    over = 1 / (1 + np.exp(-4.0 * x))  # the same ranking, twice over-confident
+    proba = np.stack([1 - over, over], axis=1)
+    t = M.fit_temperature(y, proba)
+    assert t == pytest.approx(2.0, rel=0.15)
+    calibrated = M.apply_temperature(proba, t)[:, 1]
+    np.testing.assert_allclose(calibrated, p_true, atol=0.05)
+    assert M.roc_auc(y, calibrated) == pytest.approx(M.roc_auc(y, over))
+    assert M.expected_calibration_error(y, calibrated) < M.expected_calibration_error(y, over)
+
+
+def test_calibrated_run_records_the_temperature(setup):
+    doc, _ = _run(setup, "cal", calibration="temperature", tta="hflip")
+    assert doc["decision"]["temperature"] > 0 and doc["decision"]["tta"] == "hflip"
+    plain, _ = _run(setup, "plain")
+    assert plain["decision"]["temperature"] == 1.0
+
+
+def test_confidence_intervals_come_from_the_test_split():
+    """The bootstrap resamples TEST: its interval brackets the test AUC, and moves with it when
+    only the test scores change (a CI computed on validation would not)."""
+    rng = np.random.default_rng(5)
+    classes = ["NORMAL", "PNEUMONIA"]
+
+    def scores(n, strength):
+        y = rng.integers(0, 2, n)
+        p = 1 / (1 + np.exp(-(strength * (2 * y - 1) + rng.normal(size=n))))
+        return y, np.stack([1 - p, p], axis=1)
+
+    yv, pv = scores(300, 3.0)  # validation: near perfect
+    yt, pt = scores(300, 0.6)  # test: much weaker
+    cfg = EvalClassificationConfig(bootstrap=300)
+    doc = compute_metrics(cfg, classes, yv, pv, yt, pt)
+    lo, hi = doc["roc_auc_ci"]
+    assert lo <= doc["roc_auc"] <= hi and hi < doc["val"]["roc_auc"]
+    alo, ahi = doc["accuracy_ci"]
+    assert alo <= doc["accuracy"] <= ahi
+
+
+def test_each_test_set_is_scored_on_its_own():
+    rng = np.random.default_rng(6)
+    classes = ["NORMAL", "PNEUMONIA"]
+    y = rng.integers(0, 2, 200)
+    p = np.clip(0.5 + 0.35 * (2 * y - 1) + rng.normal(scale=0.2, size=200), 0, 1)
+    proba = np.stack([1 - p, p], axis=1)
+    sets = np.where(np.arange(200) < 120, "kermany", "kermany_2")
+    doc = compute_metrics(EvalClassificationConfig(bootstrap=0), classes, y, proba, y, proba, sets)
+    assert set(doc["test_sets"]) == {"kermany", "kermany_2"}
+    second = doc["test_sets"]["kermany_2"]
+    assert second["n_test"] == 80
+    sel = sets == "kermany_2"
+    assert second["roc_auc"] == pytest.approx(M.roc_auc(y[sel], p[sel]))
+    assert second["accuracy"] == pytest.approx(np.mean((p[sel] >= doc["threshold"]) == y[sel]))

@@ -12,7 +12,7 @@ from stages.classifier.config import (
     TrainClassifierConfig,
     head_encoding,
 )
-from stages.config import ConfigError, parse
+from stages.common.config import ConfigError, parse
 
 keras = pytest.importorskip("keras")
 from stages.classifier.models import (  # noqa: E402  (after keras: see the importorskip)
@@ -22,7 +22,7 @@ from stages.classifier.models import (  # noqa: E402  (after keras: see the impo
     resolve_weights,
 )
 from stages.classifier.predict import predict_proba, to_probabilities  # noqa: E402
-from stages.utils import StageError  # noqa: E402
+from stages.common.utils import StageError  # noqa: E402
 
 S = 48
 HEAVY = {"resnet50v2", "densenet121", "efficientnetb0"}  # minutes to trace a train step here

@@ -16,9 +16,9 @@ import torch
 import torch.multiprocessing as mp
 
 import stages  # noqa: F401
-from stages import cache
-from stages.detector import TrainDetectorConfig
+from stages.common import cache
 from stages.detector import engine as E
+from stages.detector.config import TrainDetectorConfig
 from stages.detector.data import DetectionCacheDataset, make_loader
 from stages.detector.model import build_detector
 
@@ -143,7 +143,6 @@ def test_torchrun_runs_the_stage(tmp_path):
             "epochs": 1,
             "batch_size": 2,
             "threads": 1,
-            "checkpoint_dir": str(tmp_path / "ckpt"),
         }
     }
     (tmp_path / "params.yaml").write_text(json.dumps(params))
@@ -167,6 +166,8 @@ def test_torchrun_runs_the_stage(tmp_path):
         "metrics.json",
         "--live",
         "live",
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

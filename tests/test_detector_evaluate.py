@@ -13,14 +13,15 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import stages  # noqa: F401  (torch before anything else)
-from stages.cache import write_meta, write_split
-from stages.config import ConfigError, parse
-from stages.detector import TrainDetectorConfig
-from stages.detector.evaluate import EvalDetectionConfig, build_metrics, coco_map, run
+from stages.common.cache import write_meta, write_split
+from stages.common.config import ConfigError, parse
+from stages.common.utils import StageError
+from stages.detector.config import EvalDetectionConfig, TrainDetectorConfig
+from stages.detector.evaluate import build_metrics, coco_map, run
+from stages.detector.evaluate import headline as headline_of
 from stages.detector.froc import evaluate_froc
 from stages.detector.model import build_detector, save_detector
 from stages.detector.report import image_scores, select_cases
-from stages.utils import StageError
 
 CLASSES = ["Nodule", "Mass", "Effusion"]
 REQUIRED = {"map", "map_50", "froc_avg_recall", "ap_50_per_class"}
@@ -174,9 +175,14 @@ def test_run_end_to_end(tmp_path, model_file):
     cfg = EvalDetectionConfig(batch_size=4, n_report_images=2)
     out = tmp_path / "out"
     report_dir, plots_dir = out / "reports/detector", out / "reports/detector/plots"
-    metrics = run(cfg, cache, model_file, out / "metrics/detector.json", plots_dir, report_dir)
+    metrics = run(cfg, cache, [model_file], out / "metrics/detector.json", report_dir)
 
-    assert json.loads((out / "metrics/detector.json").read_text()) == metrics
+    assert json.loads((report_dir / "evaluation.json").read_text()) == metrics
+    headline = json.loads((out / "metrics/detector.json").read_text())
+    assert headline == headline_of(metrics) and len(headline) <= 16
+    assert all("." not in k and not isinstance(v, dict | list) for k, v in headline.items())
+    assert headline["froc_recall_fp0_1"] == metrics["froc_recall_at"]["0.1"]
+    assert headline["ap50_Nodule"] == metrics["ap_50_per_class"]["Nodule"]
     assert set(metrics) >= REQUIRED and set(metrics["ap_50_per_class"]) == set(CLASSES)
     assert metrics["n_test_images"] == 6 and metrics["n_gt_boxes"] == 6
     assert metrics["n_pred_boxes"] > 0
@@ -197,13 +203,15 @@ def test_run_end_to_end(tmp_path, model_file):
 
 def test_run_rejects_bad_inputs(tmp_path, model_file):
     cfg = EvalDetectionConfig(n_report_images=1)
-    paths = (tmp_path / "m.json", tmp_path / "plots", tmp_path / "report")
+    paths = (tmp_path / "m.json", tmp_path / "report")
     normals = make_cache(tmp_path / "normals", with_boxes=False)
     with pytest.raises(StageError, match="no ground-truth boxes"):
-        run(cfg, normals, model_file, *paths)
+        run(cfg, normals, [model_file], *paths)
     other = tmp_path / "other.pt"
     tcfg = TrainDetectorConfig(min_size=64)
     save_detector(other, build_detector(tcfg, 2), tcfg, ["Nodule", "Mass"])
     with pytest.raises(StageError, match="trained on classes"):
-        run(cfg, make_cache(tmp_path / "ok"), other, *paths)
+        run(cfg, make_cache(tmp_path / "ok"), [other], *paths)
+    with pytest.raises(StageError, match="ensembles of detectors"):
+        run(cfg, make_cache(tmp_path / "ok2"), [model_file, model_file], *paths)
     assert not any(p.exists() for p in paths)  # a failed run leaves nothing behind

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import experiments as X
-from stages.ablations import merge_overrides
+from stages.tools import experiments as X
+from stages.tools.ablations import merge_overrides
 from tests.dvc_helpers import dvc, experiment_metrics, make_repo, ran_stages
 
 pytestmark = pytest.mark.slow

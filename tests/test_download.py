@@ -12,11 +12,11 @@ import yaml
 from PIL import Image
 
 from stages import download
-from stages.config import ConfigError, parse
-from stages.imageio import load_gray, pixel_sha256
+from stages.common.config import ConfigError, parse
+from stages.common.imageio import load_gray, pixel_sha256
+from stages.common.utils import StageError, run_cli
 from stages.sources.config import ClassificationData, DetectionData
 from stages.sources.intake import MANIFEST_COLUMNS
-from stages.utils import StageError, run_cli
 
 
 def img(

@@ -1,8 +1,8 @@
-"""Named experiments (stages.experiments) and the seed 002 ablation runner/report (stages.ablations).
+"""Named experiments (stages.tools.experiments) and the seed 002 ablation runner/report (stages.tools.ablations).
 
 Fast tests: every named experiment's overrides apply to the real params.yaml the way DVC applies
 them and every stage's schema accepts the result; the shell commands round-trip; README.md's
-generated table and commands are current (`python -m stages.experiments --write README.md`); the
+generated table and commands are current (tests/test_docs.py); the
 report is checked on a `dvc exp show --json` structure shaped like DVC 3.67's. Slow: a temporary git+DVC
 repository where two tiny rows are queued, run by a queue worker and reported end to end.
 """
@@ -23,18 +23,18 @@ import pytest
 import yaml
 
 import stages  # noqa: F401  (torch before TensorFlow)
-from stages import ablations as A
-from stages import experiments as X
-from stages import experiments_readme as R
-from stages.augment import CONFIGS as AUGMENT_CONFIGS
+from stages.classifier.config import AUGMENT_CONFIG as CLASSIFICATION_AUGMENT
 from stages.classifier.config import TrainClassifierConfig
 from stages.classifier.evaluate import EvalClassificationConfig
-from stages.config import ConfigError, get_section, parse
-from stages.detector import TrainDetectorConfig
+from stages.common.config import ConfigError, get_section, parse
+from stages.common.utils import StageError
+from stages.detector.config import AUGMENT_CONFIG as DETECTION_AUGMENT
+from stages.detector.config import TrainDetectorConfig
 from stages.detector.evaluate import EvalDetectionConfig
 from stages.sources.config import ClassificationData, DetectionData
 from stages.split import SplitConfig
-from stages.utils import StageError
+from stages.tools import ablations as A
+from stages.tools import experiments as X
 from tests.conftest import REPO, shrink_params
 
 SCHEMAS = {
@@ -42,8 +42,8 @@ SCHEMAS = {
     "data.detection": DetectionData,
     "split.classification": SplitConfig,
     "split.detection": SplitConfig,
-    "augment.classification": AUGMENT_CONFIGS["classification"],
-    "augment.detection": AUGMENT_CONFIGS["detection"],
+    "augment.classification": CLASSIFICATION_AUGMENT,
+    "augment.detection": DETECTION_AUGMENT,
     "train_classifier": TrainClassifierConfig,
     "train_detector": TrainDetectorConfig,
     "evaluate.classification": EvalClassificationConfig,
@@ -172,15 +172,6 @@ def test_experiments_cli_prints_the_commands(capsys):
     assert out.startswith("# seed002-to-be: Seed 002 TO-BE")
 
 
-# ----------------------------------------------------------------------------- README section
-
-
-def test_readme_experiments_section_is_current():
-    """Fails when EXPERIMENTS changed and README.md was not regenerated."""
-    diff = R.stale_diff(REPO / "README.md")
-    assert not diff, f"README.md is stale: run {R.WRITE} README.md\n{diff}"
-
-
 def test_titles_are_unique_and_name_the_configured_size():
     titles = [e.title for e in X.EXPERIMENTS.values()]
     assert all(titles) and len(set(titles)) == len(titles)
@@ -190,81 +181,6 @@ def test_titles_are_unique_and_name_the_configured_size():
         for size in re.findall(r"(\d+) px", e.title):
             key = f"augment.{e.target.split('@')[1]}.image_size"
             assert params[key] == int(size), f"{e.name}: title says {size} px, params {params[key]}"
-
-
-def test_published_cell_formats():
-    assert R.published_cell(X.get("seed000-cnn5").published) == (
-        "val acc 0.88; test acc 0.91; ROC-AUC 0.97; curve_accuracy 0.97 "
-        "(seed 000 report; its code's README)"
-    )
-    assert "test acc 0.9103; precision 0.8976, recall 0.9667, f1 0.9309 (seed 001 blog)" in (
-        R.published_cell(X.get("seed001-cnn").published)
-    )
-    assert R.published_cell(X.get("seed004-retinanet-r101").published).startswith(
-        "AP@0.5: Consolidation 0.484, Fibrosis 0.074,"
-    )
-
-
-def _stale_copy(tmp_path: Path) -> tuple[Path, str, str]:
-    """A README copy whose generated part is stale; returns (path, text before, text after it)."""
-    text = (REPO / "README.md").read_text()
-    head, rest = text.split(R.BEGIN, 1)
-    block, tail = rest.split(R.END, 1)
-    head, tail = head + "outside, before\n", "\noutside, after" + tail
-    stale = block.replace("image_size=160", "image_size=192").replace("| Seed 000", "| Seed 0")
-    assert stale != block
-    path = tmp_path / "README.md"
-    path.write_text(f"{head}{R.BEGIN}{stale}{R.END}{tail}")
-    return path, head, tail
-
-
-def test_write_replaces_only_the_marked_part_and_is_idempotent(tmp_path, capsys):
-    path, head, tail = _stale_copy(tmp_path)
-    X.main(["--write", str(path)])
-    assert "updated" in capsys.readouterr().out
-    text = path.read_text()
-    assert text == f"{head}{R.BEGIN}\n{R.render()}{R.END}{tail}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]  # no temp file left
-    X.main(["--write", str(path)])
-    assert "already current" in capsys.readouterr().out
-    assert path.read_text() == text
-    X.main(["--check", str(path)])  # current: returns without SystemExit
-
-
-def test_check_on_a_stale_copy_exits_1_naming_the_command(tmp_path, capsys):
-    path, _, _ = _stale_copy(tmp_path)
-    before = path.read_bytes()
-    with pytest.raises(SystemExit) as exc:
-        X.main(["--check", str(path)])
-    assert exc.value.code == 1
-    err = capsys.readouterr().err
-    assert f"run python -m stages.experiments --write {path}" in err
-    assert "-  -S augment.classification.image_size=192 \\" in err  # the unified diff
-    assert "+  -S augment.classification.image_size=160 \\" in err
-    assert path.read_bytes() == before
-
-
-@pytest.mark.parametrize("drop", ["begin", "end", "both"])
-def test_missing_markers_are_a_clear_error_and_leave_the_file(tmp_path, drop):
-    text = (REPO / "README.md").read_text()
-    if drop in ("begin", "both"):
-        text = text.replace(R.BEGIN, "")
-    if drop in ("end", "both"):
-        text = text.replace(R.END, "")
-    path = tmp_path / "README.md"
-    path.write_text(text)
-    for call in (R.write, R.stale_diff):
-        with pytest.raises(StageError, match="experiments:begin.*experiments:end"):
-            call(path)
-    assert path.read_text() == text
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
-
-
-def test_write_and_check_refuse_other_options(tmp_path):
-    for extra in (["seed000-cnn5"], ["--queue"], ["--data-root", "/d"]):
-        with pytest.raises(SystemExit) as exc:
-            X.main(["--check", str(tmp_path / "README.md"), *extra])
-        assert exc.value.code == 2
 
 
 def test_queue_resumes_requeues_failed_and_replaces(monkeypatch, tmp_path):
@@ -475,7 +391,7 @@ def test_queue_run_report_end_to_end(tmp_path):
             "augment.classification.image_size=48", "train_classifier.epochs=1"]  # fmt: skip
 
     def cli(*args: str) -> str:
-        proc = subprocess.run([sys.executable, "-m", "stages.ablations", *args, "--names", *names],
+        proc = subprocess.run([sys.executable, "-m", "stages.tools.ablations", *args, "--names", *names],
                               cwd=repo, env=env, capture_output=True, text=True, timeout=220)  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout + proc.stderr

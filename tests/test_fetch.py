@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from stages import fetch
-from stages.fetch import NetworkError, download, resolve, safe_extract
-from stages.utils import StageError
+from stages.common import fetch
+from stages.common.fetch import NetworkError, download, resolve, safe_extract
+from stages.common.utils import StageError
 
 PAYLOAD = bytes(range(256)) * 400  # 102400 bytes, position-dependent so a bad resume shows
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.imageio import (
+from stages.common.imageio import (
     MAX_PIXELS,
     ImageRejected,
     decode_gray_bytes,

@@ -1,4 +1,4 @@
-"""Predictor and ``python -m stages.predict``: real images, training preprocessing, boxes back
+"""Predictor and ``python -m stages.serve.predict``: real images, training preprocessing, boxes back
 in original pixels, Grad-CAM, threshold from evaluate, JSON lines and bad files.
 
 Models: tiny ones built once per session (tests/serve_models.py), never the workspace's.
@@ -14,12 +14,12 @@ import pytest
 from PIL import Image
 
 import stages  # noqa: F401  (torch before TensorFlow)
-from stages.cache import resize_affine, resize_gray, transform_boxes
 from stages.classifier.predict import load_info, predict_proba, sidecar_path
-from stages.predict import expand_inputs, main
+from stages.common.cache import resize_affine, resize_gray, transform_boxes
+from stages.common.utils import StageError, read_json, write_json
 from stages.serve.inference import Predictor, decision_rule
+from stages.serve.predict import expand_inputs, main
 from stages.serve.render import boxes_to_original, cam_to_original
-from stages.utils import StageError, read_json, write_json
 from tests.serve_models import CLASSES, THRESHOLD, bad_inputs, tiny_models, xray_like
 
 

@@ -3,7 +3,7 @@
 Round trips (push, then a clone or a wiped copy pulls, outputs byte-identical, `dvc status` clean,
 `dvc repro` runs nothing) to a local folder, an S3 server (`rclone serve s3`) and an OpenSSH
 server; an experiment shared through a bare git remote (`dvc exp push` / `dvc exp pull`); and a
-push whose server is killed midway. The remotes are configured by `python -m stages.remote setup`
+push whose server is killed midway. The remotes are configured by `python -m stages.tools.remote setup`
 from environment variables, as `make remote` does.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.param_table import load_stages, param_rows
-from stages.remote import plan_remote, plan_shared_cache, shown
-from stages.utils import StageError
+from stages.common.utils import StageError
+from stages.tools.param_table import load_stages, param_rows
+from stages.tools.remote import plan_remote, plan_shared_cache, shown
 from tests.dvc_helpers import (
     BIN,
     Built,
@@ -66,9 +66,9 @@ def sshd(tmp_path_factory):
 
 
 def setup_remote(repo: Path, env: dict[str, str], *flags: str) -> str:
-    """`python -m stages.remote setup` in ``repo`` with ``env`` (what `make remote` runs)."""
+    """`python -m stages.tools.remote setup` in ``repo`` with ``env`` (what `make remote` runs)."""
     proc = subprocess.run(
-        [str(BIN / "python"), "-m", "stages.remote", "setup", *flags],
+        [str(BIN / "python"), "-m", "stages.tools.remote", "setup", *flags],
         cwd=repo,
         env={**tool_env(), **env},
         capture_output=True,

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.param_table import load_stages, param_rows, render, replace_block
-from stages.utils import read_json
+from stages.common.utils import read_json
+from stages.tools.param_table import load_stages, param_rows
 from tests.conftest import REPO
 from tests.dvc_helpers import BIN, Built, built_repo, dvc, status_clean, tool_env, tree_digest
 
@@ -98,7 +98,7 @@ def test_classifier_retrained_within_half_a_percent(built: Built, tmp_path: Path
     )
     second = read_json(metrics)
     assert abs(second["val_accuracy"] - first["val_accuracy"]) <= 0.005, (first, second)
-    # Deterministic kernels and seeded pipelines (stages.utils.seed_everything): same losses too.
+    # Deterministic kernels and seeded pipelines (stages.common.utils.seed_everything): same losses too.
     assert second["val_loss"] == pytest.approx(first["val_loss"], rel=1e-5, abs=1e-6)
     assert second["train_loss"] == pytest.approx(first["train_loss"], rel=1e-5, abs=1e-6)
 
@@ -183,12 +183,3 @@ def test_param_table_agrees_with_dvc_status(built: Built) -> None:
     finally:
         params_file.write_text(original)
     assert status_clean(built.path)
-
-
-def test_readme_params_table_is_current() -> None:
-    """README.md carries the generated table (python -m stages.param_table --write README.md)."""
-    readme = (REPO / "README.md").read_text()
-    table = render(load_stages(REPO / "dvc.yaml"))
-    assert replace_block(readme, table, "README.md") == readme, (
-        "README.md's params table is stale: run python -m stages.param_table --write README.md"
-    )

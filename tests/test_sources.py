@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.config import ConfigError, parse
-from stages.sources import chestxdet10, covid_radiography, folder, kermany, nih_bbox, pneumoniamnist
+from stages.common.config import ConfigError, parse
+from stages.common.utils import StageError
 from stages.sources.base import Context, Notes
+from stages.sources.classification import covid_radiography, folder, kermany, pneumoniamnist
 from stages.sources.config import (
     ClassificationData,
     ClassificationSource,
     DetectionData,
     DetectionSource,
 )
-from stages.utils import StageError
+from stages.sources.detection import chestxdet10, nih_bbox
 
 
 def ctx(tmp_path: Path, key: str, prefix: str | None = None) -> Context:

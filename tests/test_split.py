@@ -12,11 +12,12 @@ import yaml
 from PIL import Image
 
 from stages import download, split
-from stages.config import ConfigError, parse
+from stages.common.config import ConfigError, parse
+from stages.common.paths import SPLITS
+from stages.common.utils import StageError
 from stages.sources.config import ClassificationData, DetectionData
 from stages.sources.intake import MANIFEST_COLUMNS
 from stages.split import SplitConfig
-from stages.utils import StageError
 
 
 def fake_manifest(path: Path, n_patients: int = 300, seed: int = 0) -> pd.DataFrame:
@@ -57,7 +58,7 @@ def run(cfg: SplitConfig, tmp_path: Path, name: str = "out", task: str = "classi
 
 def read_splits(out: Path) -> pd.DataFrame:
     return pd.concat(
-        [pd.read_csv(out / f"{s}.csv", dtype=str, keep_default_na=False) for s in split.SPLITS]
+        [pd.read_csv(out / f"{s}.csv", dtype=str, keep_default_na=False) for s in SPLITS]
     )
 
 
@@ -74,7 +75,7 @@ def test_random_ratios_groups_and_no_leaks(tmp_path):
     assert m["duplicate_hashes_shared_across_splits"] == 0
     for label in ("NORMAL", "PNEUMONIA"):
         total = (df["label"] == label).sum()
-        for s, ratio in zip(split.SPLITS, (0.8, 0.1, 0.1), strict=True):
+        for s, ratio in zip(SPLITS, (0.8, 0.1, 0.1), strict=True):
             got = m["counts"][s][label]
             assert abs(got - ratio * total) <= 6, (s, label, got, ratio * total)
     saved = json.loads((tmp_path / "out.json").read_text())
@@ -86,7 +87,7 @@ def test_random_is_deterministic_and_seeded(tmp_path):
     run(SplitConfig(seed=1), tmp_path, "a")
     run(SplitConfig(seed=1), tmp_path, "b")
     run(SplitConfig(seed=2), tmp_path, "c")
-    for s in split.SPLITS:
+    for s in SPLITS:
         a = (tmp_path / "a" / f"{s}.csv").read_bytes()
         assert a == (tmp_path / "b" / f"{s}.csv").read_bytes()
     assert (tmp_path / "a/test.csv").read_bytes() != (tmp_path / "c/test.csv").read_bytes()
@@ -190,7 +191,7 @@ def test_detection_coco_subsets(tmp_path):
     download.run(cfg, "detection", tmp_path / "raw", tmp_path / "dl")
     m = run(SplitConfig(mode="official"), tmp_path, task="detection")
     total_boxes = 0
-    for s in split.SPLITS:
+    for s in SPLITS:
         coco = json.loads((tmp_path / f"out/{s}.json").read_text())
         csv = pd.read_csv(tmp_path / f"out/{s}.csv", dtype=str, keep_default_na=False)
         assert [c["name"] for c in coco["categories"]] == ["Nodule", "Mass"]
@@ -209,4 +210,4 @@ def test_cli_writes_metrics(params, tmp_path, monkeypatch):
     split.main(["--task", "classification", "--params", "params.yaml"])
     metrics = json.loads(Path("metrics/split_classification.json").read_text())
     assert metrics["seed"] == 3 and metrics["patients_shared_across_splits"] == 0
-    assert all(Path(f"data/split/classification/{s}.csv").is_file() for s in split.SPLITS)
+    assert all(Path(f"data/split/classification/{s}.csv").is_file() for s in SPLITS)

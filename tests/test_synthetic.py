@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.config import ConfigError, parse
+from stages.common.config import ConfigError, parse
 from stages.sources import phantom
 from stages.sources.synthetic import (
     SyntheticClassificationConfig,

@@ -8,14 +8,15 @@ import pytest
 import yaml
 
 import stages  # noqa: F401  (torch before TensorFlow)
-from stages.aug_classification import ClassificationPolicy
-from stages.cache import open_split, write_meta, write_policy, write_split
+from stages.classifier.augment import ClassificationPolicy
 from stages.classifier.config import TrainClassifierConfig
 from stages.classifier.data import class_indices, load_class_split, make_dataset
 from stages.classifier.predict import labels_for, load_classifier, load_info, predict_proba
-from stages.config import parse, to_dict
-from stages.train_classifier import main, train
-from stages.utils import StageError, read_json
+from stages.classifier.train import train
+from stages.common.cache import open_split, write_meta, write_policy, write_split
+from stages.common.config import parse, to_dict
+from stages.common.utils import StageError, read_json
+from stages.train_classifier import main
 
 S = 48
 METRIC_KEYS = {

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 import stages  # noqa: F401
-from stages import cache
-from stages.detector import TrainDetectorConfig
+from stages.common import cache
+from stages.common.utils import StageError
 from stages.detector import engine as E
+from stages.detector.config import TrainDetectorConfig
 from stages.detector.data import DetectionCacheDataset, make_loader
 from stages.detector.model import build_detector, load_detector, predict
-from stages.train_detector import main, train
-from stages.utils import StageError
+from stages.detector.train import train
+from stages.train_detector import main
 
 CLASSES = ["Square", "Disk"]
 TINY = TrainDetectorConfig(
@@ -246,7 +247,6 @@ def test_cli_reads_its_params_section(tiny, tmp_path, params):
         "epochs": 1,
         "fpn_channels": 64,
         "threads": 1,
-        "checkpoint_dir": "ckpt",
     }
     (tmp_path / "p.yaml").write_text(json.dumps(params))  # JSON is YAML
     main(
@@ -261,6 +261,8 @@ def test_cli_reads_its_params_section(tiny, tmp_path, params):
             "m/metrics.json",
             "--live",
             "live",
+            "--checkpoint-dir",
+            "ckpt",
         ]
     )
     assert json.loads((tmp_path / "m" / "metrics.json").read_text())["epochs_run"] == 1

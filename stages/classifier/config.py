@@ -1,6 +1,6 @@
 """The ``train_classifier`` params schema and the head/loss rules, importable without TensorFlow.
 
-Input: the ``train_classifier`` section of params.yaml (parsed by ``stages.config``).
+Input: the ``train_classifier`` section of params.yaml (parsed by ``stages.common.config``).
 Output: a frozen ``TrainClassifierConfig``; ``head_encoding`` tells how labels are encoded for
 a head/loss pair, or refuses a pair that cannot learn. No run command of its own.
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from stages.config import check
+from stages.common.cache import AugmentConfig
+from stages.common.config import check
 
 Arch = Literal[
     "as_is",
@@ -198,8 +199,91 @@ def head_encoding(activation: str, units: int, loss: str, n_classes: int | None)
     return "onehot"
 
 
+@dataclass(frozen=True)
+class EvalClassificationConfig:
+    """``evaluate.classification``; see params.yaml for the meaning of each key."""
+
+    threshold: Literal["youden", "sensitivity"] = "youden"
+    target_sensitivity: float = 0.95
+    positive_class: str | tuple[str, ...] = "PNEUMONIA"
+    bootstrap: int = 1000
+    ci: float = 0.95
+    seed: int = 0
+    n_samples_grid: int = 16
+    n_gradcam: int = 8
+    batch_size: int = 64
+    # Test-time augmentation: mean probability of each image and its mirror image (val and test
+    # alike, so the threshold is chosen on what is scored). Serving applies the same.
+    tta: Literal["none", "hflip"] = "none"
+    # temperature: one scalar T fitted on validation (NLL), probabilities softmax(log p / T).
+    calibration: Literal["none", "temperature"] = "none"
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.target_sensitivity <= 1.0, "target_sensitivity: must be in (0, 1]")
+        check(self.bootstrap >= 0, "bootstrap: resamples must be >= 0 (0 = no intervals)")
+        check(0.0 < self.ci < 1.0, "ci: must be in (0, 1), e.g. 0.95")
+        check(self.n_samples_grid >= 0 and self.n_gradcam >= 0, "n_samples_grid/n_gradcam: >= 0")
+        check(self.batch_size >= 1, "batch_size: must be >= 1")
+        check(len(self.positives) >= 1, "positive_class: give a class name or a list of names")
+
+    @property
+    def positives(self) -> tuple[str, ...]:
+        pc = self.positive_class
+        return (pc,) if isinstance(pc, str) else tuple(pc)
+
+
+@dataclass(frozen=True)
+class ClassificationPolicy:
+    """Ranges of the random transforms; every draw is uniform in [-x, x] (zoom: 1 +- x).
+
+    rotation: degrees. zoom: relative scale (0.2 -> 0.8..1.2, > 1 zooms out). shear: shear
+    factor x += s*y (tan of the angle, as keras RandomShear; ImageDataGenerator's shear_range
+    was in degrees, so seed 002's "0.2" was almost no shear). shift: fraction of width/height.
+    brightness: additive, fraction of 255. contrast: factor 1 +- x around each image's mean.
+    """
+
+    rotation: float = 10.0
+    zoom: float = 0.2
+    shear: float = 0.2
+    shift: float = 0.1
+    # Flipping a chest X-ray puts the heart on the wrong side (dextrocardia look-alike); the seeds
+    # flipped anyway and pneumonia cues are roughly symmetric, so it stays on by default.
+    hflip: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.1
+    # "nearest" repeats the border instead of adding black corners a model could learn to use.
+    fill_mode: Literal["nearest", "constant"] = "nearest"
+
+    def __post_init__(self) -> None:
+        check(
+            0 <= self.rotation <= 180, f"rotation must be in [0, 180] degrees, got {self.rotation}"
+        )
+        check(0 <= self.zoom < 1, f"zoom must be in [0, 1), got {self.zoom}")
+        check(0 <= self.shear <= 1, f"shear must be in [0, 1], got {self.shear}")
+        check(0 <= self.shift <= 0.5, f"shift must be in [0, 0.5], got {self.shift}")
+        check(0 <= self.brightness <= 1, f"brightness must be in [0, 1], got {self.brightness}")
+        check(0 <= self.contrast < 1, f"contrast must be in [0, 1), got {self.contrast}")
+
+    @property
+    def geometric(self) -> bool:
+        return any((self.rotation, self.zoom, self.shear, self.shift))
+
+
+@dataclass(frozen=True)
+class ClassificationAugmentConfig(AugmentConfig):
+    image_size: int = 128
+    resize: Literal["stretch", "pad"] = "stretch"
+    policy: ClassificationPolicy = field(default_factory=ClassificationPolicy)
+
+
+AUGMENT_CONFIG = (
+    ClassificationAugmentConfig  # the augment.<task> section (stages.augment loads it by task)
+)
+EVALUATE_CONFIG = EvalClassificationConfig  # the evaluate.<task> section
+
 __all__ = [
     "APPLICATION_ARCHS",
+    "EvalClassificationConfig",
     "DROPOUT_SLOTS",
     "EarlyStoppingConfig",
     "HeadConfig",

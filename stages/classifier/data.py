@@ -1,12 +1,12 @@
 """tf.data input for the classifier, streaming from the augment cache's memory-mapped images.
 
-Input: a cache split (``stages.cache.open_split``): uint8 (N, S, S) memmap + index.csv.
+Input: a cache split (``stages.common.cache.open_split``): uint8 (N, S, S) memmap + index.csv.
 Output: batched ``(images float32 (B, S, S, 1) in [0, 255], targets[, sample weights])``.
 Used by ``stages.train_classifier``; no run command of its own.
 
 Pipeline: range(N) -> shuffle (seeded, new order each epoch) -> batch -> repeat -> parallel map
 that sorts the batch's row numbers and gathers them from the memmap in one read ->
-augmentation (stages.aug_classification, on whole batches, keyed by the global batch number so
+augmentation (stages.classifier.augment, on whole batches, keyed by the global batch number so
 every epoch draws new transforms) -> prefetch. Only row numbers are shuffled, so process memory
 does not grow with the dataset: the images stay in the memmap (the OS page cache), never in a
 tensor. Labels and weights are tiny (N,) arrays held as constants.
@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from stages.aug_classification import ClassificationPolicy, augment_dataset
-from stages.cache import open_split
+from stages.classifier.augment import ClassificationPolicy, augment_dataset
 from stages.classifier.config import Encoding
+from stages.common.cache import open_split
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,17 @@
 """evaluate@classification: score the classifier on the TEST split, threshold from VALIDATION.
 
-Inputs:  data/augment/classification/{meta.json, val/, test/} (contract 3),
-         models/classifier.keras (+ its sidecar), params ``evaluate.classification``
-Outputs: metrics/classifier.json (top-level accuracy, roc_auc, precision, recall, specificity, f1
-         on test at the validation-chosen threshold), reports/classifier/plots/{roc,pr,confusion}.csv
-         (DVC plots), reports/classifier/{roc,pr,confusion,samples,gradcam}.png, model_card.md
-Run:     python -m stages.evaluate --task classification
+Inputs:  data/augment/classification/{meta.json, val/, test/} (``stages.common.cache``), one or
+         more .keras models (+ sidecars; several = an ensemble of their mean probability),
+         params ``evaluate.classification``
+Outputs: metrics/classifier.json (headline: accuracy, roc_auc, specificity, recall, precision,
+         f1, pr_auc, CI bounds, threshold, per test set accuracy/roc_auc), and
+         reports/classifier/: evaluation.json (everything, including the decision rule that
+         serving applies), plots/{roc,pr,confusion}.csv (DVC plots),
+         {roc,pr,confusion,samples,gradcam}.png, model_card.md
+Run:     python -m stages.evaluate --task classification [--model a.keras --model b.keras]
+
+The threshold (and the temperature, with ``calibration: temperature``) are fitted on VALIDATION
+only; test-time augmentation (``tta: hflip``) averages each image with its mirror image.
 
 Binary metrics are always "positive class(es) vs the rest" on the summed probability of the
 positive classes, so a 3- or 4-class model gets sensitivity/specificity too; with more than two
@@ -15,51 +21,21 @@ classes, argmax accuracy and one-vs-rest AUCs are reported as well.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
-from dataclasses import dataclass
+import re
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from stages.cache import CacheSplit, load_meta, open_split
 from stages.classifier import metrics as M
-from stages.config import check, to_dict
-from stages.utils import StageError, read_json, seed_everything, write_json
+from stages.classifier.config import EvalClassificationConfig
+from stages.common import paths
+from stages.common.cache import CacheSplit, load_meta, open_split
+from stages.common.config import to_dict
+from stages.common.paths import SPLITS
+from stages.common.utils import StageError, atomic_dir, read_json, seed_everything, write_json
 
 log = logging.getLogger("stages.evaluate")
-PLOT_FILES = ("roc.csv", "pr.csv", "confusion.csv")
-REPORT_FILES = ("roc.png", "pr.png", "confusion.png", "samples.png", "gradcam.png", "model_card.md")
-
-
-@dataclass(frozen=True)
-class EvalClassificationConfig:
-    """``evaluate.classification``; see params.yaml for the meaning of each key."""
-
-    threshold: Literal["youden", "sensitivity"] = "youden"
-    target_sensitivity: float = 0.95
-    positive_class: str | tuple[str, ...] = "PNEUMONIA"
-    bootstrap: int = 1000
-    ci: float = 0.95
-    seed: int = 0
-    n_samples_grid: int = 16
-    n_gradcam: int = 8
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        check(0.0 < self.target_sensitivity <= 1.0, "target_sensitivity: must be in (0, 1]")
-        check(self.bootstrap >= 0, "bootstrap: resamples must be >= 0 (0 = no intervals)")
-        check(0.0 < self.ci < 1.0, "ci: must be in (0, 1), e.g. 0.95")
-        check(self.n_samples_grid >= 0 and self.n_gradcam >= 0, "n_samples_grid/n_gradcam: >= 0")
-        check(self.batch_size >= 1, "batch_size: must be >= 1")
-        check(len(self.positives) >= 1, "positive_class: give a class name or a list of names")
-
-    @property
-    def positives(self) -> tuple[str, ...]:
-        pc = self.positive_class
-        return (pc,) if isinstance(pc, str) else tuple(pc)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -75,8 +51,9 @@ def positive_indices(classes: list[str], positives: tuple[str, ...]) -> list[int
     return [classes.index(c) for c in positives]
 
 
-def select_rows(split: CacheSplit, info, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images, class indices in the MODEL's class order) of the rows the model has a class for.
+def select_rows(split: CacheSplit, info, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, class indices in the MODEL's class order, row numbers) of the rows the model has
+    a class for.
 
     Rows of other classes are dropped, as training dropped them (train_classifier.classes /
     class_map); the same mapping code is used (``predict.labels_for``).
@@ -90,10 +67,11 @@ def select_rows(split: CacheSplit, info, name: str) -> tuple[np.ndarray, np.ndar
             f"{name} split has no image of the model's classes {list(info.classes)} (labels "
             f"{sorted(set(split.index['label']))}): re-run train-classifier on this cache"
         )
+    rows = np.flatnonzero(keep)
     if keep.all():
-        return split.images, y
+        return split.images, y, rows
     log.info("%s: %d of %d rows are not model classes; dropped", name, (~keep).sum(), len(y))
-    return np.asarray(split.images[np.flatnonzero(keep)]), y[keep]
+    return np.asarray(split.images[rows]), y[keep], rows
 
 
 # --------------------------------------------------------------------------- metrics
@@ -125,8 +103,13 @@ def compute_metrics(
     proba_val: np.ndarray,
     y_test: np.ndarray,
     proba_test: np.ndarray,
+    test_sets: np.ndarray | None = None,
 ) -> dict:
-    """The whole metrics document; the threshold comes from the validation arrays alone."""
+    """The whole evaluation document; the threshold comes from the validation arrays alone.
+
+    ``test_sets`` (one name per test row, e.g. the source each image came from): with more than
+    one name, each set is also scored on its own at the same threshold (``test_sets`` block).
+    """
     bv, pv = binary_view(classes, cfg.positives, y_val, proba_val)
     bt, pt = binary_view(classes, cfg.positives, y_test, proba_test)
     for name, b in (("val", bv), ("test", bt)):
@@ -161,6 +144,18 @@ def compute_metrics(
     # Labelled as validation: the threshold was fitted here, so these figures are optimistic.
     doc["val"] = {"split": "val", "n_val": int(y_val.size), **_binary_block(bv, pv, threshold)}
     doc["val"]["at_0_5"] = _at_05(bv, pv)
+    names = sorted(set(test_sets.tolist())) if test_sets is not None else []
+    if len(names) > 1:
+        doc["test_sets"] = {}
+        for name in names:
+            sel = test_sets == name
+            block = {"n_test": int(sel.sum())}
+            if bt[sel].min() == bt[sel].max():  # one class only: no AUC, accuracy still means
+                block.update(M.binary_metrics(bt[sel], pt[sel], threshold))
+                block.update(roc_auc=None, pr_auc=None)
+            else:
+                block.update(_binary_block(bt[sel], pt[sel], threshold))
+            doc["test_sets"][name] = block
     if len(classes) > 2:
         mc = M.multiclass_metrics(y_test, proba_test, classes)
         doc.update(multiclass_accuracy=mc["accuracy"], macro_roc_auc=mc["macro_roc_auc"])
@@ -172,12 +167,65 @@ def compute_metrics(
 # --------------------------------------------------------------------------- run
 
 
-def _load_model(model_path: Path):  # -> (keras.Model, predict.ClassifierInfo)
+def source_keys(paths: pd.Series) -> np.ndarray:
+    """The source key of each image (the folder below ``images/`` the download stage wrote it
+    to: the source name, suffixed when a name repeats), e.g. ``kermany_2``."""
+    return (
+        paths.astype(str).str.extract(r"(?:^|/)images/([^/]+)/", expand=False).fillna("").to_numpy()
+    )
+
+
+def headline(doc: dict) -> dict:
+    """The flat figures `dvc exp show` compares (metrics/classifier.json): test split at the
+    validation threshold, with the bootstrap CI bounds. Everything else (the val block, figures
+    at 0.5, confusion matrix, multi-class tables, per-test-set blocks) stays in
+    reports/classifier/evaluation.json. Keys carry no dots (DVC flattens nested keys with them)."""
+    out = {"n_test": doc["n_test"]}
+    for key in ("accuracy", "roc_auc", "specificity", "recall", "precision", "f1", "pr_auc"):
+        out[key] = doc[key]
+    for key in ("accuracy", "roc_auc"):
+        ci = doc.get(f"{key}_ci")
+        if ci:
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = ci
+    out["threshold"] = doc["threshold"]
+    out["accuracy_at_0_5"] = doc["at_0_5"]["accuracy"]  # the seeds' convention (argmax / 0.5)
+    if "multiclass_accuracy" in doc:
+        out["multiclass_accuracy"] = doc["multiclass_accuracy"]
+        out["macro_roc_auc"] = doc["macro_roc_auc"]
+    for name, block in doc.get("test_sets", {}).items():
+        key = re.sub(r"\W+", "_", name)
+        out[f"test_{key}_accuracy"] = block["accuracy"]
+        out[f"test_{key}_roc_auc"] = block["roc_auc"]
+    return out
+
+
+def load_models(model_paths: list[Path]) -> tuple[list, object]:
+    """The models and their common sidecar info; several models must agree on classes, input
+    size and resize (they are averaged as one ensemble)."""
     from stages.classifier import predict  # TensorFlow import: only when a model is needed
 
-    if not Path(model_path).is_file():
-        raise StageError(f"{model_path} not found: run train-classifier first (dvc repro)")
-    return predict.load_classifier(model_path), predict.load_info(model_path)
+    if not model_paths:
+        raise StageError("no classifier model given")
+    models, infos = [], []
+    for path in model_paths:
+        if not Path(path).is_file():
+            raise StageError(f"{path} not found: run train-classifier first (dvc repro)")
+        models.append(predict.load_classifier(path))
+        infos.append(predict.load_info(path))
+    first = infos[0]
+    for path, info in zip(model_paths[1:], infos[1:], strict=True):
+        same = (info.classes, info.image_size, info.resize) == (
+            first.classes,
+            first.image_size,
+            first.resize,
+        )
+        if not same:
+            raise StageError(
+                f"{path} does not match {model_paths[0]} (classes / image size / resize: "
+                f"{info.classes} {info.image_size} {info.resize} vs {first.classes} "
+                f"{first.image_size} {first.resize}); an ensemble needs models of one cache"
+            )
+    return models, first
 
 
 def _write_plot_data(
@@ -185,6 +233,7 @@ def _write_plot_data(
 ) -> None:
     """DVC plot data: roc.csv (fpr, tpr, threshold), pr.csv (recall, precision, threshold),
     confusion.csv (actual, predicted: one row per test image, for the confusion template)."""
+    out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(M.roc_points(bt, pt)).to_csv(out / "roc.csv", index=False)
     pd.DataFrame(M.pr_points(bt, pt)).to_csv(out / "pr.csv", index=False)
     pd.DataFrame({"actual": actual, "predicted": predicted}).to_csv(
@@ -195,31 +244,53 @@ def _write_plot_data(
 def run(
     cfg: EvalClassificationConfig,
     cache_dir: Path,
-    model_path: Path,
+    model_paths: list[Path],
     metrics_path: Path,
-    plots_dir: Path,
     report_dir: Path,
     train_metrics_path: Path | None = None,
 ) -> dict:
-    """Evaluate ``model_path`` on the cache's val/test splits and write every output."""
-    from stages.classifier import report  # matplotlib: only imported when writing figures
+    """Evaluate the model (or the mean of several: an ensemble) on the cache's val/test splits;
+    write the headline metrics and the report folder. Returns the full evaluation document."""
+    from stages.classifier import predict, report  # TensorFlow / matplotlib: only here
 
     seed_everything(cfg.seed)
-    cache_dir, model_path, metrics_path = Path(cache_dir), Path(model_path), Path(metrics_path)
-    plots_dir, report_dir = Path(plots_dir), Path(report_dir)
+    cache_dir, metrics_path, report_dir = Path(cache_dir), Path(metrics_path), Path(report_dir)
+    model_paths = [Path(p) for p in model_paths]
     meta = load_meta(cache_dir)
     splits = {s: open_split(cache_dir, s) for s in ("val", "test")}
     for name, split in splits.items():
         if len(split) == 0:
             raise StageError(f"{cache_dir}/{name} is empty: the split stage gave it no images")
-    model, info = _load_model(model_path)
+    models, info = load_models(model_paths)
     classes = list(info.classes)
-    images, y, proba = {}, {}, {}
+    images, y, proba, rows = {}, {}, {}, {}
     for s, sp in splits.items():
-        images[s], y[s] = select_rows(sp, info, s)
-        log.info("predicting %d %s images", len(y[s]), s)
-        proba[s] = _predict(model, images[s], cfg.batch_size, len(classes))
-    doc = compute_metrics(cfg, classes, y["val"], proba["val"], y["test"], proba["test"])
+        images[s], y[s], rows[s] = select_rows(sp, info, s)
+        log.info(
+            "predicting %d %s images with %d model(s), tta %s", len(y[s]), s, len(models), cfg.tta
+        )
+        proba[s] = predict.ensemble_proba(models, images[s], cfg.batch_size, cfg.tta)
+        if proba[s].shape != (len(images[s]), len(classes)):
+            raise StageError(
+                f"model gave probabilities of shape {proba[s].shape}, expected "
+                f"({len(images[s])}, {len(classes)}): re-train the classifier on this cache"
+            )
+    temperature = 1.0
+    if cfg.calibration == "temperature":  # fitted on validation only, like the threshold
+        temperature = M.fit_temperature(y["val"], proba["val"])
+        proba = {s: M.apply_temperature(p, temperature) for s, p in proba.items()}
+    test_index = splits["test"].index.iloc[rows["test"]]
+    test_sets = source_keys(test_index["path"])
+    doc = compute_metrics(cfg, classes, y["val"], proba["val"], y["test"], proba["test"], test_sets)
+    doc["decision"] = {
+        "classes": classes,
+        "positive_class": list(cfg.positives),
+        "threshold": doc["threshold"],
+        "threshold_method": cfg.threshold,
+        "temperature": temperature,
+        "tta": cfg.tta,
+        "models": [p.as_posix() for p in model_paths],
+    }
 
     bt, pt = binary_view(classes, cfg.positives, y["test"], proba["test"])
     if len(classes) == 2:  # binary: the confusion at the chosen threshold, in class names
@@ -232,49 +303,32 @@ def run(
     train_metrics_path = train_metrics_path or metrics_path.parent / "train_classifier.json"
     model_info = {
         "model": info.to_json(),
+        "models": doc["decision"]["models"],
         "training": read_json(train_metrics_path) if train_metrics_path.is_file() else None,
     }
-    # Build everything in a scratch folder first: a failure leaves the old outputs untouched.
-    report_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=report_dir.parent, prefix=".evaluate.") as tmp:
-        stage = Path(tmp)
-        _write_plot_data(stage, bt, pt, actual, predicted)
-        report.write_figures(stage, doc, model, images["test"], proba["test"], bt, pt, cfg)
+    # The whole folder is built aside and swapped in: a failure leaves the old report untouched.
+    with atomic_dir(report_dir) as tmp:
+        _write_plot_data(tmp / paths.PLOTS_NAME, bt, pt, actual, predicted)
+        report.write_figures(tmp, doc, models[0], images["test"], proba["test"], bt, pt, cfg)
         card = report.model_card(doc, meta, _split_tables(cache_dir), model_info, to_dict(cfg))
-        (stage / "model_card.md").write_text(card)
-        plots_dir.mkdir(parents=True, exist_ok=True)
-        report_dir.mkdir(parents=True, exist_ok=True)
-        for name in PLOT_FILES:
-            shutil.move(stage / name, plots_dir / name)
-        for name in REPORT_FILES:
-            shutil.move(stage / name, report_dir / name)
-    write_json(metrics_path, doc)
+        (tmp / "model_card.md").write_text(card)
+        write_json(tmp / paths.EVALUATION_NAME, doc)
+    write_json(metrics_path, headline(doc))
     log.info(
-        "test: accuracy %.4f roc_auc %.4f (threshold %.4f from val, %s)",
+        "test: accuracy %.4f roc_auc %.4f specificity %.4f (threshold %.4f from val, %s)",
         doc["accuracy"],
         doc["roc_auc"],
+        doc["specificity"],
         doc["threshold"],
         doc["threshold_method"],
     )
     return doc
 
 
-def _predict(model, images: np.ndarray, batch_size: int, n_classes: int) -> np.ndarray:
-    from stages.classifier import predict
-
-    proba = np.asarray(predict.predict_proba(model, images, batch_size), dtype=np.float64)
-    if proba.shape != (len(images), n_classes):
-        raise StageError(
-            f"model gave probabilities of shape {proba.shape}, expected "
-            f"({len(images)}, {n_classes}): re-train the classifier on this cache"
-        )
-    return proba
-
-
 def _split_tables(cache_dir: Path) -> dict[str, pd.DataFrame]:
     """The index of every split present in the cache (for counts in the model card)."""
     out = {}
-    for s in ("train", "val", "test"):
+    for s in SPLITS:
         if (Path(cache_dir) / s).is_dir():
             out[s] = open_split(cache_dir, s).index
     return out

@@ -1,6 +1,6 @@
 """Grad-CAM heatmaps for the Keras 3 classifier (Selvaraju et al. 2017), with TF GradientTape.
 
-Input: a loaded classifier (contract 5: input (S, S, 1) in [0, 255], probabilities out, possibly
+Input: a loaded classifier (``stages.classifier.predict``: input (S, S, 1) in [0, 255], probabilities out, possibly
 with a keras.applications base model nested inside) and one uint8 (S, S) image.
 Output: a float32 (S, S) heatmap in [0, 1]; ``overlay`` blends it onto the image as RGB uint8.
 Used by ``stages.classifier.report``; no run command of its own.

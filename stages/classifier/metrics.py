@@ -227,6 +227,44 @@ def multiclass_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[str])
 # --------------------------------------------------------------------------- curves
 
 
+def fit_temperature(y: np.ndarray, proba: np.ndarray) -> float:
+    """The temperature T > 0 minimising the negative log-likelihood of class indices ``y`` under
+    ``apply_temperature(proba, T)`` (Guo et al. 2017). Fit it on validation only."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y, dtype=np.int64)
+    logp = np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-12, 1.0))
+
+    def nll(log_t: float) -> float:
+        z = logp / np.exp(log_t)
+        z -= z.max(axis=1, keepdims=True)
+        return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).mean())
+
+    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(res.x))
+
+
+def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(proba) / T): T > 1 softens over-confident probabilities, ranks unchanged."""
+    z = np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-12, 1.0)) / float(temperature)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """ECE of binary scores ``p`` (P(positive)) in equal-width bins."""
+    y, p = _binary_inputs(y, p)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            total += sel.mean() * abs(p[sel].mean() - y[sel].mean())
+    return float(total)
+
+
 def roc_points(y: np.ndarray, p: np.ndarray) -> dict[str, list[float]]:
     """ROC curve (fpr, tpr, threshold); the 'nothing positive' start point gets threshold 1.0."""
     y, p = _binary_inputs(y, p)

@@ -23,7 +23,7 @@ import keras
 from keras import layers
 
 from stages.classifier.config import APPLICATION_ARCHS, TrainClassifierConfig
-from stages.utils import StageError
+from stages.common.utils import StageError
 
 # Per base: constructor, ImageNet file name (keras' cache, notop) and pixel preprocessing
 # ("caffe": BGR mean subtraction on 0..255; "tf": [-1, 1]; "torch": ImageNet mean/std on 0..1;

@@ -1,4 +1,4 @@
-"""Load the trained classifier and turn images into class probabilities (contract 5).
+"""Load the trained classifier and turn images into class probabilities, in the sidecar's class order.
 
 Input: ``models/classifier.keras`` and its sidecar ``models/classifier.meta.json`` (classes in
 output order, class_map, head, image size and resize mode); images as uint8 (N, S, S) arrays or memmaps.
@@ -8,6 +8,7 @@ Used by the evaluate stage and the reports; no run command of its own.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from stages.classifier.data import class_indices
-from stages.utils import StageError, read_json, write_json
+from stages.common.utils import StageError, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,8 +35,9 @@ class ClassifierInfo:
     encoding: str
     image_size: int
     arch: str
-    # How images were brought to image_size (stages.cache.resize_gray): predict must match it.
+    # How images were brought to image_size (stages.common.cache.resize_gray): predict must match it.
     resize: str = "stretch"
+    intensity: str = "none"  # stages.common.cache.prepare_gray's intensity normalisation
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -44,10 +48,25 @@ class ClassifierInfo:
             "image_size": self.image_size,
             "arch": self.arch,
             "resize": self.resize,
+            "intensity": self.intensity,
             # For readers of the file: probability columns follow "classes"; with 1 sigmoid
             # unit the model outputs P(classes[1]).
             "input": "float32 (S, S, 1) grey in [0, 255]; rescaling is inside the model",
         }
+
+
+def set_tf_threads(threads: int) -> None:
+    """Pin TensorFlow's thread pools (0 = TF's default: all cores). Only possible before TF
+    has started; later calls keep its pools and log a warning."""
+    if threads <= 0:
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:  # TF already initialised in this process (tests, notebooks)
+        log.warning("threads=%d ignored: TensorFlow was already initialised", threads)
 
 
 def sidecar_path(model_path: str | Path) -> Path:
@@ -73,6 +92,7 @@ def load_info(model_path: str | Path) -> ClassifierInfo:
         image_size=int(d["image_size"]),
         arch=d["arch"],
         resize=d.get("resize", "stretch"),  # sidecars older than the field: the cache default
+        intensity=d.get("intensity", "none"),
     )
 
 
@@ -115,6 +135,33 @@ def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int = 64) 
         p = np.asarray(model.predict_on_batch(x), dtype=np.float32).reshape(len(x), units)
         out[start : start + len(x)] = to_probabilities(p, activation)
     return out
+
+
+def ensemble_proba(
+    models: list[keras.Model], images: np.ndarray, batch_size: int = 64, tta: str = "none"
+) -> np.ndarray:
+    """Mean (N, C) probability over ``models`` and, with ``tta="hflip"``, over each image and its
+    mirror image. One model without TTA is exactly ``predict_proba``."""
+    if tta not in ("none", "hflip"):
+        raise ValueError(f"tta must be 'none' or 'hflip', got {tta!r}")
+    views = [images] if tta == "none" else [images, _Mirrored(images)]
+    total = None
+    for model in models:
+        for view in views:
+            p = predict_proba(model, view, batch_size).astype(np.float64)
+            total = p if total is None else total + p
+    return (total / (len(models) * len(views))).astype(np.float32)
+
+
+class _Mirrored:
+    """Left-right mirrored view of an (N, S, S) array, read batch by batch (memmaps stay lazy)."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+        self.shape, self.ndim = images.shape, images.ndim
+
+    def __getitem__(self, key):
+        return np.asarray(self.images[key])[..., ::-1]
 
 
 def to_probabilities(outputs: np.ndarray, activation: str) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Streaming torch Dataset over one detection cache split, plus its DataLoader.
 
-Inputs: ``data/augment/detection/<split>/{images.npy, annotations.json}`` (contract 3) and an
-optional ``DetectionTransform`` (contract 4). Items: ``(image float32 (1, S, S) in [0, 1],
+Inputs: ``data/augment/detection/<split>/{images.npy, annotations.json}`` (``stages.common.cache``) and an
+optional ``DetectionTransform`` (``stages.detector.augment``). Items: ``(image float32 (1, S, S) in [0, 1],
 {"boxes" float32 (K, 4) xyxy cache pixels, "labels" int64 (K,) category ids 1..K, "image_id"})``;
 images without boxes are kept as negatives (boxes of shape (0, 4)).
 No run command: used by ``python -m stages.train_detector``.
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from stages.cache import open_split
-from stages.utils import StageError
+from stages.common.cache import open_split
+from stages.common.utils import StageError
 
 Target = dict[str, Any]
 Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]

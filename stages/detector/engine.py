@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 from torchmetrics.detection import MeanAveragePrecision
 from tqdm import tqdm
 
-from stages.detector import TrainDetectorConfig
+from stages.common.utils import StageError
+from stages.detector.config import TrainDetectorConfig
 from stages.detector.model import atomic_torch_save
-from stages.utils import StageError
 
 # --------------------------------------------------------------------------- distributed
 

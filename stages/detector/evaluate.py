@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from dataclasses import dataclass
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,41 +30,22 @@ import torch
 from torchmetrics.detection import MeanAveragePrecision
 from tqdm import tqdm
 
-from stages.cache import open_split
-from stages.config import check
+from stages.common import paths
+from stages.common.cache import open_split
+from stages.common.utils import (
+    StageError,
+    atomic_dir,
+    seed_everything,
+    set_torch_threads,
+    write_json,
+)
 from stages.detector import report
+from stages.detector.config import EvalDetectionConfig
 from stages.detector.froc import FrocResult, evaluate_froc, mean_curve
 from stages.detector.model import load_detector, predict
-from stages.utils import StageError, atomic_dir, seed_everything, set_torch_threads, write_json
 
 log = logging.getLogger("stages.evaluate")
 Boxes = tuple[np.ndarray, np.ndarray]
-
-
-@dataclass(frozen=True)
-class EvalDetectionConfig:
-    iou: float = 0.5  # FROC hit / report match threshold
-    fps_per_image: tuple[float, ...] = (0.05, 0.1, 0.2)  # ChestX-Det10 operating points
-    froc_max_fp: float = 8.0  # x range of the FROC plot data
-    score_thresh: float = 0.3  # boxes drawn in the report and used for per-image F1
-    batch_size: int = 8
-    n_report_images: int = 6  # best and worst k test images drawn
-    seed: int = 4
-    threads: int = 0  # 0 = all cores
-
-    def __post_init__(self) -> None:
-        check(0 < self.iou <= 1, "iou must be in (0, 1]")
-        check(bool(self.fps_per_image), "fps_per_image must not be empty")
-        check(all(r > 0 for r in self.fps_per_image), "fps_per_image values must be > 0")
-        check(
-            list(self.fps_per_image) == sorted(set(self.fps_per_image)),
-            "fps_per_image must be increasing without repeats",
-        )
-        check(self.froc_max_fp >= max(self.fps_per_image), "froc_max_fp must be >= fps_per_image")
-        check(0 <= self.score_thresh < 1, "score_thresh must be in [0, 1)")
-        check(self.batch_size >= 1, "batch_size must be >= 1")
-        check(self.n_report_images >= 0, "n_report_images must be >= 0")
-        check(self.threads >= 0, "threads must be >= 0 (0 = all cores)")
 
 
 def rate_key(rate: float) -> str:
@@ -152,6 +133,19 @@ def build_metrics(
     }
 
 
+def headline(full: dict) -> dict:
+    """The few flat figures `dvc exp show` compares (metrics/detector.json); the rest stays in
+    reports/detector/evaluation.json. Keys carry no dots (DVC flattens nested keys with dots)."""
+    out = {k: full[k] for k in ("map", "map_50", "froc_avg_recall")}
+    out.update(
+        {f"froc_recall_fp{k.replace('.', '_')}": v for k, v in full["froc_recall_at"].items()}
+    )
+    for name, value in full["ap_50_per_class"].items():
+        out["ap50_" + re.sub(r"\W+", "_", name)] = value
+    out.update(n_test_images=full["n_test_images"], n_gt_boxes=full["n_gt_boxes"])
+    return out
+
+
 def write_plot_data(plots_dir: Path, xs: np.ndarray, ys: np.ndarray, ap50: dict) -> None:
     """froc.csv (fps_per_image, sensitivity) and ap_per_class.csv (class, ap_50; null classes left out)."""
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -165,22 +159,22 @@ def write_plot_data(plots_dir: Path, xs: np.ndarray, ys: np.ndarray, ap50: dict)
         writer.writerows([n, f"{v:.6g}"] for n, v in ap50.items() if v is not None)
 
 
-def _inside(path: Path, parent: Path) -> Path | None:
-    try:
-        return path.resolve().relative_to(parent.resolve())
-    except ValueError:
-        return None
-
-
 def run(
     cfg: EvalDetectionConfig,
     cache_dir: Path,
-    model_path: Path,
+    model_paths: list[Path],
     metrics_path: Path,
-    plots_dir: Path,
     report_dir: Path,
+    train_metrics_path: Path | None = None,
 ) -> dict:
-    """Predict the test split, score it, write metrics, plot data and the report; return metrics."""
+    """Predict the test split, score it, write the headline metrics, plot data and the report
+    (with the full evaluation json); return the full evaluation."""
+    if len(model_paths) != 1:
+        raise StageError(
+            f"evaluate@detection scores one model, got {len(model_paths)}: ensembles of "
+            "detectors are not supported (their boxes would need merging)"
+        )
+    model_path = Path(model_paths[0])
     seed_everything(cfg.seed)
     set_torch_threads(cfg.threads)
     split = open_split(Path(cache_dir), "test")
@@ -211,11 +205,9 @@ def run(
     metrics = build_metrics(coco, froc, names, len(split), n_gt, n_pred, cfg.iou)
     xs, ys = mean_curve(list(froc.curves.values()), cfg.froc_max_fp)
 
-    report_dir, plots_dir = Path(report_dir), Path(plots_dir)
-    nested = _inside(plots_dir, report_dir)
     with atomic_dir(report_dir) as tmp:
-        if nested is not None:  # plots live inside the report: build both in one swap
-            write_plot_data(tmp / nested, xs, ys, metrics["ap_50_per_class"])
+        write_plot_data(tmp / paths.PLOTS_NAME, xs, ys, metrics["ap_50_per_class"])
+        write_json(tmp / paths.EVALUATION_NAME, metrics)
         report.write_report(
             tmp,
             images=split.images,
@@ -232,10 +224,7 @@ def run(
             model_config=model_cfg,
             sources=sorted(set(split.index["source"])) if "source" in split.index else (),
         )
-    if nested is None:
-        with atomic_dir(plots_dir) as tmp:
-            write_plot_data(tmp, xs, ys, metrics["ap_50_per_class"])
-    write_json(metrics_path, metrics)
+    write_json(metrics_path, headline(metrics))
     log.info(
         "map %.4f, map_50 %.4f, froc_avg_recall %s",
         metrics["map"],
@@ -245,4 +234,4 @@ def run(
     return metrics
 
 
-__all__ = ["EvalDetectionConfig", "build_metrics", "coco_map", "predict_all", "rate_key", "run"]
+__all__ = ["build_metrics", "coco_map", "predict_all", "rate_key", "run"]

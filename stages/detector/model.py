@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -33,9 +32,9 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from stages.config import ConfigError, parse, to_dict
-from stages.detector import TrainDetectorConfig
-from stages.utils import StageError
+from stages.common.config import ConfigError, parse, to_dict
+from stages.common.utils import StageError, atomic_file
+from stages.detector.config import TrainDetectorConfig
 
 log = logging.getLogger("stages.detector")
 FORMAT = "cxr-retinanet/1"
@@ -219,7 +218,7 @@ def build_detector(
     return model
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
@@ -236,7 +235,7 @@ def save_detector(
     payload = {
         **(extra or {}),
         "format": FORMAT,
-        "state_dict": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
         "config": to_dict(cfg),
         "classes": list(classes),
         "num_classes": len(classes),
@@ -246,16 +245,8 @@ def save_detector(
 
 def atomic_torch_save(payload: dict[str, Any], path: str | Path) -> None:
     """torch.save to a temp file and rename: an interrupted write never leaves a broken file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_detector(path: str | Path) -> tuple[RetinaNet, TrainDetectorConfig, list[str]]:
@@ -309,7 +300,7 @@ def predict(
 ) -> list[dict[str, np.ndarray]]:
     """Detections per image: {"boxes" float32 (K, 4) xyxy in input pixels, "scores" float32 (K,),
     "labels" int64 (K,) category ids 1..K}. ``images``: uint8 (N, H, W) array or a list of them."""
-    model = _unwrap(model)
+    model = unwrap(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -318,11 +309,14 @@ def predict(
         for start in range(0, len(images), batch_size):
             batch = [_as_tensor(img).to(device) for img in images[start : start + batch_size]]
             for det in model(batch):
+                # Output 0 is the never-trained background column: an untrained or barely trained
+                # model can still score it above score_thresh, and it names no class.
+                keep = (det["labels"] >= 1).cpu().numpy()
                 out.append(
                     {
-                        "boxes": det["boxes"].cpu().numpy().astype(np.float32).reshape(-1, 4),
-                        "scores": det["scores"].cpu().numpy().astype(np.float32),
-                        "labels": det["labels"].cpu().numpy().astype(np.int64),
+                        "boxes": det["boxes"].cpu().numpy().astype(np.float32).reshape(-1, 4)[keep],
+                        "scores": det["scores"].cpu().numpy().astype(np.float32)[keep],
+                        "labels": det["labels"].cpu().numpy().astype(np.int64)[keep],
                     }
                 )
     finally:

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from stages.config import to_dict  # noqa: E402
+from stages.common.config import to_dict  # noqa: E402
 from stages.detector.froc import FrocResult, match_image  # noqa: E402
 
 GT_COLOR, TP_COLOR, FP_COLOR = (0, 200, 0), (255, 165, 0), (230, 30, 30)

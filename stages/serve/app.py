@@ -24,7 +24,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from stages.imageio import ImageRejected  # noqa: E402
+from stages.common import paths
+from stages.common.imageio import ImageRejected  # noqa: E402
+from stages.common.utils import read_json, run_cli  # noqa: E402
 from stages.serve import provenance  # noqa: E402
 from stages.serve.inference import (  # noqa: E402
     CLASSIFIER_METRICS,
@@ -35,15 +37,14 @@ from stages.serve.inference import (  # noqa: E402
     rejection_message,
     set_threads,
 )
-from stages.utils import read_json, run_cli  # noqa: E402
 
 log = logging.getLogger("stages.serve")
 DISCLAIMER = (
     "**Research tool, not a diagnostic device.** The models were trained on public research data "
     "sets; their output must not be used to diagnose or treat anyone."
 )
-CLASS_SPLIT = Path("data/split/classification/test.csv")
-DETECTION_SPLIT = Path("data/split/detection/test.json")
+CLASS_SPLIT = paths.CLASSIFICATION.split / "test.csv"
+DETECTION_SPLIT = paths.DETECTION.split / "test.json"
 
 
 def split_examples(per_class: int = 2, n_detection: int = 2) -> list[list[str]]:
@@ -138,7 +139,7 @@ def build_app(predictor: Predictor, about: str, examples: list[list[str]]) -> gr
                 with gr.Row():
                     cam = gr.Image(label="Grad-CAM", format="png", elem_id="gradcam")
                     boxes = gr.Image(label="Detector boxes", format="png", elem_id="boxes")
-                raw = gr.JSON(label="JSON (as python -m stages.predict writes it)")
+                raw = gr.JSON(label="JSON (as python -m stages.serve.predict writes it)")
         upload.change(
             make_handler(predictor),
             inputs=[upload],
@@ -173,7 +174,7 @@ def launch(demo: gr.Blocks, host: str, port: int, max_upload_mb: float, block: b
         pwa=False,
         show_error=False,
         quiet=not block,
-        allowed_paths=["data/raw"],  # the test-split example images
+        allowed_paths=[str(paths.RAW)],  # the test-split example images
     )
 
 

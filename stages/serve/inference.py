@@ -3,18 +3,17 @@ decision, Grad-CAM, boxes.
 
 Inputs: ``models/classifier.keras`` (+ ``.meta.json`` sidecar), ``models/detector.pt`` and the
 threshold evaluate chose (``metrics/classifier.json`` keys ``threshold``, ``positive_class``);
-either model may be absent. Images: any file ``stages.imageio`` decodes (PNG, JPEG, DICOM...).
-Output: ``Prediction`` objects (``to_json()`` = one JSON line of ``python -m stages.predict``).
+either model may be absent. Images: any file ``stages.common.imageio`` decodes (PNG, JPEG, DICOM...).
+Output: ``Prediction`` objects (``to_json()`` = one JSON line of ``python -m stages.serve.predict``).
 
-Preprocessing is the training code itself: ``stages.imageio`` decodes to uint8 grey and
-``stages.cache.resize_gray`` brings the image to the model size with the same resize mode the
+Preprocessing is the training code itself: ``stages.common.imageio`` decodes to uint8 grey and
+``stages.common.cache.resize_gray`` brings the image to the model size with the same resize mode the
 augment stage used for the cache (stored in the sidecar / checkpoint). Boxes and heatmaps are
-mapped back to ORIGINAL image pixels. No run command (see ``stages.predict``, ``stages.serve``).
+mapped back to ORIGINAL image pixels. No run command (see ``stages.serve.predict``, ``stages.serve``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,18 +22,19 @@ from typing import Any
 
 import numpy as np
 
-from stages.cache import Affine, resize_gray
 from stages.classifier.gradcam import GradCam, overlay
-from stages.classifier.predict import load_classifier, load_info, predict_proba
+from stages.classifier.predict import load_classifier, load_info, predict_proba, set_tf_threads
+from stages.common import paths
+from stages.common.cache import Affine, resize_gray
+from stages.common.imageio import MAX_PIXELS, ImageRejected, decode_gray_bytes, load_gray
+from stages.common.utils import StageError, read_json
 from stages.detector.model import detector_from_checkpoint, predict, read_checkpoint
-from stages.imageio import MAX_PIXELS, ImageRejected, decode_gray_bytes, load_gray
 from stages.serve.render import boxes_to_original, cam_to_original, draw_boxes
-from stages.utils import StageError, read_json
 
-CLASSIFIER_PATH = Path("models/classifier.keras")
-DETECTOR_PATH = Path("models/detector.pt")
-CLASSIFIER_METRICS = Path("metrics/classifier.json")
-DETECTION_CACHE_META = Path("data/augment/detection/meta.json")
+CLASSIFIER_PATH = paths.CLASSIFIER_MODEL
+DETECTOR_PATH = paths.DETECTOR_MODEL
+CLASSIFIER_METRICS = paths.CLASSIFICATION.evaluation  # the decision rule evaluate chose
+DETECTION_CACHE_META = paths.DETECTION.augment / "meta.json"
 MIN_SCORE = 0.3  # boxes shown: evaluate.detection.score_thresh's default (its report boxes)
 # What to tell a user for each imageio rejection reason.
 REASON_TEXT = {
@@ -55,15 +55,10 @@ def set_threads(n: int) -> None:
     On a shared machine 1 thread can be far faster: with another CPU-bound job on 2 cores the
     detector took 2.9 s per image with 2 torch threads and 0.1 s with 1 (bench/README.md).
     """
-    import tensorflow as tf
-
-    from stages.utils import set_torch_threads
+    from stages.common.utils import set_torch_threads
 
     set_torch_threads(n)
-    if n > 0:
-        with contextlib.suppress(RuntimeError):  # TF already initialised: keeps its pools
-            tf.config.threading.set_intra_op_parallelism_threads(n)
-            tf.config.threading.set_inter_op_parallelism_threads(min(2, n))
+    set_tf_threads(n)
 
 
 def rejection_message(exc: ImageRejected, max_pixels: int = MAX_PIXELS) -> str:
@@ -90,7 +85,7 @@ def decision_rule(classes: tuple[str, ...], metrics_path: Path) -> DecisionRule:
         default = tuple(c for c in classes if c != "NORMAL") or classes[1:]
     why = f"{metrics_path} not found"
     if metrics_path.is_file():
-        doc = read_json(metrics_path)
+        doc = read_json(metrics_path).get("decision", {})
         positives = doc.get("positive_class", default)
         positives = (positives,) if isinstance(positives, str) else tuple(positives)
         if "threshold" not in doc:

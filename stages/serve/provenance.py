@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from stages.utils import read_json
+from stages.common import paths
+from stages.common.utils import read_json
 
 CLASSIFIER_KEYS = ("accuracy", "roc_auc", "recall", "specificity", "f1", "threshold")
 DETECTOR_KEYS = ("map_50", "map", "froc_avg_recall")
@@ -101,8 +102,8 @@ def collect(
             prov.models[str(path)] = "differs from dvc.lock: run `dvc status` / `dvc repro`"
     if metrics_files is None:
         metrics_files = {
-            "classifier (test)": Path("metrics/classifier.json"),
-            "detector (test)": Path("metrics/detector.json"),
+            "classifier (test)": paths.CLASSIFICATION.metrics,
+            "detector (test)": paths.DETECTION.metrics,
         }
     for name, path in metrics_files.items():
         if path.is_file():

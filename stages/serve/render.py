@@ -1,7 +1,7 @@
 """Pictures for the page and the predict command, drawn at the ORIGINAL image size.
 
 Inputs: the uint8 (H, W) decoded image, a Grad-CAM map in model-input pixels (S, S) with the
-``stages.cache.Affine`` that took the image there, detector boxes already in original pixels.
+``stages.common.cache.Affine`` that took the image there, detector boxes already in original pixels.
 Outputs: float32 (H, W) heatmaps, RGB uint8 (H, W, 3) overlays, PNG files. No run command.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from stages.cache import Affine
+from stages.common.cache import Affine
 
 # One colour per detector class (cycled), readable on a grey X-ray.
 _COLOURS = ((255, 64, 64), (64, 200, 255), (255, 200, 0), (120, 255, 120), (255, 120, 255))

@@ -3,29 +3,37 @@
 Each loader is ``load(root: Path, source_entry, ctx: Context) -> list[Record]`` (see
 ``stages.sources.base``). ``synthetic`` has no loader of its own: it writes the Kermany or
 ChestX-Det10 layout and is read back by that loader, so real and synthetic data share one path.
+
+``LOADERS`` names modules rather than importing them: ``loader()`` imports only the loaders of
+the task being run, so each chain's download stage depends on its own loaders alone (dvc.yaml).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-
-from stages.sources import chestxdet10, covid_radiography, folder, kermany, nih_bbox, pneumoniamnist
 
 Loader = Callable[..., list]
 
-LOADERS: dict[str, dict[str, Loader]] = {
+LOADERS: dict[str, dict[str, str]] = {
     "classification": {
-        "synthetic": kermany.load,
-        "kermany": kermany.load,
-        "pneumoniamnist": pneumoniamnist.load,
-        "covid_radiography": covid_radiography.load,
-        "folder": folder.load,
+        "synthetic": "stages.sources.classification.kermany",
+        "kermany": "stages.sources.classification.kermany",
+        "pneumoniamnist": "stages.sources.classification.pneumoniamnist",
+        "covid_radiography": "stages.sources.classification.covid_radiography",
+        "folder": "stages.sources.classification.folder",
     },
     "detection": {
-        "synthetic": chestxdet10.load,
-        "chestxdet10": chestxdet10.load,
-        "nih_bbox": nih_bbox.load,
+        "synthetic": "stages.sources.detection.chestxdet10",
+        "chestxdet10": "stages.sources.detection.chestxdet10",
+        "nih_bbox": "stages.sources.detection.nih_bbox",
     },
 }
 
-__all__ = ["LOADERS"]
+
+def loader(task: str, name: str) -> Loader:
+    """The ``load`` function of source ``name`` for ``task``."""
+    return importlib.import_module(LOADERS[task][name]).load
+
+
+__all__ = ["LOADERS", "loader"]

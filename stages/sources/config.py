@@ -15,6 +15,18 @@ Extras of a source entry:
 - ``missing_images`` (detection): ``error`` (default) or ``skip`` images named in the
   annotations but absent on disk.
 - ``limit``: keep at most this many images of the source (deterministic subset, quick runs).
+- ``split: test``: every image of this source is a test image (an external test set, e.g. a
+  second hospital or Kermany's official test folder), whatever folders it has; with
+  ``split.<task>.mode: official`` the test split is exactly these images. Leakage is checked
+  across sources: a train/val image whose pixels equal a test image, or whose patient id (in the
+  same data set: ids are namespaced by source name) is a test patient, is dropped (counted).
+- ``md5`` / ``sha256``: checksum of the file at ``path`` (a URL's download or a local archive);
+  a cached download that fails it is fetched again.
+
+``root`` (per task, default ``data/inputs``): the folder holding the task's local data. Local
+``path``s are relative to it (absolute ones must lie inside it), and dvc.yaml declares it as a
+dependency of ``download@<task>``, so adding, removing or changing an image there makes the
+stage stale. URLs are not under it: a download is keyed by its URL.
 """
 
 from __future__ import annotations
@@ -23,7 +35,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from stages.config import check, load_section
+from stages.common import paths
+from stages.common.config import check, load_section, optional
 from stages.sources.base import norm_key
 from stages.sources.synthetic import SyntheticClassificationConfig, SyntheticDetectionConfig
 
@@ -65,15 +78,36 @@ def _check_path(name: str, path: str | None) -> None:
     )
 
 
+def _check_digest(name: str, value: str | None, length: int) -> None:
+    check(
+        value is None or re.fullmatch(f"[0-9a-fA-F]{{{length}}}", value) is not None,
+        f"{name}: expected {length} hex digits, got {value!r}",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceExtras:
+    """Keys every source entry may carry (see the module docstring)."""
+
+    split: Literal["test"] | None = optional(None)
+    md5: str | None = optional(None)
+    sha256: str | None = optional(None)
+
+    def _check_extras(self) -> None:
+        _check_digest("md5", self.md5, 32)
+        _check_digest("sha256", self.sha256, 64)
+
+
 @dataclass(frozen=True)
-class ClassificationSource:
+class ClassificationSource(SourceExtras):
     name: ClassificationName
-    path: str | None = None
-    classes: dict[str, str] | None = None
-    patient_regex: str | None = None
-    limit: int | None = None
+    path: str | None = optional(None)
+    classes: dict[str, str] | None = optional(None)
+    patient_regex: str | None = optional(None)
+    limit: int | None = optional(None)
 
     def __post_init__(self) -> None:
+        self._check_extras()
         _check_limit(self.limit)
         _check_path(self.name, self.path)
         if self.classes is not None:
@@ -100,14 +134,15 @@ class ClassificationSource:
 
 
 @dataclass(frozen=True)
-class DetectionSource:
+class DetectionSource(SourceExtras):
     name: DetectionName
-    path: str | None = None
-    classes: tuple[str, ...] | None = None
-    missing_images: Literal["error", "skip"] = "error"
-    limit: int | None = None
+    path: str | None = optional(None)
+    classes: tuple[str, ...] | None = optional(None)
+    missing_images: Literal["error", "skip"] = optional("error")
+    limit: int | None = optional(None)
 
     def __post_init__(self) -> None:
+        self._check_extras()
         _check_limit(self.limit)
         _check_path(self.name, self.path)
         if self.classes is not None:
@@ -115,18 +150,28 @@ class DetectionSource:
             check(len(set(self.classes)) == len(self.classes), "classes: names must be unique")
 
 
+DEFAULT_ROOT = paths.INPUTS.as_posix()
+
+
 @dataclass(frozen=True)
 class ClassificationData:
+    root: str = DEFAULT_ROOT
     source: ClassificationName = "synthetic"
     path: str | None = None
-    classes: dict[str, str] | None = None
-    patient_regex: str | None = None
-    limit: int | None = None
+    classes: dict[str, str] | None = optional(None)
+    patient_regex: str | None = optional(None)
+    limit: int | None = optional(None)
+    md5: str | None = optional(None)
+    sha256: str | None = optional(None)
     sources: tuple[ClassificationSource, ...] = ()
     synthetic: SyntheticClassificationConfig = field(default_factory=SyntheticClassificationConfig)
 
     def __post_init__(self) -> None:
-        extras = [k for k in ("classes", "patient_regex", "limit") if getattr(self, k) is not None]
+        extras = [
+            k
+            for k in ("classes", "patient_regex", "limit", "md5", "sha256")
+            if getattr(self, k) is not None
+        ]
         check(
             not (self.sources and extras),
             f"{', '.join(extras)}: with a 'sources' list put these keys inside its entries",
@@ -139,23 +184,32 @@ class ClassificationData:
             return self.sources
         return (
             ClassificationSource(
-                self.source, self.path, self.classes, self.patient_regex, self.limit
+                name=self.source,
+                path=self.path,
+                classes=self.classes,
+                patient_regex=self.patient_regex,
+                limit=self.limit,
+                md5=self.md5,
+                sha256=self.sha256,
             ),
         )
 
 
 @dataclass(frozen=True)
 class DetectionData:
+    root: str = DEFAULT_ROOT
     source: DetectionName = "synthetic"
     path: str | None = None
-    classes: tuple[str, ...] | None = None
-    missing_images: Literal["error", "skip"] = "error"
-    limit: int | None = None
+    classes: tuple[str, ...] | None = optional(None)
+    missing_images: Literal["error", "skip"] = optional("error")
+    limit: int | None = optional(None)
+    md5: str | None = optional(None)
+    sha256: str | None = optional(None)
     sources: tuple[DetectionSource, ...] = ()
     synthetic: SyntheticDetectionConfig = field(default_factory=SyntheticDetectionConfig)
 
     def __post_init__(self) -> None:
-        extras = [k for k in ("classes", "limit") if getattr(self, k) is not None]
+        extras = [k for k in ("classes", "limit", "md5", "sha256") if getattr(self, k) is not None]
         if self.missing_images != "error":
             extras.append("missing_images")
         check(
@@ -169,7 +223,15 @@ class DetectionData:
         if self.sources:
             return self.sources
         return (
-            DetectionSource(self.source, self.path, self.classes, self.missing_images, self.limit),
+            DetectionSource(
+                name=self.source,
+                path=self.path,
+                classes=self.classes,
+                missing_images=self.missing_images,
+                limit=self.limit,
+                md5=self.md5,
+                sha256=self.sha256,
+            ),
         )
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from stages.imageio import ImageRejected, load_gray, pixel_sha256, to_gray_uint8
+from stages.common.imageio import ImageRejected, load_gray, pixel_sha256, to_gray_uint8
 from stages.sources.base import Box, Record
 
 MANIFEST_COLUMNS = (

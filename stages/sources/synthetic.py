@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stages.config import check
+from stages.common.config import check
+from stages.common.utils import atomic_dir, write_json
 from stages.sources import phantom
-from stages.utils import atomic_dir, write_json
 
 LesionKind = Literal["Consolidation", "Nodule", "Mass", "Effusion", "Atelectasis", "Pneumothorax"]
 CLASSIFICATION, DETECTION = 1, 2  # task codes mixed into the child seeds
@@ -58,11 +58,11 @@ class SyntheticClassificationConfig:
 class SyntheticDetectionConfig:
     n_patients: int = 150
     images_per_patient: tuple[int, int] = (1, 3)
-    image_size: int = 256
+    image_size: int = 192
     normal_fraction: float = 0.2  # images with no lesion (negatives)
     max_lesions: int = 3
     classes: tuple[LesionKind, ...] = ("Consolidation", "Nodule", "Mass", "Effusion")
-    lesion_contrast: float = 1.0  # multiplies every lesion's density (difficulty knob)
+    lesion_contrast: float = 1.5  # multiplies every lesion's density (difficulty knob)
     label_noise: float = 0.0  # fraction of boxes given a wrong class
     test_fraction: float = 0.15
     seed: int = 11

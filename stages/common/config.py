@@ -12,6 +12,7 @@ dataclasses. YAML lists become tuples so configs stay hashable and immutable.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PARAMS_FILE = Path("params.yaml")
@@ -48,6 +51,15 @@ _Loader.add_implicit_resolver(
 
 def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+
+
+# Field metadata of keys a params file may leave out without a warning (commented-out extras).
+OPTIONAL = {"optional": True}
+
+
+def optional(default=None):
+    """A schema field that params.yaml may omit silently (its default is "not used")."""
+    return dataclasses.field(default=default, metadata=OPTIONAL)
 
 
 class ConfigError(ValueError):
@@ -185,12 +197,21 @@ def _convert_dataclass(cls: Any, value: Any, where: str) -> Any:
             f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(sorted(fields))}"
         )
     kwargs = {}
+    defaulted = []
     for name, field in fields.items():
         key = f"{where}.{name}"
         if name in value:
             kwargs[name] = _convert(hints[name], value[name], key)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{key}: required key is missing (expected {_describe(hints[name])})")
+        elif not field.metadata.get("optional"):
+            defaulted.append(name)
+    if defaulted and value:  # an absent section is a deliberate "all defaults"
+        log.warning(
+            "%s: key(s) %s not given; using the defaults (equal to the shipped params.yaml)",
+            where,
+            ", ".join(defaulted),
+        )
     try:
         obj = cls(**kwargs)
     except (ValueError, TypeError) as exc:  # __post_init__ range checks
@@ -204,5 +225,5 @@ def check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-__all__ = ["ConfigError", "check", "get_section", "load_section", "parse", "read_params", "to_dict"]
+__all__ = ["ConfigError", "OPTIONAL", "check", "optional", "get_section", "load_section", "parse", "read_params", "to_dict"]
 _ = typing  # keep typing importable for forward refs in schemas

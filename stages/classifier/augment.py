@@ -1,4 +1,4 @@
-"""On-the-fly classification augmentation (contract 4), in TF ops, for tf.data pipelines.
+"""On-the-fly classification augmentation, in TF ops, for tf.data pipelines.
 
 Input/output: float32 tensors (B, H, W, 1) in [0, 255] -> same shape and range. Used by the
 classifier's tf.data pipeline (``augment_dataset``) and by the augment stage's preview; the policy
@@ -17,51 +17,11 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 # Safe order: importing stages.<module> runs stages/__init__.py (torch) before this line.
 import tensorflow as tf
 
-from stages.config import check
-
-
-@dataclass(frozen=True)
-class ClassificationPolicy:
-    """Ranges of the random transforms; every draw is uniform in [-x, x] (zoom: 1 +- x).
-
-    rotation: degrees. zoom: relative scale (0.2 -> 0.8..1.2, > 1 zooms out). shear: shear
-    factor x += s*y (tan of the angle, as keras RandomShear; ImageDataGenerator's shear_range
-    was in degrees, so seed 002's "0.2" was almost no shear). shift: fraction of width/height.
-    brightness: additive, fraction of 255. contrast: factor 1 +- x around each image's mean.
-    """
-
-    rotation: float = 10.0
-    zoom: float = 0.2
-    shear: float = 0.2
-    shift: float = 0.1
-    # Flipping a chest X-ray puts the heart on the wrong side (dextrocardia look-alike); the seeds
-    # flipped anyway and pneumonia cues are roughly symmetric, so it stays on by default.
-    hflip: bool = True
-    brightness: float = 0.1
-    contrast: float = 0.1
-    # "nearest" repeats the border instead of adding black corners a model could learn to use.
-    fill_mode: Literal["nearest", "constant"] = "nearest"
-
-    def __post_init__(self) -> None:
-        check(
-            0 <= self.rotation <= 180, f"rotation must be in [0, 180] degrees, got {self.rotation}"
-        )
-        check(0 <= self.zoom < 1, f"zoom must be in [0, 1), got {self.zoom}")
-        check(0 <= self.shear <= 1, f"shear must be in [0, 1], got {self.shear}")
-        check(0 <= self.shift <= 0.5, f"shift must be in [0, 0.5], got {self.shift}")
-        check(0 <= self.brightness <= 1, f"brightness must be in [0, 1], got {self.brightness}")
-        check(0 <= self.contrast < 1, f"contrast must be in [0, 1), got {self.contrast}")
-
-    @property
-    def geometric(self) -> bool:
-        return any((self.rotation, self.zoom, self.shear, self.shift))
-
+from stages.classifier.config import ClassificationPolicy
 
 Augmenter = Callable[..., tf.Tensor]
 
@@ -214,4 +174,18 @@ def augment_dataset(
     )
 
 
-__all__ = ["ClassificationPolicy", "augment_dataset", "build_augmenter"]
+def preview_cells(
+    policy: ClassificationPolicy, seed: int, split, rows: list[int], copies: int
+) -> list[list[tuple]]:
+    """The augment stage's preview: per row [(image (S, S) in [0, 255], boxes, ids)] for the
+    cache image and ``copies`` augmented copies (no boxes in classification)."""
+    import numpy as np
+
+    x = np.asarray(split.images[rows], dtype=np.float32)[..., None]
+    aug = build_augmenter(policy, seed)
+    images = [x[..., 0]] + [aug(x, k).numpy()[..., 0] for k in range(copies)]
+    none = (np.zeros((0, 4)), np.zeros(0, int))
+    return [[(c[i], *none) for c in images] for i in range(len(rows))]
+
+
+__all__ = ["ClassificationPolicy", "augment_dataset", "build_augmenter", "preview_cells"]

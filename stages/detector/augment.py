@@ -1,4 +1,4 @@
-"""On-the-fly box-aware detection augmentation (contract 4), in torch, for the detector DataLoader.
+"""On-the-fly box-aware detection augmentation, in torch, for the detector DataLoader.
 
 Input/output: ``(image float32 (1, H, W) in [0, 1], {"boxes": (K, 4) xyxy float32, "labels": (K,)
 int64, ...})`` -> the same structure and image size, boxes moved with the pixels, clipped, and
@@ -6,42 +6,18 @@ degenerate boxes (under 1 px wide or high) dropped with their labels. The policy
 ``augment.detection.policy`` in params.yaml. No run command of its own.
 
 Randomness comes from the ``torch.Generator`` passed in, else the global torch RNG (seeded by
-``stages.utils.seed_everything``), so runs are repeatable.
+``stages.common.utils.seed_everything``), so runs are repeatable.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from stages.config import check
+from stages.detector.config import DetectionPolicy
 
 MIN_BOX_SIZE = 1.0  # px; thinner boxes are dropped (torchvision references do the same)
 PER_BOX_KEYS = ("labels", "iscrowd")
-
-
-@dataclass(frozen=True)
-class DetectionPolicy:
-    """hflip: probability of a horizontal flip. scale_jitter: (lo, hi) range of the rescale
-    factor; the rescaled image is randomly cropped or zero-padded back to its size.
-    brightness: additive, fraction of full range. contrast: factor 1 +- x around the mean."""
-
-    hflip: float = 0.5
-    scale_jitter: tuple[float, float] = (0.8, 1.2)
-    brightness: float = 0.1
-    contrast: float = 0.1
-
-    def __post_init__(self) -> None:
-        check(0 <= self.hflip <= 1, f"hflip is a probability in [0, 1], got {self.hflip}")
-        lo, hi = self.scale_jitter
-        check(
-            0 < lo <= hi <= 4,
-            f"scale_jitter must be [lo, hi] with 0 < lo <= hi <= 4, got {self.scale_jitter}",
-        )
-        check(0 <= self.brightness <= 1, f"brightness must be in [0, 1], got {self.brightness}")
-        check(0 <= self.contrast < 1, f"contrast must be in [0, 1), got {self.contrast}")
 
 
 Target = dict[str, torch.Tensor]
@@ -134,3 +110,25 @@ def _keep_valid(boxes: torch.Tensor, size: torch.Size, target: Target) -> Target
 
 
 __all__ = ["DetectionPolicy", "DetectionTransform", "hflip", "scale_jitter"]
+
+
+def preview_cells(
+    policy: DetectionPolicy, seed: int, split, rows: list[int], copies: int
+) -> list[list[tuple]]:
+    """The augment stage's preview: per row [(image (S, S) in [0, 255], boxes, ids)] for the
+    cache image and ``copies`` augmented copies, boxes moved with the pixels."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(seed)
+    transform = DetectionTransform(policy, train=True, generator=gen)
+    out = []
+    for i in rows:
+        boxes, cats = split.boxes(i)
+        cells = [(split.images[i], boxes, cats)]
+        img = torch.from_numpy(np.asarray(split.images[i], dtype=np.float32) / 255.0)[None]
+        for _ in range(copies):
+            target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(cats)}
+            a, t = transform(img, target)
+            cells.append((a[0].numpy() * 255.0, t["boxes"].numpy(), t["labels"].numpy()))
+        out.append(cells)
+    return out

@@ -14,16 +14,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages import fetch
-from stages.imageio import is_candidate
+from stages.common import fetch
+from stages.common.imageio import is_candidate
+from stages.common.utils import StageError
 from stages.sources.base import Box, Context, Record, find_shallowest, iter_files
-from stages.utils import StageError
 
-SPLITS = ("train", "test")
+OWN_SPLITS = ("train", "test")  # ChestX-Det10 ships no val split
 
 
 def _has_json(d: Path) -> bool:
-    return any((d / f"{s}.json").is_file() for s in SPLITS)
+    return any((d / f"{s}.json").is_file() for s in OWN_SPLITS)
 
 
 def image_index(roots: list[Path]) -> dict[str, list[Path]]:
@@ -76,7 +76,7 @@ def parse_boxes(rec: object, where: str, fixed: tuple[str, ...] | None) -> tuple
 
 def _extract_official_zips(base: Path, ctx: Context) -> list[Path]:
     extra = []
-    for split in SPLITS:
+    for split in OWN_SPLITS:
         zipped = base / f"{split}_data.zip"
         if zipped.is_file() and not (base / f"{split}_data").is_dir():
             extra.append(
@@ -97,7 +97,7 @@ def load(root: Path, src, ctx: Context) -> list[Record]:
     index = image_index([base, *_extract_official_zips(base, ctx)])
     records: list[Record] = []
     used: set[Path] = set()
-    for split in SPLITS:
+    for split in OWN_SPLITS:
         json_path = base / f"{split}.json"
         if not json_path.is_file():
             continue

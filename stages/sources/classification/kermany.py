@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from stages.common.paths import SPLITS
+from stages.common.utils import StageError
 from stages.sources.base import (
     Context,
     Record,
@@ -20,9 +22,7 @@ from stages.sources.base import (
     iter_files,
     map_label,
 )
-from stages.utils import StageError
 
-SPLITS = ("train", "val", "test")
 # person63_bacteria_306, person1_virus_1_2, person447_virus_921_1 (odd suffixes exist)
 _PERSON = re.compile(r"^(person\d+)(?:_(bacteria|virus))?(?:[_\-]\d+)*$", re.IGNORECASE)
 # IM-0001-0001, IM-0429-0001-0002, NORMAL2-IM-0588-0001

@@ -14,9 +14,9 @@ import csv
 import re
 from pathlib import Path
 
+from stages.common.utils import StageError
 from stages.sources.base import Box, Context, Record, find_shallowest
-from stages.sources.chestxdet10 import image_index
-from stages.utils import StageError
+from stages.sources.detection.chestxdet10 import image_index
 
 _PATIENT = re.compile(r"^(\d+)_\d+$")
 

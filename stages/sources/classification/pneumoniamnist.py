@@ -4,8 +4,8 @@ Input: the npz file, or a folder holding one. Labels 0 -> NORMAL, 1 -> PNEUMONIA
 becomes one record (pixels in memory, written as PNG by the intake) under ``<split>/``. The npz
 has no patient ids, so every image is its own patient (``pneumoniamnist:train-123``).
 
-Default download: MedMNIST's own Zenodo record of ``pneumoniamnist.npz`` (28 x 28) with its
-published md5 (used when ``path`` is null; unreachable offline, which gives a clear message).
+With ``path`` null the download stage fetches MedMNIST's own file (``stages.download``'s
+``DEFAULT_DOWNLOADS``; unreachable offline, which gives a clear message).
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.common.paths import SPLITS
+from stages.common.utils import StageError
 from stages.sources.base import Context, Record, map_label
-from stages.utils import StageError
 
-DEFAULT_URL = "https://zenodo.org/records/10519652/files/pneumoniamnist.npz?download=1"
-DEFAULT_MD5 = "28209eda62fecd6e6a2d98b1501bb15f"
-SPLITS = ("train", "val", "test")
 LABEL_NAMES = {0: "NORMAL", 1: "PNEUMONIA"}
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages.common.utils import StageError
 from stages.sources.base import Context, Record, child_ci, find_shallowest, iter_dirs, norm_key
 from stages.sources.config import CATEGORIES
-from stages.utils import StageError
 
 SUBTYPES = {"COVID": "covid", "VIRAL_PNEUMONIA": "virus"}
 

@@ -1,10 +1,9 @@
 """Which params invalidate which stages: a markdown table generated from dvc.yaml.
 
 Inputs:  dvc.yaml (foreach stages expanded; `params:` entries name params.yaml sections).
-Outputs: the table on stdout; with --write FILE it replaces the text between the markers
-         ``<!-- param-table:begin -->`` and ``<!-- param-table:end -->`` in FILE; with --check FILE
-         it exits 1 when FILE's table differs from dvc.yaml's.
-Run:     python -m stages.param_table [--dvc-yaml dvc.yaml] [--write README.md | --check README.md]
+Outputs: the table on stdout (``python -m stages.docs --write`` puts it into README.md between
+         ``<!-- param-table:begin -->`` and ``<!-- param-table:end -->``).
+Run:     python -m stages.param_table [--dvc-yaml dvc.yaml]
 
 A change of any key under a section makes `dvc repro` / `dvc exp run -S` re-run the stages that
 declare it; the stages downstream of those re-run only when an output they depend on changed
@@ -21,11 +20,11 @@ from typing import Any
 
 import yaml
 
-from stages.utils import StageError, replace_marked, run_cli, write_text_atomic
+from stages.common.utils import StageError, run_cli
 
 BEGIN = "<!-- param-table:begin -->"
 END = "<!-- param-table:end -->"
-WRITE = "python -m stages.param_table --write"
+WRITE = "python -m stages.tools.param_table --write"
 _VAR = re.compile(r"\$\{\s*([A-Za-z0-9_.]+)\s*\}")
 
 
@@ -35,6 +34,7 @@ class Stage:
     params: tuple[str, ...]
     deps: tuple[str, ...]
     outs: tuple[str, ...]  # outs, metrics and plots alike: everything the stage writes
+    cmd: str = ""
 
 
 def _subst(value: Any, scope: dict[str, Any]) -> Any:
@@ -73,10 +73,12 @@ def load_stages(dvc_yaml: Path) -> dict[str, Stage]:
     doc = yaml.safe_load(Path(dvc_yaml).read_text())
     if not isinstance(doc, dict) or "stages" not in doc:
         raise StageError(f"{dvc_yaml} has no `stages:`; is it a DVC pipeline file?")
+    params_file = Path(dvc_yaml).with_name("params.yaml")  # DVC's default vars
+    params = yaml.safe_load(params_file.read_text()) if params_file.is_file() else {}
     stages: dict[str, Stage] = {}
     for name, body in doc["stages"].items():
         if "foreach" in body:
-            items = body["foreach"]
+            items = _subst(body["foreach"], params or {})
             pairs = items.items() if isinstance(items, dict) else [(v, v) for v in items]
             expanded = [
                 (f"{name}@{k}", _subst(body["do"], {"key": k, "item": v})) for k, v in pairs
@@ -87,7 +89,11 @@ def load_stages(dvc_yaml: Path) -> dict[str, Stage]:
             outs = _names(spec.get("outs", [])) + _names(spec.get("metrics", []))
             outs += _names(spec.get("plots", []))
             stages[full] = Stage(
-                full, _names(spec.get("params", [])), _names(spec.get("deps", [])), outs
+                full,
+                _names(spec.get("params", [])),
+                _names(spec.get("deps", [])),
+                outs,
+                str(spec.get("cmd", "")),
             )
     return stages
 
@@ -169,28 +175,11 @@ def render(stages: dict[str, Stage]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_block(text: str, table: str, where: str) -> str:
-    return replace_marked(text, BEGIN, END, table, where, f"{WRITE} {where}")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Params -> stages table from dvc.yaml.")
     parser.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"))
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--write", type=Path, help="replace the marked table in this file")
-    group.add_argument("--check", type=Path, help="exit 1 if this file's table is stale")
     args = parser.parse_args(argv)
-    table = render(load_stages(args.dvc_yaml))
-    target = args.write or args.check
-    if target is None:
-        print(table, end="")
-        return
-    text = target.read_text()
-    new = replace_block(text, table, str(target))
-    if args.write:
-        write_text_atomic(target, new)
-    elif new != text:
-        raise StageError(f"{target}: params table is stale; run {WRITE} {target}")
+    print(render(load_stages(args.dvc_yaml)), end="")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import struct
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
@@ -32,6 +30,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from stages.common.utils import atomic_file
 
 MAX_PIXELS = 100_000_000
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
@@ -306,17 +306,9 @@ def pixel_sha256(arr: np.ndarray) -> str:
 
 
 def save_gray_png(arr: np.ndarray, path: str | Path) -> None:
-    """Write a uint8 (H, W) array as an 8-bit grayscale PNG, atomically (temp + os.replace)."""
+    """Write a uint8 (H, W) array as an 8-bit grayscale PNG, atomically (``atomic_file``)."""
     arr = np.asarray(arr)
     if arr.dtype != np.uint8 or arr.ndim != 2:
         raise ValueError(f"save_gray_png needs uint8 (H, W), got {arr.dtype} {arr.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(np.ascontiguousarray(arr)).save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")

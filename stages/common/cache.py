@@ -1,4 +1,4 @@
-"""The augment cache (contract 3): resize geometry, a streaming writer and the reader API.
+"""The augment cache (data/augment/<task>/): resize geometry, a streaming writer and the reader API.
 
 Layout of ``data/augment/<task>/``::
 
@@ -21,11 +21,13 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
-from stages.utils import StageError, read_json, write_json
+from stages.common.config import check
+from stages.common.utils import StageError, read_json, write_json
 
 ResizeMode = Literal["stretch", "pad"]
+Intensity = Literal["none", "equalize"]
 META_FILE = "meta.json"
 POLICY_FILE = "policy.json"
 IMAGES_FILE = "images.npy"
@@ -42,6 +44,29 @@ _STR_COLUMNS = (
     "sha256",
     "split",
 )
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The ``augment.<task>`` keys shared by both tasks; each task package adds its ``policy``
+    (``stages.classifier.config`` / ``stages.detector.config``)."""
+
+    image_size: int
+    resize: ResizeMode
+    preview_count: int = 8  # rows of the preview grid (train images)
+    preview_seed: int = 0  # preview draws only; training seeds its own augmenter
+    workers: int = 2  # decoding threads
+    # none | equalize (global histogram equalisation of every image before resizing; serving
+    # repeats it: the mode is stored in meta.json and the model files)
+    intensity: Intensity = "none"
+
+    def __post_init__(self) -> None:
+        check(16 <= self.image_size <= 2048, f"image_size not in [16, 2048]: {self.image_size}")
+        check(0 <= self.preview_count <= 64, f"preview_count not in [0, 64]: {self.preview_count}")
+        check(1 <= self.workers <= 32, f"workers must be in [1, 32], got {self.workers}")
 
 
 # --------------------------------------------------------------------------- geometry
@@ -93,6 +118,24 @@ def resize_gray(img: np.ndarray, size: int, mode: ResizeMode) -> tuple[np.ndarra
     out = np.zeros((size, size), dtype=np.uint8)
     out[top : top + nh, left : left + nw] = np.asarray(resized, dtype=np.uint8)
     return out, affine
+
+
+def equalize(img: np.ndarray) -> np.ndarray:
+    """Global histogram equalisation of a uint8 (H, W) image (PIL's ImageOps.equalize): the same
+    film exposed or windowed differently maps to about the same grey levels."""
+    return np.asarray(ImageOps.equalize(Image.fromarray(img)), dtype=np.uint8)
+
+
+def prepare_gray(
+    img: np.ndarray, size: int, mode: ResizeMode, intensity: Intensity = "none"
+) -> tuple[np.ndarray, Affine]:
+    """The cache's preprocessing of one decoded image, shared by the augment stage and serving:
+    intensity normalisation (on the original pixels), then ``resize_gray``."""
+    if intensity == "equalize":
+        img = equalize(img)
+    elif intensity != "none":
+        raise ValueError(f"intensity must be 'none' or 'equalize', got {intensity!r}")
+    return resize_gray(img, size, mode)
 
 
 def transform_boxes(boxes_xyxy: np.ndarray, affine: Affine, size: int) -> np.ndarray:

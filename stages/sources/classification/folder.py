@@ -12,10 +12,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from stages.common.paths import SPLITS
+from stages.common.utils import StageError
 from stages.sources.base import Context, Record, iter_dirs, iter_files, norm_key
-from stages.utils import StageError
-
-SPLITS = ("train", "val", "test")
 
 
 def patient_from_name(name: str, pattern: re.Pattern[str]) -> str | None:

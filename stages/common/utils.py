@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
+import importlib
 import json
 import logging
 import os
@@ -11,16 +13,17 @@ import random
 import shutil
 import sys
 import tempfile
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.config import ConfigError
+from stages.common.config import ConfigError
+from stages.common.paths import TASKS
 
 log = logging.getLogger("stages")
-TASKS = ("classification", "detection")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -64,23 +67,82 @@ def _umask() -> int:
     return mask
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` atomically (temp file + rename) so a crash never leaves half a file.
+def output_mode(directory: bool = False) -> int:
+    """The one permission rule of every output: 0666 (files) / 0777 (folders) under the umask,
+    i.e. 0644 / 0755 with the usual umask 022. Temp files (mkstemp: 0600) are given it before
+    the rename, so a team's shared cache and the files a command writes stay readable."""
+    return (0o777 if directory else 0o666) & ~_umask()
 
-    An existing file keeps its permissions; a new one gets the usual umask-based mode.
+
+def _temp_prefix(path: Path) -> str:
+    # The pid in the name lets the next writer of ``path`` remove what a killed one left behind.
+    return f".{path.name}.{os.getpid()}."
+
+
+TEMP_SUFFIX = ".tmp"  # git- and dvc-ignored (.gitignore, .dvcignore)
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete ``.<name>.<pid>.*.tmp`` siblings of ``path`` whose writer process is gone."""
+    parent = path.parent
+    if not parent.is_dir():
+        return
+    for tmp in parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}*"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it becomes ``path`` in one rename.
+
+    The one atomic file writer of the project (text, JSON, PNG, models, checkpoints, predict
+    output): a crash or an error never leaves half a file, the old file stays until the rename,
+    and the result gets ``output_mode()``. Refuses a ``path`` that is an existing folder.
+    ``suffix`` is appended to the temp name for writers that check it (Keras wants ``.keras``).
     """
     path = Path(path)
+    if path.is_dir():
+        raise StageError(f"{path} is a folder; give a file name to write")
     path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path)
+    fd, name = tempfile.mkstemp(
+        dir=path.parent, prefix=_temp_prefix(path), suffix=TEMP_SUFFIX + suffix
+    )
+    os.close(fd)
+    tmp = Path(name)
     try:
-        os.fchmod(fd, mode)  # mkstemp makes 0600; outputs are shared like any file
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        yield tmp
+        os.chmod(tmp, output_mode())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` atomically (see atomic_file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -127,19 +189,21 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``final`` in one rename.
 
     On any error the temporary directory is removed and ``final`` is left as it was, so a failed
-    stage never leaves half-written outputs behind.
+    stage never leaves half-written outputs behind; one left by a killed process is removed by
+    the next writer of ``final`` (see remove_stale_temps).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a team's shared cache needs normal modes
+    remove_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_temp_prefix(final), suffix=TEMP_SUFFIX))
+    tmp.chmod(output_mode(directory=True))  # mkdtemp makes 0700
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():
-        old = final.with_name(f".{final.name}.old")
+        old = final.with_name(f"{_temp_prefix(final)}old{TEMP_SUFFIX}")
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
         tmp.rename(final)
@@ -155,6 +219,16 @@ def task_arg_parser(description: str) -> argparse.ArgumentParser:
         "--params", default="params.yaml", help="params file (default: params.yaml)"
     )
     return parser
+
+
+# The task packages a task-dispatching stage (augment, evaluate) loads: one task's run never
+# imports the other task's package, so each chain's dvc.yaml deps name only its own code.
+TASK_PACKAGES = {"classification": "stages.classifier", "detection": "stages.detector"}
+
+
+def task_module(task: str, name: str) -> types.ModuleType:
+    """``stages.<classifier|detector>.<name>`` for ``task``, imported on demand."""
+    return importlib.import_module(f"{TASK_PACKAGES[task]}.{name}")
 
 
 def run_cli(fn: Callable[[], Any]) -> None:

@@ -6,9 +6,9 @@ relative to the repository root). Output: the ``key=value`` overrides of ``dvc e
 DVC's own (Hydra) syntax, the full shell command, and the seeds' published figures that the
 reports put beside ours. The table is the single source of truth: README, ``make ablations`` and
 the tests all read it.
-Run: ``python -m stages.experiments [NAME ...] [--data-root DIR] [--queue]`` prints the commands;
-``python -m stages.experiments --write README.md`` regenerates README's table and commands
-(``--check README.md``: exit 1 with a diff when stale; see ``stages/experiments_readme.py``).
+Run: ``python -m stages.experiments [NAME ...] [--data-root DIR] [--queue]`` prints the
+commands (``#`` lines are comments); ``python -m stages.docs --write`` regenerates README's table
+and docs/experiments.md from this table (``--check``: exit 1 with a diff when stale).
 
 Choices where a seed is vague are written in each ``description``. ImageNet weights cannot be
 fetched offline, so transfer-learning systems default to ``weights: none``; on a connected
@@ -22,7 +22,6 @@ import argparse
 import math
 import re
 import shlex
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from stages.config import load_yaml
+from stages.common.config import load_yaml
 
 DEFAULT_DATA_ROOT = "../shared/data"
 ROOT = "{data_root}"  # placeholder in string values, replaced by the data root
@@ -413,6 +412,11 @@ def command(name: str, data_root: str = DEFAULT_DATA_ROOT, queue: bool = False) 
     return shlex.join([*argv, get(name).target])
 
 
+def commands(name: str, data_root: str = DEFAULT_DATA_ROOT, queue: bool = False) -> list[str]:
+    """The shell lines that reproduce ``name``, in order, from the repository root."""
+    return [command(name, data_root, queue)]
+
+
 def apply_overrides(params: dict, overrides: Sequence[str]) -> dict:
     """``params`` with the overrides applied exactly as ``dvc exp run -S`` does (pure).
 
@@ -430,35 +434,22 @@ def apply_overrides(params: dict, overrides: Sequence[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the commands, or write / check README's generated section (--write / --check)."""
+    """Print the commands of the named experiments (all when none is named)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="experiments (default: all)")
-    parser.add_argument("--data-root", default=None, help=f"default: {DEFAULT_DATA_ROOT}")
+    parser.add_argument(
+        "--data-root", default=DEFAULT_DATA_ROOT, help="folder holding the data sets"
+    )
     parser.add_argument("--queue", action="store_true", help="print --queue commands")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--write", type=Path, help="rewrite the generated section of this file")
-    group.add_argument("--check", type=Path, help="exit 1 if this file's section is stale")
     args = parser.parse_args(argv)
-    if args.write or args.check:
-        if args.names or args.queue or args.data_root is not None:
-            parser.error("--write/--check render every experiment with the default data root")
-        from stages import experiments_readme as readme
-
-        if args.write:
-            changed = readme.write(args.write)
-            print(f"{args.write}: {'updated' if changed else 'already current'}")
-        elif diff := readme.stale_diff(args.check):
-            print(diff, end="", file=sys.stderr)
-            print(f"{args.check}: the experiments section is stale; run "
-                  f"{readme.WRITE} {args.check}", file=sys.stderr)  # fmt: skip
-            raise SystemExit(1)
-        return
-    data_root = args.data_root or DEFAULT_DATA_ROOT
     for name in args.names or EXPERIMENTS:
-        print(f"# {name}: {get(name).description}\n{command(name, data_root, args.queue)}\n")
+        get(name)  # unknown name: one clear error before anything is printed
+    for name in args.names or EXPERIMENTS:
+        print(f"# {name}: {get(name).description}")
+        print("\n".join(commands(name, args.data_root, args.queue)) + "\n")
 
 
 if __name__ == "__main__":
-    from stages.utils import run_cli
+    from stages.common.utils import run_cli
 
     run_cli(main)

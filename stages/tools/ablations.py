@@ -1,13 +1,13 @@
 """Seed 002's two ablation tables, re-run through DVC's experiment queue and reported beside theirs.
 
-Inputs: the named experiments of ``stages.experiments`` (default: the seven ``SEED002_ROWS``), a
+Inputs: the named experiments of ``stages.tools.experiments`` (default: the seven ``SEED002_ROWS``), a
 data root, and the DVC repository in the current directory (a git repo with a commit: queued
 experiments run in a copy of the last commit plus the changes to tracked files).
 Outputs: queued DVC experiments; ``reports/ablations.md`` built from ``dvc exp show --json``.
 Run (``make ablations`` chains the three):
-    python -m stages.ablations queue --data-root ../shared/data [--names ...] [--set k=v] [--replace]
-    python -m stages.ablations run --workers 1 [--timeout 86400]
-    python -m stages.ablations report --out reports/ablations.md [--show-json saved.json]
+    python -m stages.tools.ablations queue --data-root ../shared/data [--names ...] [--set k=v] [--replace]
+    python -m stages.tools.ablations run --workers 1 [--timeout 86400]
+    python -m stages.tools.ablations report --out reports/ablations.md [--show-json saved.json]
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages import experiments as X
-from stages.utils import StageError, run_cli, write_text_atomic
+from stages.common import paths
+from stages.common.utils import StageError, run_cli, write_text_atomic
+from stages.tools import experiments as X
 
-log = logging.getLogger("stages.ablations")
+log = logging.getLogger("stages.tools.ablations")
 PENDING = ("queued", "running")
 _RANK = {"running": 0, "queued": 0, "failed": 1}  # which status of a name parse_status keeps
 LOG_TAIL = 25  # lines of `dvc queue logs` shown per failed experiment
@@ -120,15 +121,15 @@ def collect(show: list, names: Sequence[str]) -> dict[str, Result]:
             out.setdefault(name, Result(state))
             continue
         metrics = data.get("metrics") or {}
-        train = _get(metrics, "metrics/train_classifier.json", "data")
-        test = _get(metrics, "metrics/classifier.json", "data")
+        train = _get(metrics, paths.CLASSIFICATION.train_metrics.as_posix(), "data")
+        test = _get(metrics, paths.CLASSIFICATION.metrics.as_posix(), "data")
         n_test = _number(_get(test, "n_test"))
         out[name] = Result(
             state,
             _number(_get(train, "train_accuracy")),
             _number(_get(train, "val_accuracy")),
             _number(_get(test, "accuracy")),
-            _number(_get(test, "at_0_5", "accuracy")),
+            _number(_get(test, "accuracy_at_0_5")),
             _number(_get(test, "roc_auc")),
             int(n_test) if n_test is not None else None,
             _get(data, "params", "params.yaml", "data"),
@@ -336,7 +337,7 @@ def render(results: dict[str, Result], names: Sequence[str]) -> str:
         "# Seed 002 ablations: ours beside the published figures",
         "",
         "Each accuracy cell: **ours** / seed 002's figure. Written by "
-        "`python -m stages.ablations report` from `dvc exp show --json`.",
+        "`python -m stages.tools.ablations report` from `dvc exp show --json`.",
         "",
         *_data_note({n: r for n, r in results.items() if n in names}),
         "- val = the validation split at the best epoch, which was selected on it (optimistic); "
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--workers", type=int, default=1)
     r.add_argument("--timeout", type=float, default=86400.0, help="seconds")
     r.add_argument("--poll", type=float, default=30.0, help="seconds between status checks")
-    p.add_argument("--out", type=Path, default=Path("reports/ablations.md"))
+    p.add_argument("--out", type=Path, default=paths.REPORTS / "ablations.md")
     p.add_argument("--show-json", type=Path, help="saved `dvc exp show --json` output")
     p.add_argument("--all-commits", action="store_true", help="also experiments of older commits")
     args = parser.parse_args(argv)

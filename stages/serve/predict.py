@@ -10,9 +10,9 @@ Outputs: JSON lines (stdout or ``--out``, written atomically): {"file", "width",
          a refused file gives {"file", "error", "reason"}. ``--gradcam-dir``: Grad-CAM overlays
          as PNG (path in "gradcam_png"). Exit code 0 when every image was predicted, 1 when
          some were refused, 2 for a usage error (no model, no input).
-Run:     python -m stages.predict <files|folders> [--out preds.jsonl] [--gradcam-dir DIR]
+Run:     python -m stages.serve.predict <files|folders> [--out preds.jsonl] [--gradcam-dir DIR]
          [--classifier PATH] [--detector PATH] [--metrics PATH] [--min-score 0.3] [--threads N]
-The preprocessing is the training code (stages.imageio + stages.cache.resize_gray), shared with
+The preprocessing is the training code (stages.common.imageio + stages.common.cache.resize_gray), shared with
 the web page through ``stages.serve.inference.Predictor``.
 """
 
@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from tqdm import tqdm
 
-from stages.imageio import ImageRejected, is_candidate
+from stages.common.imageio import ImageRejected, is_candidate
+from stages.common.utils import StageError, atomic_file, run_cli
 from stages.serve.inference import (
     CLASSIFIER_METRICS,
     CLASSIFIER_PATH,
@@ -40,7 +39,6 @@ from stages.serve.inference import (
     set_threads,
 )
 from stages.serve.render import save_png
-from stages.utils import StageError, run_cli
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
@@ -109,12 +107,6 @@ def run(
     return {"images": len(files), "ok": ok, "errors": errors}
 
 
-def _atomic_text(path: Path) -> tuple[IO[str], str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    return os.fdopen(fd, "w"), tmp
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", help="image files and/or folders")
@@ -133,14 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         summary = run(predictor, args.inputs, sys.stdout, args.gradcam_dir)
     else:
-        fh, tmp = _atomic_text(args.out)
-        try:
-            with fh:
-                summary = run(predictor, args.inputs, fh, args.gradcam_dir)
-            os.replace(tmp, args.out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(args.out) as tmp, tmp.open("w") as fh:
+            summary = run(predictor, args.inputs, fh, args.gradcam_dir)
     print(
         f"{summary['ok']}/{summary['images']} images predicted, {summary['errors']} refused",
         file=sys.stderr,

@@ -24,11 +24,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-from stages.utils import StageError, atomic_dir
+from stages.common.utils import StageError, atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -303,23 +305,40 @@ def _url_filename(url: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "download"
 
 
+def url_key(url: str) -> str:
+    """The download folder of ``url``: one per URL, so another URL (``.../v2/data.zip``)
+    never reuses what an earlier one (``.../v1/data.zip``) fetched under the same file name."""
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What ``resolve`` made of a location: the local path to read, and where it came from."""
+
+    path: Path
+    origin: dict[str, Any]  # {"kind": "folder" | "file" | "url", ...} for the download report
+
+
 def resolve(
     location: str | None,
     work_dir: Path,
     *,
     what: str,
     param: str,
+    root: Path | None = None,
     default_url: str | None = None,
     sha256: str | None = None,
     md5: str | None = None,
-) -> Path:
+) -> Fetched:
     """Turn a params location into a local path: a folder, an extracted archive, or a plain file.
 
-    `location` (or `default_url` when it is None) is a local folder (returned as is), a local file
-    (archives are extracted once under `work_dir/<stem>/` and re-used; other files returned as is)
-    or an http(s) URL downloaded into `work_dir` first. `sha256`/`md5` describe the file at that
-    location: pass them only when they are known for it. Failures raise one StageError naming
-    `what` to download and the `param` to point at a local copy.
+    ``location`` (or ``default_url`` when it is None) is an http(s) URL, downloaded into
+    ``work_dir/<url_key>/`` (resumed; checked against ``sha256``/``md5`` when given), or a local
+    folder or file, relative to ``root`` (the folder DVC watches for the task; a location outside
+    it is refused, since DVC would not see its changes). Archives are extracted once beside the
+    download or under ``work_dir``. A cached download that fails its checksum or cannot be
+    extracted is deleted and fetched once more. Failures raise one StageError naming ``what`` to
+    download and the ``param`` to set.
     """
     location = location if location is not None else default_url
     hint = f"download {what} by hand and set {param} to the local folder or archive"
@@ -327,21 +346,62 @@ def resolve(
         raise StageError(f"no location given for {what}: {hint}")
     work_dir = Path(work_dir)
     if _is_url(location):
+        return _resolve_url(location, work_dir, sha256, md5, hint)
+    path = _local(location, root, param)
+    if path.is_dir():
+        return Fetched(path, {"kind": "folder", "path": str(path)})
+    if not path.is_file():
+        raise StageError(f"{param} = {location!r} does not exist ({path}): {hint}")
+    problem = _checksum_error(path, sha256, md5)
+    if problem:
+        raise StageError(f"{param}: {problem}; is {path} the file you meant?")
+    origin = {"kind": "file", "path": str(path), "sha256": file_digest(path, "sha256")}
+    if not is_archive(path):
+        return Fetched(path, origin)
+    return Fetched(
+        _extract_once(path, work_dir / "extracted" / url_key(str(path.resolve()))), origin
+    )
+
+
+def _local(location: str, root: Path | None, param: str) -> Path:
+    path = Path(location).expanduser()
+    if root is None:
+        return path
+    root = Path(root).expanduser()
+    full = path if path.is_absolute() else root / path
+    if not _inside(root, full):
+        raise StageError(
+            f"{param} = {location!r} is outside the task's data root {str(root)!r}, the folder "
+            "DVC watches for changes of local data: give a path inside it, or set the task's "
+            "root (data.<task>.root) to a folder holding it"
+        )
+    return full
+
+
+def _resolve_url(
+    url: str, work_dir: Path, sha256: str | None, md5: str | None, hint: str
+) -> Fetched:
+    folder = work_dir / url_key(url)
+    dest = folder / _url_filename(url)
+    for attempt in (1, 2):
         try:
-            path = download(location, work_dir / _url_filename(location), sha256=sha256, md5=md5)
+            path = download(url, dest, sha256=sha256, md5=md5)
         except NetworkError as exc:
             raise StageError(f"{exc}; offline or blocked? {hint}") from None
         except StageError as exc:
             raise StageError(f"{exc}; {hint}") from None
-    else:
-        path = Path(location).expanduser()
-        if path.is_dir():
-            return path
-        if not path.is_file():
-            raise StageError(f"{param} = {location!r} does not exist: {hint}")
-    if not is_archive(path):
-        return path
-    return _extract_once(path, work_dir / archive_stem(path))
+        origin = {"kind": "url", "url": url, "file": str(path), "sha256": file_digest(path, "sha256"),
+                  "bytes": path.stat().st_size}  # fmt: skip
+        if not is_archive(path):
+            return Fetched(path, origin)
+        try:
+            return Fetched(_extract_once(path, folder / archive_stem(path)), origin)
+        except StageError as exc:
+            if attempt == 2:
+                raise StageError(f"{exc} (downloaded twice from {url}); {hint}") from None
+            log.warning("%s; deleting the download and fetching it again", exc)
+            path.unlink(missing_ok=True)
+    raise AssertionError("unreachable")
 
 
 def _extract_once(archive: Path, target: Path) -> Path:

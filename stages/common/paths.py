@@ -1,0 +1,104 @@
+"""Where the pipeline reads and writes: the one home of every path in Python.
+
+Inputs/outputs: none (constants and small path functions). Every stage's command-line defaults,
+the served models' default locations and the tools take their paths from here; ``dvc.yaml``
+declares the same paths as deps/outs (DVC needs them literally), and ``tests/test_layout.py``
+fails when the two disagree. All paths are relative to the repository root, where DVC runs the
+stages. No run command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+TASKS = ("classification", "detection")
+SPLITS = ("train", "val", "test")
+
+INPUTS = Path("data/inputs")  # the default data.<task>.root (empty: synthetic sources need none)
+DOWNLOADS = Path("data/downloads")  # fetched archives and their extractions (git-ignored)
+RAW = Path("data/raw")
+SPLIT = Path("data/split")
+AUGMENT = Path("data/augment")
+MODELS = Path("models")
+METRICS = Path("metrics")
+REPORTS = Path("reports")
+EVALUATION_NAME = "evaluation.json"  # inside reports/<model>/
+PLOTS_NAME = "plots"  # reports/<model>/plots: the DVC plot data
+
+
+@dataclass(frozen=True)
+class TaskPaths:
+    """The data chain of one task: download -> split -> augment -> evaluate."""
+
+    task: str
+
+    @property
+    def raw(self) -> Path:
+        return RAW / self.task
+
+    @property
+    def split(self) -> Path:
+        return SPLIT / self.task
+
+    @property
+    def augment(self) -> Path:
+        return AUGMENT / self.task
+
+    @property
+    def preview(self) -> Path:
+        return REPORTS / "augment" / f"{self.task}_preview.png"
+
+    @property
+    def split_metrics(self) -> Path:
+        return METRICS / f"split_{self.task}.json"
+
+    @property
+    def name(self) -> str:
+        """The model's name: classifier | detector."""
+        return "classifier" if self.task == "classification" else "detector"
+
+    @property
+    def metrics(self) -> Path:
+        """Headline test metrics (what `dvc exp show` compares)."""
+        return METRICS / f"{self.name}.json"
+
+    @property
+    def train_metrics(self) -> Path:
+        return METRICS / f"train_{self.name}.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return REPORTS / self.name
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.report_dir / PLOTS_NAME
+
+    @property
+    def evaluation(self) -> Path:
+        """Every figure of the evaluation, and (classification) the decision rule served."""
+        return self.report_dir / EVALUATION_NAME
+
+    @property
+    def live_dir(self) -> Path:
+        return REPORTS / "live" / self.name
+
+    @property
+    def model(self) -> Path:
+        return MODELS / ("classifier.keras" if self.task == "classification" else "detector.pt")
+
+
+def task_paths(task: str) -> TaskPaths:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    return TaskPaths(task)
+
+
+CLASSIFICATION = TaskPaths("classification")
+DETECTION = TaskPaths("detection")
+CLASSIFIER_MODEL = CLASSIFICATION.model
+CLASSIFIER_SIDECAR = MODELS / "classifier.meta.json"  # classes, head, resize (written beside it)
+DETECTOR_MODEL = DETECTION.model
+DETECTOR_CHECKPOINTS = MODELS / "detector_ckpt"  # resume checkpoints (persist: true in dvc.yaml)
+DVC_LOCK = Path("dvc.lock")

@@ -1,0 +1,2 @@
+"""Loaders of the classification data sets (Kermany, PneumoniaMNIST, COVID-19 Radiography, any
+ImageFolder); ``download@classification`` depends on this folder, never on ``../detection``."""
