@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 WORKERS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup repro test test-fast lint format dag ablations serve remote
+.PHONY: setup repro test test-fast lint format dag docs ablations seeds scoreboard serve remote
 
 setup: $(VENV)/.installed
 
@@ -38,11 +38,14 @@ format: setup
 dag: setup
 	$(BIN)/dvc dag
 
+docs: setup  ## regenerate README's tables and docs/experiments.md (after editing experiments or dvc.yaml)
+	$(BIN)/python -m stages.docs --write
+
 # make remote: DVC remote from env (CXR_REMOTE_URL, CXR_S3_ENDPOINT, AWS_*, CXR_SSH_KEY ...);
 # URL/endpoint -> .dvc/config, credentials -> .dvc/config.local only. REMOTE_ARGS=--local for a personal remote.
 REMOTE_ARGS ?=
 remote: setup  ## configure the team's DVC remote from environment variables
-	$(BIN)/python -m stages.tools.remote setup $(REMOTE_ARGS)
+	$(BIN)/python -m stages.remote setup $(REMOTE_ARGS)
 
 HOST ?= 127.0.0.1
 PORT ?= 7860
@@ -50,7 +53,7 @@ MAX_UPLOAD_MB ?= 50
 serve: setup  ## the web page for the models of the current pipeline (dvc repro / dvc pull first)
 	$(BIN)/python -m stages.serve --host $(HOST) --port $(PORT) --max-upload-mb $(MAX_UPLOAD_MB)
 
-# --- make ablations (owner: stages/ablations.py; paste next to the other targets) ---------------
+# --- make ablations (owner: stages/tools/ablations.py) ---------------------------------------
 # WORKERS (defined above, default 1) = parallel DVC queue workers; DATA_ROOT = folder holding
 # kermany224/ (made absolute by the queue step: queued runs execute in a temporary copy).
 # ABLATIONS_ARGS: extra queue options, e.g. --replace (run all seven again) or
@@ -60,6 +63,18 @@ ABLATIONS_TIMEOUT ?= 86400
 ABLATIONS_ARGS ?=
 
 ablations: setup  ## seed 002's seven ablation rows via the DVC queue -> reports/ablations.md
-	$(BIN)/python -m stages.tools.ablations queue --data-root $(DATA_ROOT) $(ABLATIONS_ARGS)
-	$(BIN)/python -m stages.tools.ablations run --workers $(WORKERS) --timeout $(ABLATIONS_TIMEOUT)
-	$(BIN)/python -m stages.tools.ablations report --out reports/ablations.md
+	$(BIN)/python -m stages.ablations queue --data-root $(DATA_ROOT) $(ABLATIONS_ARGS)
+	$(BIN)/python -m stages.ablations run --workers $(WORKERS) --timeout $(ABLATIONS_TIMEOUT)
+	$(BIN)/python -m stages.ablations report --out reports/ablations.md
+
+# --- make seeds / make scoreboard (owners: stages/tools/repeat.py, stages/tools/scoreboard.py) ---
+# EXP = a named experiment; SEEDS = training seeds; ENSEMBLE=1 scores the seeds' mean as one model.
+EXP ?= ours-kermany-best
+SEEDS ?= 1 2 3
+ENSEMBLE ?=
+seeds: setup  ## one recipe over several training seeds (DVC queue) -> reports/repeats/$(EXP).md
+	$(BIN)/python -m stages.repeat $(EXP) --seeds $(SEEDS) --data-root $(DATA_ROOT) $(if $(ENSEMBLE),--ensemble,)
+
+scoreboard: setup  ## every seed system on the real data (~2 h on 2 cores) -> reports/seeds.md
+	$(BIN)/python -m stages.scoreboard --data-root $(DATA_ROOT)
+

@@ -42,6 +42,8 @@ COMMANDS = {
     "param_table": "stages.tools.param_table",
     "remote": "stages.tools.remote",
     "docs": "stages.tools.docs",
+    "repeat": "stages.tools.repeat",
+    "scoreboard": "stages.tools.scoreboard",
 }
 _TF_ROOTS = ("tensorflow", "keras", "tf_keras")
 

@@ -172,7 +172,9 @@ def run(task: str, cfg: cache.AugmentConfig, split_dir: Path, out_dir: Path, pre
         for split, (index, coco) in splits.items():
             index, out_coco, shapes = index.copy(), None, None
             if task == "classification":
-                index["label_index"] = [classes.index(v) if v in classes else -1 for v in index["label"].astype(str)]
+                index["label_index"] = [
+                    classes.index(v) if v in classes else -1 for v in index["label"].astype(str)
+                ]
             else:
                 out_coco, shapes, n_drop = cache_coco(coco, index["path"], cfg)
                 dropped += n_drop

@@ -24,7 +24,7 @@ import yaml
 from tests.conftest import REPO, shrink_params
 
 BIN = Path(sys.executable).parent
-COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", "stages", ".dvcignore"]
+COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", "stages", ".dvcignore", "data/inputs"]
 # make_repo copies .gitignore too: what git keeps out of a clone (e.g. /models/) must then come
 # from the remote, as in a real clone of this repository.
 TEAM_COPY = [*COPY, ".gitignore"]

@@ -99,7 +99,7 @@ class RcloneS3:
         stop(self.proc, sig)
 
     def env(self, bucket: str, prefix: str = "cache") -> dict[str, str]:
-        """The environment `python -m stages.tools.remote setup` reads for this server."""
+        """The environment `python -m stages.remote setup` reads for this server."""
         return {
             "CXR_REMOTE_URL": f"s3://{bucket}/{prefix}",
             "CXR_S3_ENDPOINT": self.endpoint,

@@ -393,7 +393,9 @@ def test_stage_classification(in_tmp):
     assert summary["counts"] == {"train": 7, "val": 2, "test": 2}
     train = open_split(cache_dir, "train")
     assert train.meta["classes"] == ["COVID", "NORMAL", "PNEUMONIA"]
-    assert train.meta["counts"] == summary["counts"] and train.meta["image_size"] == 64
+    # meta.json is a training input: train/val counts only (a new test set must not retrain)
+    assert train.meta["counts"] == {"train": 7, "val": 2} and train.meta["image_size"] == 64
+    assert train.meta["intensity"] == "none"
     assert (
         train.images.shape == (7, 64, 64) and train.images.dtype == np.uint8 and train.coco is None
     )
@@ -504,3 +506,31 @@ def test_stage_cli_with_repo_params(in_tmp, params):
     assert summary["counts"] == {"train": 3, "val": 1, "test": 1}
     assert (in_tmp / "data/augment/detection/train/images.npy").is_file()
     assert (in_tmp / "reports/augment/detection_preview.png").is_file()
+
+
+def test_photometric_transforms_are_seeded_bounded_and_off_by_default():
+    import tensorflow as tf
+
+    from stages.classifier.augment import build_augmenter
+    from stages.classifier.config import ClassificationPolicy
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.integers(40, 200, (6, 32, 32, 1)).astype(np.float32))
+    off = ClassificationPolicy(rotation=0, zoom=0, shear=0, shift=0, hflip=False, brightness=0,
+                               contrast=0)  # fmt: skip
+    assert not off.active
+    np.testing.assert_array_equal(build_augmenter(off, 1)(x, 3).numpy(), x.numpy())
+    for knob in ({"gamma": 0.5}, {"blur": 1.0}, {"noise": 0.05}, {"erase": 0.4}):
+        policy = parse(ClassificationPolicy, {**{k: 0 for k in ("rotation", "zoom", "shear",
+                       "shift", "brightness", "contrast")}, "hflip": False, **knob})  # fmt: skip
+        a = build_augmenter(policy, 1)(x, 3).numpy()
+        b = build_augmenter(policy, 1)(x, 3).numpy()
+        c = build_augmenter(policy, 1)(x, 4).numpy()
+        np.testing.assert_array_equal(a, b)  # a pure function of (seed, step)
+        assert not np.array_equal(a, c) and not np.array_equal(a, x.numpy()), knob
+        assert a.min() >= 0 and a.max() <= 255 and a.shape == x.shape
+        if "erase" in knob:  # erased pixels hold the image mean; the rest is untouched
+            changed = a != x.numpy()
+            assert changed.any() and (changed.sum(axis=(1, 2, 3)) == 0).any()  # half the images
+    with pytest.raises(ConfigError, match="erase"):
+        parse(ClassificationPolicy, {"erase": 0.05})

@@ -92,7 +92,19 @@ def test_select_threshold_takes_validation_arrays_only():
     import inspect
 
     params = list(inspect.signature(M.select_threshold).parameters)
-    assert params == ["y_val", "p_val", "method", "target_sensitivity"]
+    assert params == ["y_val", "p_val", "method", "target_sensitivity", "target_specificity"]
+
+
+@pytest.mark.parametrize("target", [0.5, 0.8, 0.95, 0.98, 1.0])
+def test_specificity_threshold_keeps_target_with_max_sensitivity(preds, target):
+    y, p = preds
+    t = M.specificity_threshold(y, p, target)
+    assert M.binary_metrics(y, p, t)["specificity"] >= target
+    # the next lower validation score as threshold would let too many negatives through
+    below = np.unique(p[p < t])
+    if below.size:
+        assert M.binary_metrics(y, p, below[-1])["specificity"] < target
+    assert M.select_threshold(y, p, "specificity", target_specificity=target) == t
 
 
 def test_bootstrap_ci_contains_estimate_and_is_seeded(preds):

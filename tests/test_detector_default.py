@@ -1,9 +1,14 @@
-"""The default detection chain (what `dvc repro` runs on a fresh clone) meets its sanity bar.
+"""The default detection chain (what `dvc repro` runs on a fresh clone) learns, on any CPU.
 
-The synthetic lesions and the train_detector defaults were tuned together so that a ResNet-18 FPN
-trained from scratch in about two minutes on this 2-core CPU reaches mAP@0.5 >= 0.6 on the
-synthetic test split. This runs the real stages with the real params.yaml, unshrunk (~2.5 min),
-so a change to the phantoms, the augmentation or the defaults that breaks learning fails here.
+This runs the real stages with the real params.yaml, unshrunk (~2.5-3.5 min), so a change to the
+phantoms, the augmentation or the defaults that breaks learning fails here.
+
+Why the bar is where it is: training from scratch is chaotic, so the figure moves with the seed
+and with the CPU (float reduction order differs between AVX2 and AVX-512 kernels). Measured on
+2026-12-02 (AMD EPYC, 2 cores), 11 runs of the default recipe over data seeds 11/12/13 and
+training seeds 1-5: test mAP@0.5 0.856 +- 0.082 (min 0.647, max 0.940); every class's AP@0.5
+>= 0.50 in every run. The gates below sit well under those minima (mean - 4 sd for the mAP), so
+they hold on another machine, yet a chain that stops learning (mAP ~0.1) fails them.
 """
 
 from __future__ import annotations
@@ -13,15 +18,16 @@ from pathlib import Path
 
 import pytest
 
-import stages  # noqa: F401  (torch before TensorFlow)
 from stages import augment, download, evaluate, split, train_detector
 
-BAR = 0.6
+MAP50_BAR = 0.5
+CLASS_BAR = 0.25
 
 
 @pytest.mark.slow
-def test_default_detection_chain_meets_the_map50_bar(tmp_path, monkeypatch, repo_root):
+def test_default_detection_chain_learns_every_class(tmp_path, monkeypatch, repo_root):
     monkeypatch.chdir(tmp_path)  # the stages write their relative outputs here
+    (tmp_path / "data" / "inputs").mkdir(parents=True)  # the default data root
     params = str(repo_root / "params.yaml")
     task = ["--task", "detection", "--params", params]
     download.main(task)
@@ -31,9 +37,11 @@ def test_default_detection_chain_meets_the_map50_bar(tmp_path, monkeypatch, repo
     evaluate.main(task)
 
     trained = json.loads(Path("metrics/train_detector.json").read_text())
-    metrics = json.loads(Path("metrics/detector.json").read_text())
-    assert trained["epochs_run"] > 0 and trained["n_train"] > 100
-    assert set(metrics["ap_50_per_class"]) == {"Consolidation", "Nodule", "Mass", "Effusion"}
-    assert metrics["map_50"] >= BAR, (metrics["map_50"], metrics["ap_50_per_class"])
+    full = json.loads(Path("reports/detector/evaluation.json").read_text())
+    assert trained["epochs_run"] > 0
+    assert full["n_test_images"] >= 50 and full["n_gt_boxes"] >= 70  # AP not decided by one image
+    ap = full["ap_50_per_class"]
+    assert set(ap) == {"Consolidation", "Nodule", "Mass", "Effusion"}
+    assert full["map_50"] >= MAP50_BAR, (full["map_50"], ap)
     # every class is learnt, not just the easy ones carrying the mean
-    assert min(metrics["ap_50_per_class"].values()) >= BAR / 2, metrics["ap_50_per_class"]
+    assert min(ap.values()) >= CLASS_BAR, ap

@@ -61,8 +61,22 @@ def test_repro_builds_every_output(built: Path) -> None:
     det = json.loads((built / "metrics/detector.json").read_text())
     for key in ("accuracy", "roc_auc", "precision", "recall", "specificity", "f1"):
         assert 0.0 <= cls[key] <= 1.0, key
-    for key in ("map", "map_50", "froc_avg_recall", "ap_50_per_class"):
+    for key in ("map", "map_50", "froc_avg_recall", "n_test_images"):
         assert key in det, key
+    assert {k for k in det if k.startswith("ap50_")} == {
+        "ap50_Consolidation", "ap50_Effusion", "ap50_Mass", "ap50_Nodule"
+    }  # fmt: skip
+    # What `dvc metrics show` compares: few flat values, no duplicates of dvclive's summaries.
+    shown = json.loads(dvc(built, "metrics", "show", "--json"))
+    values = {}
+    for entry in shown.values():
+        for path, doc in entry.get("data", {}).items():
+            for key, value in doc.get("data", {}).items():
+                assert not isinstance(value, dict | list), (path, key)
+                assert "." not in key, (path, key)
+                values[(path, key)] = value
+    assert 30 <= len(values) <= 60, sorted(values)
+    assert not any("live" in path for path, _ in values)
 
 
 def test_second_repro_runs_nothing(built: Path) -> None:

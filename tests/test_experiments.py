@@ -35,6 +35,7 @@ from stages.sources.config import ClassificationData, DetectionData
 from stages.split import SplitConfig
 from stages.tools import ablations as A
 from stages.tools import experiments as X
+from stages.tools import queue as Q
 from tests.conftest import REPO, shrink_params
 
 SCHEMAS = {
@@ -141,28 +142,31 @@ def test_seed002_rows_are_the_seven_of_both_tables():
 
 def test_merge_overrides_replaces_same_key_in_place():
     base = ["a.b=1", "c=2"]
-    assert A.merge_overrides(base, ["c=3", "+d.e=4"]) == ["a.b=1", "c=3", "+d.e=4"]
+    assert Q.merge_overrides(base, ["c=3", "+d.e=4"]) == ["a.b=1", "c=3", "+d.e=4"]
     with pytest.raises(StageError, match="key=value"):
-        A.merge_overrides(base, ["oops"])
+        Q.merge_overrides(base, ["oops"])
 
 
 def test_queue_argv_has_one_set_per_key():
-    argv = A.queue_argv("seed002-to-be", "/d", ["train_classifier.epochs=1", "+x.y=2"])
+    run = Q.Run("seed002-to-be", "seed002-to-be", ("train_classifier.epochs=1", "+x.y=2"))
+    argv = Q.queue_argv(run, "/d")
     assert argv[:5] == ["exp", "run", "--queue", "-n", "seed002-to-be"]
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "-S"]
     keys = [s.split("=", 1)[0].lstrip("+") for s in sets]
     assert len(keys) == len(set(keys))
     assert "train_classifier.epochs=1" in sets and "train_classifier.epochs=50" not in sets
     assert (
-        "data.classification.path=/d/kermany224" in sets and argv[-1] == "evaluate@classification"
+        "data.classification.root=/d" in sets
+        and "data.classification.path=kermany224" in sets
+        and argv[-1] == "evaluate@classification"
     )
 
 
 def test_missing_inputs_names_the_absent_folder(tmp_path):
-    assert A.missing_inputs("seed002-to-be", str(tmp_path)) == [f"{tmp_path}/kermany224"]
+    assert Q.missing_inputs("seed002-to-be", str(tmp_path)) == [f"{tmp_path}/kermany224"]
     (tmp_path / "kermany224").mkdir()
-    assert A.missing_inputs("seed002-to-be", str(tmp_path)) == []
-    assert len(A.missing_inputs("seed003-vgg16-4class", str(tmp_path))) == 1  # covid19_radiography
+    assert Q.missing_inputs("seed002-to-be", str(tmp_path)) == []
+    assert len(Q.missing_inputs("seed003-vgg16-4class", str(tmp_path))) == 1  # covid19_radiography
 
 
 def test_experiments_cli_prints_the_commands(capsys):
@@ -192,21 +196,21 @@ def test_queue_resumes_requeues_failed_and_replaces(monkeypatch, tmp_path):
         calls.append(list(args))
         return subprocess.CompletedProcess(args, 0, show if args[:2] == ["exp", "show"] else "", "")
 
-    monkeypatch.setattr(A, "_dvc", fake)
-    monkeypatch.setattr(A, "has_commit", lambda: True)
+    monkeypatch.setattr(Q, "_dvc", fake)
+    monkeypatch.setattr(Q, "has_commit", lambda: True)
     names = ["seed002-to-be", "seed002-nogen-dropout", "seed002-sigmoid-bce-rmsprop",
              "seed002-gen-dropout"]  # fmt: skip
     # success and queued are kept, failed is removed and queued again, unknown is queued
     assert A.queue(names, str(tmp_path)) == ["seed002-nogen-dropout", "seed002-gen-dropout"]
     assert ["exp", "remove", "seed002-nogen-dropout"] in calls
     runs = [c for c in calls if c[:3] == ["exp", "run", "--queue"]]
-    assert all(f"data.classification.path={tmp_path}/kermany224" in c for c in runs)
+    assert all(f"data.classification.root={tmp_path}" in c for c in runs)
     calls.clear()
     assert A.queue(names[:1], str(tmp_path), replace=True) == ["seed002-to-be"]
     assert ["exp", "remove", "seed002-to-be"] in calls
     with pytest.raises(StageError, match="data not found"):
         A.queue(names, str(tmp_path / "elsewhere"))
-    monkeypatch.setattr(A, "has_commit", lambda: False)
+    monkeypatch.setattr(Q, "has_commit", lambda: False)
     with pytest.raises(StageError, match="commit"):
         A.queue(names, str(tmp_path))
 
@@ -222,13 +226,13 @@ Worker status: {w} active, 0 idle
 
 
 def test_parse_status():
-    tasks, workers = A.parse_status(STATUS.format(a="Running", b="Queued", w=1))
+    tasks, workers = Q.parse_status(STATUS.format(a="Running", b="Queued", w=1))
     assert tasks == {"seed002-to-be": "running", "seed002-gen-dropout": "queued"}
     assert workers == (1, 0)
     requeued = (
         STATUS.format(a="Success", b="Success", w=0) + "9d4e4d0  seed002-to-be  03:30 AM  Queued"
     )
-    assert A.parse_status(requeued)[0]["seed002-to-be"] == "queued"
+    assert Q.parse_status(requeued)[0]["seed002-to-be"] == "queued"
 
 
 class FakeDvc:
@@ -251,9 +255,9 @@ def test_run_waits_then_reports_failures_with_log_tail(monkeypatch):
     names = ["seed002-to-be", "seed002-gen-dropout"]
     fake = FakeDvc([STATUS.format(a="Running", b="Queued", w=1),
                     STATUS.format(a="Success", b="Failed", w=0)])  # fmt: skip
-    monkeypatch.setattr(A, "_dvc", fake)
+    monkeypatch.setattr(Q, "_dvc", fake)
     with pytest.raises(StageError, match="1 experiment.*seed002-gen-dropout") as err:
-        A.run(names, workers=2, timeout=60, poll=0)
+        Q.run(names, workers=2, timeout=60, poll=0)
     assert "error: head/loss refused" in str(err.value) and "line 10\n" not in str(err.value)
     assert fake.calls[0] == ["queue", "start", "-j", "2"]
     assert ["queue", "logs", "seed002-gen-dropout"] in fake.calls
@@ -261,18 +265,18 @@ def test_run_waits_then_reports_failures_with_log_tail(monkeypatch):
 
 def test_run_success_and_timeout(monkeypatch):
     names = ["seed002-to-be", "seed002-gen-dropout"]
-    monkeypatch.setattr(A, "_dvc", FakeDvc([STATUS.format(a="Success", b="Success", w=0)]))
-    assert A.run(names, workers=1, timeout=60, poll=0)["seed002-gen-dropout"] == "success"
-    monkeypatch.setattr(A, "_dvc", FakeDvc([STATUS.format(a="Running", b="Queued", w=1)]))
+    monkeypatch.setattr(Q, "_dvc", FakeDvc([STATUS.format(a="Success", b="Success", w=0)]))
+    assert Q.run(names, workers=1, timeout=60, poll=0)["seed002-gen-dropout"] == "success"
+    monkeypatch.setattr(Q, "_dvc", FakeDvc([STATUS.format(a="Running", b="Queued", w=1)]))
     with pytest.raises(StageError, match="still pending"):
-        A.run(names, workers=1, timeout=0, poll=0)
+        Q.run(names, workers=1, timeout=0, poll=0)
 
 
 def test_run_restarts_a_dead_worker_once_then_fails(monkeypatch):
     fake = FakeDvc([STATUS.format(a="Queued", b="Queued", w=0)])
-    monkeypatch.setattr(A, "_dvc", fake)
+    monkeypatch.setattr(Q, "_dvc", fake)
     with pytest.raises(StageError, match="no queue worker"):
-        A.run(["seed002-to-be"], workers=1, timeout=60, poll=0)
+        Q.run(["seed002-to-be"], workers=1, timeout=60, poll=0)
     assert fake.calls.count(["queue", "start", "-j", "1"]) == 2
 
 
@@ -415,3 +419,47 @@ def test_queue_run_report_end_to_end(tmp_path):
         assert f"**{r.test:.4f}** / 0.9311" in text
     # the twin has the TO-BE's params, so DVC restored the trained model instead of training
     assert res[names[0]].test == res[names[1]].test
+
+
+def test_ablation_rows_fit_a_160_column_terminal(tmp_path):
+    """Seed 002's seven rows in `dvc exp show` (as `python -m stages.ablations show` runs it):
+    every line within 160 columns, no column cut ("…"), each row and each figure present. The
+    experiments are saved with `dvc exp save` from the real params and headline metric files."""
+    from tests.dvc_helpers import dvc, git, init_repo, tool_env
+
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    (tmp_path / "data" / "kermany224").mkdir(parents=True)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "dvc.yaml").write_text(
+        "metrics:\n  - metrics/classifier.json\n  - metrics/train_classifier.json\n"
+    )
+    (repo / "metrics").mkdir()
+
+    def write(i: int) -> None:
+        test = dict.fromkeys(("n_test", "recall", "precision", "f1", "pr_auc", "threshold"), 0.5)
+        test.update(accuracy=0.8 + i / 97, roc_auc=0.9 + i / 201, specificity=0.6 + i / 53,
+                    accuracy_at_0_5=0.7 + i / 89, accuracy_ci_low=0.1 * i, roc_auc_ci_high=i)  # fmt: skip
+        train = {"train_accuracy": 0.9 + i / 301, "val_accuracy": 0.93 + i / 211, "val_loss": i}
+        (repo / "metrics/classifier.json").write_text(json.dumps(test))
+        (repo / "metrics/train_classifier.json").write_text(json.dumps(train))
+
+    (repo / "params.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    write(0)
+    init_repo(repo)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "init")
+    for i, name in enumerate(X.SEED002_ROWS, 1):
+        params = X.apply_overrides(base, X.overrides_for(name, str(tmp_path / "data")))
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        write(i)
+        dvc(repo, "exp", "save", "-n", name, "-f")
+        git(repo, "checkout", "--", ".")
+    env = {**tool_env(), "COLUMNS": "160"}
+    text = re.sub(r"\x1b\[[0-9;]*m", "", dvc(repo, *A.show_argv(), env=env))
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 160 and "…" not in text, text
+    header = next(line for line in lines if "Experiment" in line)
+    assert header.split() == ["Experiment", *A.SHOW_COLUMNS]
+    for name in X.SEED002_ROWS:
+        assert name in text

@@ -1,4 +1,4 @@
-"""Predictor and ``python -m stages.serve.predict``: real images, training preprocessing, boxes back
+"""Predictor and ``python -m stages.predict``: real images, training preprocessing, boxes back
 in original pixels, Grad-CAM, threshold from evaluate, JSON lines and bad files.
 
 Models: tiny ones built once per session (tests/serve_models.py), never the workspace's.

@@ -3,7 +3,7 @@
 Round trips (push, then a clone or a wiped copy pulls, outputs byte-identical, `dvc status` clean,
 `dvc repro` runs nothing) to a local folder, an S3 server (`rclone serve s3`) and an OpenSSH
 server; an experiment shared through a bare git remote (`dvc exp push` / `dvc exp pull`); and a
-push whose server is killed midway. The remotes are configured by `python -m stages.tools.remote setup`
+push whose server is killed midway. The remotes are configured by `python -m stages.remote setup`
 from environment variables, as `make remote` does.
 """
 
@@ -66,7 +66,7 @@ def sshd(tmp_path_factory):
 
 
 def setup_remote(repo: Path, env: dict[str, str], *flags: str) -> str:
-    """`python -m stages.tools.remote setup` in ``repo`` with ``env`` (what `make remote` runs)."""
+    """`python -m stages.remote setup` in ``repo`` with ``env`` (what `make remote` runs)."""
     proc = subprocess.run(
         [str(BIN / "python"), "-m", "stages.tools.remote", "setup", *flags],
         cwd=repo,

@@ -19,18 +19,16 @@ from stages.common.utils import StageError, read_json
 from stages.train_classifier import main
 
 S = 48
-METRIC_KEYS = {
+HEADLINE_KEYS = {
     "train_accuracy",
     "val_accuracy",
-    "train_loss",
     "val_loss",
     "val_auc",
     "best_epoch",
     "epochs_run",
-    "seconds",
-    "images_per_second",
-    "params_count",
+    "val_accuracy_max_drop",
 }
+SUMMARY_KEYS = HEADLINE_KEYS | {"train_loss", "seconds", "images_per_second", "params_count"}
 
 
 @pytest.fixture(autouse=True)
@@ -98,7 +96,12 @@ def test_cli_writes_model_metrics_and_live(tmp_path):
         ]
     )
     metrics = read_json(out["metrics_path"])
-    assert set(metrics) >= METRIC_KEYS
+    assert set(metrics) == HEADLINE_KEYS  # flat, few: what `dvc exp show` compares
+    summary = read_json(out["live_dir"] / "training.json")
+    assert set(summary) >= SUMMARY_KEYS and all(summary[k] == metrics[k] for k in HEADLINE_KEYS)
+    accs = summary["val_accuracy_per_epoch"]
+    drops = [a - b for a, b in zip(accs, accs[1:], strict=False)]
+    assert metrics["val_accuracy_max_drop"] == pytest.approx(max(drops, default=0.0), abs=1e-4)
     assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] <= 3
     for split in ("train", "val"):
         for name in ("loss", "accuracy", "auc"):
@@ -178,3 +181,43 @@ def test_dataset_epochs_reshuffle_and_cover_every_row(tmp_path):
     np.testing.assert_array_equal(x.numpy()[..., 0], split.images[rows].astype(np.float32))
     val_ds, val_steps = make_dataset(split, marks, 16, training=False)
     assert val_steps == 3 and sum(int(b[0].shape[0]) for b in val_ds) == 40
+
+
+def test_ema_model_is_the_one_validated_and_differs_from_plain(tmp_path):
+    """With weight EMA the saved model is the averaged one: it reproduces the logged (EMA)
+    validation loss, and it is not the model the same run trains without EMA."""
+    cache = make_cache(tmp_path / "cache")
+    runs = {}
+    for ema in (0.0, 0.9):
+        out = {k: tmp_path / f"ema{ema}" / v.name for k, v in paths(tmp_path).items()}
+        cfg = parse(TrainClassifierConfig, cfg_dict(epochs=2, ema=ema, augmentation=False))
+        metrics = train(cfg, cache, **out)
+        model = load_classifier(out["model_path"])
+        val = open_split(cache, "val")
+        p = predict_proba(model, val.images)[:, 1].astype(np.float64)
+        y = labels_for(val.index, load_info(out["model_path"])).astype(np.float64)
+        bce = -np.mean(y * np.log(np.clip(p, 1e-7, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-7, 1)))
+        assert bce == pytest.approx(metrics["val_loss"], rel=1e-3, abs=1e-4)
+        runs[ema] = [w.copy() for w in model.get_weights()]
+    assert any(not np.allclose(a, b) for a, b in zip(runs[0.0], runs[0.9], strict=True))
+
+
+def test_mixup_mixes_images_targets_and_weights_alike():
+    import tensorflow as tf
+
+    from stages.classifier.data import mix_batch
+
+    x = tf.constant(np.arange(4, dtype=np.float32).reshape(4, 1, 1, 1) * 10)
+    y = tf.constant([[0.0], [1.0], [0.0], [1.0]])
+    w = tf.constant([1.0, 3.0, 1.0, 3.0])
+    key = tf.constant([7, 3], tf.int64)
+    mx, my, mw = (t.numpy() for t in mix_batch((x, y, w), 0.4, key))
+    again = mix_batch((x, y, w), 0.4, key)[0].numpy()
+    np.testing.assert_array_equal(mx, again)  # stateless: same key, same mix
+    # every row is lam*row + (1-lam)*partner: recover lam from the images, check the rest
+    assert not np.allclose(mx.reshape(-1), x.numpy().reshape(-1))
+    assert (my >= 0).all() and (my <= 1).all() and (mw >= 1).all() and (mw <= 3).all()
+    lam_images = mx.reshape(-1)
+    assert np.all((lam_images >= 0) & (lam_images <= 30))
+    # the target moves exactly as the image does: y = x / 10 in this batch's odd rows pattern
+    np.testing.assert_allclose(mw, 1 + 2 * my[:, 0], atol=1e-5)

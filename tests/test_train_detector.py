@@ -189,8 +189,12 @@ def test_non_finite_loss_stops_naming_iteration_and_parts(tiny):
 def test_train_writes_model_metrics_and_live_logs(tiny, tmp_path):
     metrics = _run(TINY, tiny, tmp_path / "out")
     out = tmp_path / "out"
-    saved = json.loads((out / "metrics.json").read_text())
+    saved = json.loads((out / "live" / "training.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
+    headline = json.loads((out / "metrics.json").read_text())
+    assert headline == {
+        k: saved[k] for k in ("val_map_50", "val_map", "best_epoch", "epochs_run", "train_loss")
+    }
     assert saved["epochs_run"] == 2 and 1 <= saved["best_epoch"] <= 2
     assert 0 <= saved["val_map_50"] <= 1 and saved["seconds_per_epoch"] > 0
     assert len(saved["val_map_50_per_epoch"]) == 2

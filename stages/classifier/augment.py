@@ -93,32 +93,73 @@ def _augment(policy: ClassificationPolicy, images: tf.Tensor, seed: tf.Tensor) -
     transforms = _affine(policy, seed, n, h, w) if policy.geometric else tf.zeros([n, 8])
     coin = tf.random.stateless_uniform([n], tf.random.experimental.stateless_fold_in(seed, 5))
     flip = tf.logical_and(policy.hflip, coin < 0.5)
-    factor = _uniform(seed, 6, n, policy.contrast, 1.0)
-    delta = _uniform(seed, 7, n, policy.brightness * 255.0)
-    return _apply(policy, images, transforms, flip, factor, delta)
+    draws = {
+        "factor": _uniform(seed, 6, n, policy.contrast, 1.0),
+        "delta": _uniform(seed, 7, n, policy.brightness * 255.0),
+        "gamma": tf.exp(_uniform(seed, 8, n, policy.gamma)),
+        "blur": _uniform(seed, 9, n, policy.blur / 2, policy.blur / 2),  # U(0, blur)
+        "sigma": _uniform(seed, 10, n, policy.noise * 127.5, policy.noise * 127.5),
+        "noise": tf.random.stateless_normal(
+            shape, tf.random.experimental.stateless_fold_in(seed, 11)
+        )
+        if policy.noise
+        else tf.zeros([1, 1, 1, 1]),
+        "erase": _erase_masks(policy, seed, n, h, w),
+    }
+    return _apply(policy, images, transforms, flip, draws)
+
+
+def _erase_masks(policy: ClassificationPolicy, seed: tf.Tensor, n, h, w) -> tf.Tensor:
+    """(B, H, W, 1) 0/1 masks: one square of U(0.1, erase) of the area in half the images."""
+    if not policy.erase:
+        return tf.zeros([n, 1, 1, 1])
+    hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+    area = _uniform(seed, 12, n, (policy.erase - 0.1) / 2, (policy.erase + 0.1) / 2)
+    side = tf.sqrt(area * hf * wf)[:, None, None, None]
+    cy = _uniform(seed, 13, n, hf / 2, hf / 2)[:, None, None, None]
+    cx = _uniform(seed, 14, n, wf / 2, wf / 2)[:, None, None, None]
+    on = _uniform(seed, 15, n, 0.5, 0.5)[:, None, None, None] < 0.5
+    ys = tf.range(hf)[None, :, None, None]
+    xs = tf.range(wf)[None, None, :, None]
+    inside = (tf.abs(ys - cy) < side / 2) & (tf.abs(xs - cx) < side / 2) & on
+    return tf.cast(inside, tf.float32)
 
 
 @functools.cache
 def _kernel(policy: ClassificationPolicy) -> Callable[..., tf.Tensor]:
-    def apply(x, transforms, flip, factor, delta):
+    def apply(x, transforms, flip, d):
         if policy.geometric:  # the flip is part of the affine
             x = _warp(x, transforms, policy.fill_mode == "constant")
         elif policy.hflip:  # flip alone: an exact reverse, no resampling
             x = tf.where(flip[:, None, None, None], tf.reverse(x, axis=[2]), x)
+        if policy.gamma:
+            x = 255.0 * tf.pow(
+                tf.clip_by_value(x / 255.0, 1e-6, 1.0), d["gamma"][:, None, None, None]
+            )
         if policy.contrast:
             mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
-            x = (x - mean) * factor[:, None, None, None] + mean
+            x = (x - mean) * d["factor"][:, None, None, None] + mean
         if policy.brightness:
-            x = x + delta[:, None, None, None]
-        if policy.contrast or policy.brightness:
+            x = x + d["delta"][:, None, None, None]
+        if policy.blur:
+            k = tf.constant([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16.0
+            blurred = tf.nn.conv2d(x, k[:, :, None, None], 1, "SAME")
+            a = d["blur"][:, None, None, None]
+            x = x * (1.0 - a) + blurred * a
+        if policy.noise:
+            x = x + d["noise"] * d["sigma"][:, None, None, None]
+        if policy.erase:
+            mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+            x = x * (1.0 - d["erase"]) + mean * d["erase"]
+        if policy.contrast or policy.brightness or policy.gamma or policy.noise:
             x = tf.clip_by_value(x, 0.0, 255.0)
         return x
 
     return tf.function(apply, jit_compile=True)
 
 
-def _apply(policy, images, transforms, flip, factor, delta) -> tf.Tensor:
-    out = _kernel(policy)(images, transforms, flip, factor, delta)
+def _apply(policy, images, transforms, flip, draws) -> tf.Tensor:
+    out = _kernel(policy)(images, transforms, flip, draws)
     return tf.ensure_shape(out, images.shape) if images.shape.rank == 4 else out
 
 
@@ -135,7 +176,7 @@ def build_augmenter(policy: ClassificationPolicy, seed: int = 0) -> Augmenter:
 
     def augment(images: tf.Tensor, step: tf.Tensor | int | None = None) -> tf.Tensor:
         images = tf.convert_to_tensor(images, tf.float32)
-        if not (policy.geometric or policy.hflip or policy.brightness or policy.contrast):
+        if not policy.active:
             return images
         if step is None:
             key = generator.make_seeds(1)[:, 0]

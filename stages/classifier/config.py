@@ -108,6 +108,12 @@ class TrainClassifierConfig:
     # key wins), e.g. {PNEUMONIA/bacteria: BACTERIA, PNEUMONIA/virus: VIRUS}.
     class_map: dict[str, str] = field(default_factory=dict)
     strategy: Literal["default", "mirrored", "multi_worker"] = "default"
+    # Weight EMA: 0 = off, else the momentum (e.g. 0.99) of an exponential moving average of the
+    # weights; validation, the best-epoch choice and the saved model use the averaged weights.
+    ema: float = 0.0
+    # mixup (Zhang et al. 2018): 0 = off, else alpha of the Beta(alpha, alpha) mixing weight of
+    # pairs of training images and their targets (and class weights) within a batch.
+    mixup: float = 0.0
     seed: int = 42
     threads: int = 0  # 0 = all cores
 
@@ -119,6 +125,11 @@ class TrainClassifierConfig:
         check(0 <= self.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5)")
         check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(
+            self.ema == 0 or 0.5 <= self.ema < 1,
+            f"ema must be 0 (off) or in [0.5, 1), got {self.ema}",
+        )
+        check(0 <= self.mixup <= 2, f"mixup must be in [0, 2] (0 = off), got {self.mixup}")
         slots = DROPOUT_SLOTS[self.arch]
         if self.dropout is not None:
             check(
@@ -203,8 +214,9 @@ def head_encoding(activation: str, units: int, loss: str, n_classes: int | None)
 class EvalClassificationConfig:
     """``evaluate.classification``; see params.yaml for the meaning of each key."""
 
-    threshold: Literal["youden", "sensitivity"] = "youden"
+    threshold: Literal["youden", "sensitivity", "specificity"] = "youden"
     target_sensitivity: float = 0.95
+    target_specificity: float = 0.95
     positive_class: str | tuple[str, ...] = "PNEUMONIA"
     bootstrap: int = 1000
     ci: float = 0.95
@@ -220,6 +232,7 @@ class EvalClassificationConfig:
 
     def __post_init__(self) -> None:
         check(0.0 < self.target_sensitivity <= 1.0, "target_sensitivity: must be in (0, 1]")
+        check(0.0 < self.target_specificity <= 1.0, "target_specificity: must be in (0, 1]")
         check(self.bootstrap >= 0, "bootstrap: resamples must be >= 0 (0 = no intervals)")
         check(0.0 < self.ci < 1.0, "ci: must be in (0, 1), e.g. 0.95")
         check(self.n_samples_grid >= 0 and self.n_gradcam >= 0, "n_samples_grid/n_gradcam: >= 0")
@@ -240,6 +253,10 @@ class ClassificationPolicy:
     factor x += s*y (tan of the angle, as keras RandomShear; ImageDataGenerator's shear_range
     was in degrees, so seed 002's "0.2" was almost no shear). shift: fraction of width/height.
     brightness: additive, fraction of 255. contrast: factor 1 +- x around each image's mean.
+    Photometric, for robustness to other machines' exposure and processing (0 = off): gamma:
+    exponent exp(U(-g, g)) on the [0, 1] intensities; blur: a 3x3 Gaussian blend of weight
+    U(0, x); noise: Gaussian noise of sd U(0, x) x 255; erase: with probability 0.5 one square of
+    U(0.1, x) of the area filled with the image mean (random erasing, against shortcut marks).
     """
 
     rotation: float = 10.0
@@ -253,10 +270,21 @@ class ClassificationPolicy:
     contrast: float = 0.1
     # "nearest" repeats the border instead of adding black corners a model could learn to use.
     fill_mode: Literal["nearest", "constant"] = "nearest"
+    gamma: float = 0.0
+    blur: float = 0.0
+    noise: float = 0.0
+    erase: float = 0.0
 
     def __post_init__(self) -> None:
         check(
             0 <= self.rotation <= 180, f"rotation must be in [0, 180] degrees, got {self.rotation}"
+        )
+        check(0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma}")
+        check(0 <= self.blur <= 1, f"blur must be in [0, 1], got {self.blur}")
+        check(0 <= self.noise <= 0.2, f"noise must be in [0, 0.2], got {self.noise}")
+        check(
+            self.erase == 0 or 0.1 < self.erase <= 0.5,
+            f"erase must be 0 or in (0.1, 0.5], got {self.erase}",
         )
         check(0 <= self.zoom < 1, f"zoom must be in [0, 1), got {self.zoom}")
         check(0 <= self.shear <= 1, f"shear must be in [0, 1], got {self.shear}")
@@ -267,6 +295,19 @@ class ClassificationPolicy:
     @property
     def geometric(self) -> bool:
         return any((self.rotation, self.zoom, self.shear, self.shift))
+
+    @property
+    def active(self) -> bool:
+        """False when every transform is off (the augmenter returns its input)."""
+        photometric = (
+            self.brightness,
+            self.contrast,
+            self.gamma,
+            self.blur,
+            self.noise,
+            self.erase,
+        )
+        return self.geometric or self.hflip or any(photometric)
 
 
 @dataclass(frozen=True)

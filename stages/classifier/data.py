@@ -102,6 +102,7 @@ def make_dataset(
     seed: int = 0,
     class_weights: np.ndarray | None = None,
     policy: ClassificationPolicy | None = None,
+    mixup: float = 0.0,
 ) -> tuple[tf.data.Dataset, int]:
     """(dataset, steps per epoch). Training: shuffled, repeated forever, augmented if
     ``policy``, last partial batch dropped (BatchNorm dislikes tiny batches); evaluation:
@@ -134,14 +135,50 @@ def make_dataset(
     ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if training and policy is not None:
         ds = augment_dataset(ds, policy, seed)
+    if training and mixup > 0:
+        ds = mix_dataset(ds, mixup, seed)
     options = tf.data.Options()
     # Sharding by data works for any source (ours is a range, not files): multi_worker.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options), steps
 
 
+def mix_batch(batch: tuple, alpha: float, key: tf.Tensor) -> tuple:
+    """mixup of one batch ``(x, y[, w])``: each row mixed with a shuffled partner by a weight
+    lam ~ Beta(alpha, alpha) (drawn statelessly from ``key``); targets and weights alike."""
+    x = batch[0]
+    n = tf.shape(x)[0]
+    fold = tf.random.experimental.stateless_fold_in
+    g1 = tf.random.stateless_gamma([n], fold(key, 0), alpha)
+    g2 = tf.random.stateless_gamma([n], fold(key, 1), alpha)
+    lam = g1 / (g1 + g2)
+    order = tf.argsort(tf.random.stateless_uniform([n], fold(key, 2)))
+
+    def mix(t: tf.Tensor) -> tf.Tensor:
+        shape = tf.concat([[n], tf.ones([tf.rank(t) - 1], tf.int32)], 0)
+        weight = tf.reshape(lam, shape)
+        return t * weight + tf.gather(t, order) * (1.0 - weight)
+
+    return tuple(mix(t) for t in batch)
+
+
+def mix_dataset(ds: tf.data.Dataset, alpha: float, seed: int) -> tf.data.Dataset:
+    """Map a batched training dataset through ``mix_batch`` (new pairs every epoch, same sequence
+    for the same seed)."""
+    keys = tf.data.Dataset.random(seed + 1, rerandomize_each_iteration=True)
+
+    def fn(batch, k):
+        return mix_batch(batch, alpha, tf.stack([tf.constant(seed, tf.int64), k]))
+
+    return tf.data.Dataset.zip(ds, keys).map(
+        fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+
+
 __all__ = [
     "ClassSplit",
+    "mix_batch",
+    "mix_dataset",
     "balanced_class_weights",
     "class_indices",
     "encode_targets",

@@ -118,13 +118,15 @@ def compute_metrics(
                 f"{name} split has only {'positive' if b[0] else 'negative'} cases for "
                 f"{list(cfg.positives)}: AUC and thresholds need both; use a larger split"
             )
-    threshold = M.select_threshold(bv, pv, cfg.threshold, cfg.target_sensitivity)
+    threshold = M.select_threshold(
+        bv, pv, cfg.threshold, cfg.target_sensitivity, cfg.target_specificity
+    )
     test = _binary_block(bt, pt, threshold)
     doc: dict = {k: test[k] for k in ("accuracy", "roc_auc", "precision", "recall")}
     doc.update(specificity=test["specificity"], f1=test["f1"], pr_auc=test["pr_auc"])
     doc.update(threshold=threshold, threshold_method=cfg.threshold)
-    if cfg.threshold == "sensitivity":
-        doc["target_sensitivity"] = cfg.target_sensitivity
+    if cfg.threshold in ("sensitivity", "specificity"):
+        doc[f"target_{cfg.threshold}"] = getattr(cfg, f"target_{cfg.threshold}")
     doc.update(accuracy_ci=None, roc_auc_ci=None, ci=cfg.ci, bootstrap=cfg.bootstrap)
     if cfg.bootstrap:
         kw = {"n_resamples": cfg.bootstrap, "ci": cfg.ci, "seed": cfg.seed}

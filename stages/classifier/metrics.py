@@ -26,7 +26,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-ThresholdMethod = Literal["youden", "sensitivity"]
+ThresholdMethod = Literal["youden", "sensitivity", "specificity"]
 
 
 def _binary_inputs(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -148,15 +148,38 @@ def sensitivity_threshold(y_val: np.ndarray, p_val: np.ndarray, target: float) -
     return _gap_midpoint(thr, int(reached[0]))  # tpr is 1.0 at the lowest score: never empty
 
 
+def specificity_threshold(y_val: np.ndarray, p_val: np.ndarray, target: float) -> float:
+    """Threshold at the lowest validation score s whose specificity (p < s for negatives) is
+    >= ``target``: the most sensitive rule that keeps the false-positive rate on validation at
+    most 1 - target. For a model expected to over-call positives on new data (a shifted test
+    set: Kermany's official test), a high target keeps that drift in check. Midpoint below s.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target specificity must be in (0, 1], got {target}")
+    fpr, _, thr = _roc_candidates(y_val, p_val)
+    allowed = np.flatnonzero(fpr <= 1.0 - target + 1e-12)
+    if allowed.size == 0:  # even the highest score lets too many negatives through
+        return float(np.nextafter(thr[0], np.inf))
+    return _gap_midpoint(thr, int(allowed[-1]))
+
+
 def select_threshold(
-    y_val: np.ndarray, p_val: np.ndarray, method: ThresholdMethod, target_sensitivity: float
+    y_val: np.ndarray,
+    p_val: np.ndarray,
+    method: ThresholdMethod,
+    target_sensitivity: float = 0.95,
+    target_specificity: float = 0.95,
 ) -> float:
-    """Operating threshold from VALIDATION labels/scores only (see the two rules above)."""
+    """Operating threshold from VALIDATION labels/scores only (see the three rules above)."""
     if method == "youden":
         return youden_threshold(y_val, p_val)
     if method == "sensitivity":
         return sensitivity_threshold(y_val, p_val, target_sensitivity)
-    raise ValueError(f"unknown threshold method {method!r}; use 'youden' or 'sensitivity'")
+    if method == "specificity":
+        return specificity_threshold(y_val, p_val, target_specificity)
+    raise ValueError(
+        f"unknown threshold method {method!r}; use 'youden', 'sensitivity' or 'specificity'"
+    )
 
 
 # --------------------------------------------------------------------------- uncertainty

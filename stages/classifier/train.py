@@ -3,8 +3,9 @@ train split and keeps the best epoch on validation.
 
 Inputs:  the cache's meta.json, policy.json, train/ and val/ (``stages.common.cache``); a
          ``TrainClassifierConfig``. Outputs: the .keras model + its sidecar
-         (``stages.classifier.predict.ClassifierInfo``), the VALIDATION metrics json (never test)
-         and dvclive per-epoch logs. Called by ``python -m stages.train_classifier`` (the stage's
+         (``stages.classifier.predict.ClassifierInfo``), the VALIDATION headline metrics json
+         (never test), and in the dvclive folder the per-epoch logs and ``training.json`` (the
+         whole summary: timings, counts, per-epoch validation accuracy). Called by ``python -m stages.train_classifier`` (the stage's
          command line) and by the tests; no run command of its own.
 """
 
@@ -39,6 +40,17 @@ from stages.common.config import parse
 from stages.common.utils import StageError, atomic_dir, atomic_file, seed_everything, write_json
 
 log = logging.getLogger("stages.train_classifier")
+TRAINING_FILE = "training.json"  # the whole training summary, in the dvclive folder
+# metrics/train_classifier.json: what `dvc exp show` compares (validation figures, never test)
+HEADLINE = (
+    "train_accuracy",
+    "val_accuracy",
+    "val_auc",
+    "val_loss",
+    "best_epoch",
+    "epochs_run",
+    "val_accuracy_max_drop",
+)
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -64,12 +76,14 @@ def _optimizer(cfg: TrainClassifierConfig, steps_per_epoch: int) -> keras.optimi
     lr: Any = cfg.learning_rate
     if cfg.lr_schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=cfg.epochs * steps_per_epoch)
-    wd = cfg.weight_decay or None
+    kw: dict[str, Any] = {"weight_decay": cfg.weight_decay or None}
+    if cfg.ema:
+        kw.update(use_ema=True, ema_momentum=cfg.ema)
     if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(lr, weight_decay=wd)
+        return keras.optimizers.Adam(lr, **kw)
     if cfg.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(lr, weight_decay=wd)
-    return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=True, weight_decay=wd)
+        return keras.optimizers.RMSprop(lr, **kw)
+    return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=True, **kw)
 
 
 def _compile(model: keras.Model, cfg: TrainClassifierConfig, encoding: str, n: int, steps: int):
@@ -99,7 +113,10 @@ def _callbacks(cfg: TrainClassifierConfig, live: Live) -> tuple[list, Any, Epoch
         restore_best_weights=True,
     )
     timer = EpochTimer()
-    callbacks = [keras.callbacks.TerminateOnNaN(), early, DvcLiveCallback(live), timer]
+    # EMA: the averaged weights are swapped in for validation and at each epoch's end, before
+    # early stopping keeps its copy of the best epoch, so the saved model is the averaged one.
+    swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema else []
+    callbacks = [keras.callbacks.TerminateOnNaN(), *swap, early, DvcLiveCallback(live), timer]
     if cfg.lr_schedule == "plateau":
         callbacks.append(
             keras.callbacks.ReduceLROnPlateau(
@@ -159,6 +176,7 @@ def train(
         seed=cfg.seed,
         class_weights=weights if cfg.class_weight == "balanced" else None,
         policy=policy,
+        mixup=cfg.mixup,
     )
     val_ds, _ = make_dataset(
         val_split,
@@ -231,9 +249,16 @@ def train(
         resize=str(meta.get("resize", "stretch")),
         intensity=str(meta.get("intensity", "none")),
     )
+    accs = history["val_accuracy"]
+    metrics["val_accuracy_per_epoch"] = [round(float(a), 4) for a in accs]
+    # the stability figure: the largest fall of validation accuracy from one epoch to the next
+    metrics["val_accuracy_max_drop"] = max(
+        (a - b for a, b in zip(accs[:-1], accs[1:], strict=True)), default=0.0
+    )
     save_info(model_path, info)
     save_model_atomic(model, model_path)
-    write_json(metrics_path, metrics)
+    write_json(Path(live_dir) / TRAINING_FILE, metrics)
+    write_json(metrics_path, {k: metrics[k] for k in HEADLINE})
     log.info(
         "best epoch %d/%d: val_accuracy %.4f, val_auc %.4f, %.1f s (%.0f images/s)",
         best + 1,

@@ -70,8 +70,15 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run from the repository root)")
-    with path.open() as fh:
-        data = load_yaml(fh.read()) or {}
+    try:
+        data = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as exc:  # a tab, a bad indent, an unclosed bracket...
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
@@ -225,5 +232,15 @@ def check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-__all__ = ["ConfigError", "OPTIONAL", "check", "optional", "get_section", "load_section", "parse", "read_params", "to_dict"]
+__all__ = [
+    "ConfigError",
+    "OPTIONAL",
+    "check",
+    "optional",
+    "get_section",
+    "load_section",
+    "parse",
+    "read_params",
+    "to_dict",
+]
 _ = typing  # keep typing importable for forward refs in schemas

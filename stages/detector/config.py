@@ -38,7 +38,13 @@ class TrainDetectorConfig:
     box_loss: Literal["l1", "smooth_l1", "giou"] = "l1"
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    anchor_sizes: tuple[tuple[int, ...], ...] = ((12, 16), (24, 32), (48, 64), (96, 128), (192, 256))
+    anchor_sizes: tuple[tuple[int, ...], ...] = (
+        (12, 16),
+        (24, 32),
+        (48, 64),
+        (96, 128),
+        (192, 256),
+    )
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     fg_iou_thresh: float = 0.5
     bg_iou_thresh: float = 0.4
@@ -48,7 +54,7 @@ class TrainDetectorConfig:
     nms_thresh: float = 0.5
     detections_per_img: int = 100
     # optimisation
-    epochs: int = 6
+    epochs: int = 5
     batch_size: int = 4
     lr: float = 1e-3
     optimizer: Literal["sgd", "adamw"] = "adamw"

@@ -34,6 +34,9 @@ from stages.detector.model import build_detector, save_detector, unwrap
 log = logging.getLogger("stages.train_detector")
 # Keys that change how a run executes, not what it learns: they never block a resume.
 _RUNTIME_KEYS = ("threads", "num_workers")
+TRAINING_FILE = "training.json"  # the whole training summary, in the dvclive folder
+# metrics/train_detector.json: what `dvc exp show` compares (validation figures, never test)
+HEADLINE = ("val_map_50", "val_map", "best_epoch", "epochs_run", "train_loss")
 
 
 def resolve_sizes(cfg: TrainDetectorConfig, image_size: int) -> TrainDetectorConfig:
@@ -212,7 +215,8 @@ def _train(
             "intensity": str(meta.get("intensity", "none")),
         }
         save_detector(model_path, model, cfg, classes, extra)
-        write_json(metrics_path, metrics)
+        write_json(live_dir / TRAINING_FILE, metrics)
+        write_json(metrics_path, {k: metrics[k] for k in HEADLINE})
         _finish_checkpoints(ckpt_dir, best)
     E.barrier(info)
     return metrics

@@ -139,7 +139,7 @@ def build_app(predictor: Predictor, about: str, examples: list[list[str]]) -> gr
                 with gr.Row():
                     cam = gr.Image(label="Grad-CAM", format="png", elem_id="gradcam")
                     boxes = gr.Image(label="Detector boxes", format="png", elem_id="boxes")
-                raw = gr.JSON(label="JSON (as python -m stages.serve.predict writes it)")
+                raw = gr.JSON(label="JSON (as python -m stages.predict writes it)")
         upload.change(
             make_handler(predictor),
             inputs=[upload],

@@ -4,7 +4,7 @@ decision, Grad-CAM, boxes.
 Inputs: ``models/classifier.keras`` (+ ``.meta.json`` sidecar), ``models/detector.pt`` and the
 threshold evaluate chose (``metrics/classifier.json`` keys ``threshold``, ``positive_class``);
 either model may be absent. Images: any file ``stages.common.imageio`` decodes (PNG, JPEG, DICOM...).
-Output: ``Prediction`` objects (``to_json()`` = one JSON line of ``python -m stages.serve.predict``).
+Output: ``Prediction`` objects (``to_json()`` = one JSON line of ``python -m stages.predict``).
 
 Preprocessing is the training code itself: ``stages.common.imageio`` decodes to uint8 grey and
 ``stages.common.cache.resize_gray`` brings the image to the model size with the same resize mode the

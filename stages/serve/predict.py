@@ -10,7 +10,7 @@ Outputs: JSON lines (stdout or ``--out``, written atomically): {"file", "width",
          a refused file gives {"file", "error", "reason"}. ``--gradcam-dir``: Grad-CAM overlays
          as PNG (path in "gradcam_png"). Exit code 0 when every image was predicted, 1 when
          some were refused, 2 for a usage error (no model, no input).
-Run:     python -m stages.serve.predict <files|folders> [--out preds.jsonl] [--gradcam-dir DIR]
+Run:     python -m stages.predict <files|folders> [--out preds.jsonl] [--gradcam-dir DIR]
          [--classifier PATH] [--detector PATH] [--metrics PATH] [--min-score 0.3] [--threads N]
 The preprocessing is the training code (stages.common.imageio + stages.common.cache.resize_gray), shared with
 the web page through ``stages.serve.inference.Predictor``.

@@ -56,7 +56,7 @@ class SyntheticClassificationConfig:
 
 @dataclass(frozen=True)
 class SyntheticDetectionConfig:
-    n_patients: int = 150
+    n_patients: int = 300
     images_per_patient: tuple[int, int] = (1, 3)
     image_size: int = 192
     normal_fraction: float = 0.2  # images with no lesion (negatives)

@@ -1,13 +1,13 @@
 """Seed 002's two ablation tables, re-run through DVC's experiment queue and reported beside theirs.
 
 Inputs: the named experiments of ``stages.tools.experiments`` (default: the seven ``SEED002_ROWS``), a
-data root, and the DVC repository in the current directory (a git repo with a commit: queued
-experiments run in a copy of the last commit plus the changes to tracked files).
+data root, and the DVC repository in the current directory (``stages.tools.queue``).
 Outputs: queued DVC experiments; ``reports/ablations.md`` built from ``dvc exp show --json``.
 Run (``make ablations`` chains the three):
-    python -m stages.tools.ablations queue --data-root ../shared/data [--names ...] [--set k=v] [--replace]
-    python -m stages.tools.ablations run --workers 1 [--timeout 86400]
-    python -m stages.tools.ablations report --out reports/ablations.md [--show-json saved.json]
+    python -m stages.ablations queue --data-root ../shared/data [--names ...] [--set k=v] [--replace]
+    python -m stages.ablations run --workers 1 [--timeout 86400]
+    python -m stages.ablations report --out reports/ablations.md [--show-json saved.json]
+    python -m stages.ablations show     (`dvc exp show` of the rows, the columns that matter)
 """
 
 from __future__ import annotations
@@ -18,83 +18,19 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from stages.common import paths
-from stages.common.utils import StageError, run_cli, write_text_atomic
+from stages.common.utils import run_cli, write_text_atomic
 from stages.tools import experiments as X
+from stages.tools import queue as Q
 
 log = logging.getLogger("stages.tools.ablations")
 PENDING = ("queued", "running")
 _RANK = {"running": 0, "queued": 0, "failed": 1}  # which status of a name parse_status keeps
 LOG_TAIL = 25  # lines of `dvc queue logs` shown per failed experiment
-
-
-def _env() -> dict[str, str]:
-    """PATH with this interpreter's bin first: DVC's stage commands call plain ``python``."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
-
-
-def _dvc(args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``dvc <args>``; StageError with DVC's own message when it fails.
-
-    Output goes through a temporary file, not a pipe: ``dvc queue start`` leaves a worker
-    behind that inherits the descriptors and would hold a pipe open until the queue is empty.
-    """
-    argv = [sys.executable, "-m", "dvc", *args]
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(), check=False)
-        out.seek(0)
-        text = out.read()
-    if check and proc.returncode != 0:
-        tail = "\n".join(text.strip().splitlines()[-15:])
-        raise StageError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n{tail}")
-    return subprocess.CompletedProcess(argv, proc.returncode, text, "")
-
-
-def exp_show(all_commits: bool = False) -> list:
-    """``dvc exp show --json``: experiments of HEAD's commit (``-A``: of every commit)."""
-    return json.loads(
-        _dvc(["exp", "show", "--json", *(["-A"] if all_commits else [])]).stdout or "[]"
-    )
-
-
-# ----------------------------------------------------------------------------- dvc exp show
-
-
-def iter_experiments(show: list) -> Iterator[tuple[str, str, dict]]:
-    """(name, state, data) per experiment of ``dvc exp show --json`` (DVC 3.x), newest first.
-
-    Layout: a list of baselines ``{rev, name, data, error, experiments}``; each experiment is
-    ``{name, executor: {state, ...} | null, revs: [{rev, name, data, error}]}``; ``data`` holds
-    ``params[file]["data"]`` and ``metrics[file]["data"]``. A failed or queued experiment shows the
-    baseline's metrics, so callers must look at the state. Executor null = finished (from refs).
-    """
-    for baseline in show or []:
-        for exp in (baseline or {}).get("experiments") or []:
-            executor = exp.get("executor") or {}
-            for rev in exp.get("revs") or []:
-                name = rev.get("name") or exp.get("name") or rev.get("rev", "")[:7]
-                state = "failed" if rev.get("error") else executor.get("state") or "success"
-                yield name, state, rev.get("data") or {}
-
-
-def _get(node: Any, *keys: str) -> Any:
-    for key in keys:
-        node = node.get(key) if isinstance(node, dict) else None
-    return node
-
-
-def _number(value: Any) -> float | None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    return float(value) if ok else None
 
 
 @dataclass(frozen=True)
@@ -114,25 +50,25 @@ class Result:
 def collect(show: list, names: Sequence[str]) -> dict[str, Result]:
     """The newest successful run of each name (else its newest state); absent names left out."""
     out: dict[str, Result] = {}
-    for name, state, data in iter_experiments(show):
+    for name, state, data in Q.iter_experiments(show):
         if name not in names or (name in out and out[name].state == "success"):
             continue
         if state != "success":
             out.setdefault(name, Result(state))
             continue
         metrics = data.get("metrics") or {}
-        train = _get(metrics, paths.CLASSIFICATION.train_metrics.as_posix(), "data")
-        test = _get(metrics, paths.CLASSIFICATION.metrics.as_posix(), "data")
-        n_test = _number(_get(test, "n_test"))
+        train = Q.get_in(metrics, paths.CLASSIFICATION.train_metrics.as_posix(), "data")
+        test = Q.get_in(metrics, paths.CLASSIFICATION.metrics.as_posix(), "data")
+        n_test = Q.number(Q.get_in(test, "n_test"))
         out[name] = Result(
             state,
-            _number(_get(train, "train_accuracy")),
-            _number(_get(train, "val_accuracy")),
-            _number(_get(test, "accuracy")),
-            _number(_get(test, "accuracy_at_0_5")),
-            _number(_get(test, "roc_auc")),
+            Q.number(Q.get_in(train, "train_accuracy")),
+            Q.number(Q.get_in(train, "val_accuracy")),
+            Q.number(Q.get_in(test, "accuracy")),
+            Q.number(Q.get_in(test, "accuracy_at_0_5")),
+            Q.number(Q.get_in(test, "roc_auc")),
             int(n_test) if n_test is not None else None,
-            _get(data, "params", "params.yaml", "data"),
+            Q.get_in(data, "params", "params.yaml", "data"),
         )
     return out
 
@@ -140,147 +76,11 @@ def collect(show: list, names: Sequence[str]) -> dict[str, Result]:
 # ----------------------------------------------------------------------------- queue
 
 
-def merge_overrides(base: Sequence[str], extra: Sequence[str]) -> list[str]:
-    """``base`` with ``extra`` applied: an extra for a key already there replaces it in place
-    (DVC keeps only the last -S of a key), new keys are appended."""
-    merged = {o.split("=", 1)[0].lstrip("+~"): o for o in base}
-    for o in extra:
-        if "=" not in o:
-            raise StageError(f"--set {o!r}: expected key=value")
-        merged[o.split("=", 1)[0].lstrip("+~")] = o
-    return list(merged.values())
-
-
-def queue_argv(name: str, data_root: str, extra: Sequence[str] = ()) -> list[str]:
-    """``dvc exp run --queue -n <name> -S ... <target>`` arguments (without ``dvc``)."""
-    argv = ["exp", "run", "--queue", "-n", name]
-    for override in merge_overrides(X.overrides_for(name, data_root), extra):
-        argv += ["-S", override]
-    return [*argv, X.get(name).target]
-
-
-def missing_inputs(name: str, data_root: str) -> list[str]:
-    """Paths under ``data_root`` that experiment ``name`` reads but that do not exist."""
-    found: list[str] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, str) and X.ROOT in value:
-            path = value.replace(X.ROOT, data_root)
-            if not Path(path).exists():
-                found.append(path)
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, tuple | list):
-            for v in value:
-                walk(v)
-
-    walk(tuple(v for _, v in X.get(name).set_params))
-    return found
-
-
-def has_commit() -> bool:
-    head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True)
-    return head.returncode == 0
-
-
 def queue(
     names: Sequence[str], data_root: str, extra: Sequence[str] = (), replace: bool = False
 ) -> list[str]:
-    """Queue each experiment once; returns the names queued.
-
-    Already queued/running/successful names are kept (so ``make ablations`` resumes), failed ones
-    are removed and queued again; ``replace`` removes and re-queues them all. The data root is
-    made absolute because queued experiments run in a temporary copy of the repository.
-    """
-    for name in names:
-        X.get(name)  # unknown names fail before anything is queued
-    if not has_commit():
-        raise StageError("no git commit yet: commit the project first (queued runs use a commit)")
-    root = str(Path(data_root).resolve())
-    missing = sorted({p for n in names for p in missing_inputs(n, root)})
-    if missing:
-        raise StageError(f"data not found: {', '.join(missing)}; pass --data-root <folder>")
-    states = {}
-    for name, state, _ in iter_experiments(exp_show()):
-        states.setdefault(name, state)
-    drop = [n for n in names if n in states and (replace or states[n] == "failed")]
-    if drop:
-        log.info("removing %s", ", ".join(drop))
-        _dvc(["exp", "remove", *drop])
-    queued = []
-    for name in names:
-        if name in states and name not in drop:
-            log.info("%s: already %s, not queued again (use --replace)", name, states[name])
-            continue
-        _dvc(queue_argv(name, root, extra))
-        queued.append(name)
-        log.info("queued %s", name)
-    return queued
-
-
-# ----------------------------------------------------------------------------- run
-
-
-def parse_status(text: str) -> tuple[dict[str, str], tuple[int, int] | None]:
-    """``dvc queue status`` text -> ({name: status lower-case}, (active, idle) workers)."""
-    tasks: dict[str, str] = {}
-    workers = None
-    for line in text.splitlines():
-        parts = line.split()
-        if line.startswith("Worker status:"):
-            nums = [int(p) for p in line.replace(",", " ").split() if p.isdigit()]
-            workers = (nums[0], nums[1]) if len(nums) >= 2 else None
-        elif len(parts) >= 3 and parts[0] != "Task":
-            # a re-queued name can also have its earlier run listed: pending, then failed, win
-            name, status = parts[1], parts[-1].lower()
-            if _RANK.get(status, 2) < _RANK.get(tasks.get(name, ""), 3):
-                tasks[name] = status
-    return tasks, workers
-
-
-def wait(names: Sequence[str], workers: int, timeout: float, poll: float) -> dict[str, str]:
-    """Poll ``dvc queue status`` until none of ``names`` is queued or running."""
-    deadline, idle_polls, restarted = time.monotonic() + timeout, 0, False
-    while True:
-        tasks, pool = parse_status(_dvc(["queue", "status"]).stdout)
-        pending = [n for n in names if tasks.get(n) in PENDING]
-        if not pending:
-            return tasks
-        idle_polls = idle_polls + 1 if pool == (0, 0) else 0
-        if idle_polls >= 3:  # tasks wait but no worker is alive (killed, crashed)
-            if restarted:
-                raise StageError(f"no queue worker is running for {', '.join(pending)}")
-            _dvc(["queue", "start", "-j", str(workers)])
-            restarted, idle_polls = True, 0
-        if time.monotonic() > deadline:
-            raise StageError(
-                f"still pending after {timeout:.0f} s: {', '.join(pending)}. The workers keep "
-                "going: watch `dvc queue status`, stop them with `dvc queue kill <name>`"
-            )
-        log.info("waiting for %s", ", ".join(f"{n} ({tasks[n]})" for n in pending))
-        time.sleep(poll)
-
-
-def run(names: Sequence[str], workers: int, timeout: float, poll: float = 30.0) -> dict[str, str]:
-    """Start ``workers`` queue workers, wait, and fail naming each failed experiment + log tail."""
-    if workers < 1:
-        raise StageError(f"--workers must be >= 1, got {workers}")
-    _dvc(["queue", "start", "-j", str(workers)])
-    tasks = wait(names, workers, timeout, poll)
-    failed = [n for n in names if tasks.get(n) == "failed"]
-    if failed:
-        logs = []
-        for name in failed:
-            out = _dvc(["queue", "logs", name], check=False)
-            tail = out.stdout.strip().splitlines()[-LOG_TAIL:]
-            logs.append(f"--- {name}: last lines of `dvc queue logs {name}`\n" + "\n".join(tail))
-        raise StageError(
-            f"{len(failed)} experiment(s) failed: {', '.join(failed)}\n" + "\n".join(logs)
-        )
-    for name in names:
-        log.info("%s: %s", name, tasks.get(name, "not in the queue (not queued?)"))
-    return tasks
+    """Queue the rows (``extra`` overrides applied to every one); see ``stages.tools.queue``."""
+    return Q.queue([Q.Run(n, n, tuple(extra)) for n in names], data_root, replace)
 
 
 # ----------------------------------------------------------------------------- report
@@ -309,16 +109,16 @@ def _data_note(results: dict[str, Result]) -> list[str]:
     if not done:
         return ["- No finished experiment yet: run `make ablations`."]
     p = done[0].params
-    path = _get(p, "data", "classification", "path")
+    path = Q.get_in(p, "data", "classification", "path")
     if path and os.path.isabs(path):  # queued runs got it absolute: show it as the repo sees it
         path = os.path.relpath(path)
-    mode = _get(p, "split", "classification", "mode")
+    mode = Q.get_in(p, "split", "classification", "mode")
     n = sorted({r.n_test for r in done if r.n_test is not None})
     lines = [
-        f"- Data: `{_get(p, 'data', 'classification', 'source')}`"
+        f"- Data: `{Q.get_in(p, 'data', 'classification', 'source')}`"
         + (f" from `{path}`" if path else "")
-        + f" at {_get(p, 'augment', 'classification', 'image_size')} px, "
-        + f"{_get(p, 'train_classifier', 'epochs')} epochs; split mode `{mode}`.",
+        + f" at {Q.get_in(p, 'augment', 'classification', 'image_size')} px, "
+        + f"{Q.get_in(p, 'train_classifier', 'epochs')} epochs; split mode `{mode}`.",
         f"- **test** = our held-out test split ({'/'.join(map(str, n)) or '?'} images), never "
         "seen in training or model selection. The seed's test was their own 20 % random split.",
     ]
@@ -337,7 +137,7 @@ def render(results: dict[str, Result], names: Sequence[str]) -> str:
         "# Seed 002 ablations: ours beside the published figures",
         "",
         "Each accuracy cell: **ours** / seed 002's figure. Written by "
-        "`python -m stages.tools.ablations report` from `dvc exp show --json`.",
+        "`python -m stages.ablations report` from `dvc exp show --json`.",
         "",
         *_data_note({n: r for n, r in results.items() if n in names}),
         "- val = the validation split at the best epoch, which was selected on it (optimistic); "
@@ -368,17 +168,31 @@ def render(results: dict[str, Result], names: Sequence[str]) -> str:
 def report(
     out: Path, names: Sequence[str], show_json: Path | None = None, all_commits: bool = False
 ) -> str:
-    show = json.loads(Path(show_json).read_text()) if show_json else exp_show(all_commits)
+    show = json.loads(Path(show_json).read_text()) if show_json else Q.exp_show(all_commits)
     text = render(collect(show, names), names)
     write_text_atomic(out, text)
     log.info("wrote %s", out)
     return text
 
 
+# The columns that matter for seed 002's tables: the experiment (its name says the row: loss,
+# activation, optimizer, generator, dropout) and the figures of the seed's table, ours on test.
+SHOW_COLUMNS = ("accuracy", "roc_auc", "specificity", "accuracy_at_0_5", "train_accuracy",
+                "val_accuracy")  # fmt: skip
+
+
+def show_argv(extra: Sequence[str] = ()) -> list[str]:
+    """``dvc exp show`` arguments giving seed 002's rows in a 160-column terminal."""
+    keep = "^(Experiment|" + "|".join(SHOW_COLUMNS) + ")$"
+    return ["exp", "show", "--no-pager", "--hide-workspace", "--hide-queued", "--drop", ".*",
+            "--keep", keep, "--precision", "3", *extra]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     q, r, p = (sub.add_parser(c) for c in ("queue", "run", "report"))
+    sub.add_parser("show", help="dvc exp show of the rows, the columns that matter")
     for s in (q, r, p):
         s.add_argument("--names", nargs="+", default=list(X.SEED002_ROWS), help="experiments")
     q.add_argument("--data-root", default=X.DEFAULT_DATA_ROOT)
@@ -392,10 +206,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--show-json", type=Path, help="saved `dvc exp show --json` output")
     p.add_argument("--all-commits", action="store_true", help="also experiments of older commits")
     args = parser.parse_args(argv)
-    if args.command == "queue":
+    if args.command == "show":
+        subprocess.run([sys.executable, "-m", "dvc", *show_argv()], check=False, env=Q._env())
+    elif args.command == "queue":
         queue(args.names, args.data_root, args.set, args.replace)
     elif args.command == "run":
-        run(args.names, args.workers, args.timeout, args.poll)
+        Q.run(args.names, args.workers, args.timeout, args.poll)
     else:
         report(args.out, args.names, args.show_json, args.all_commits)
 

@@ -24,7 +24,7 @@ from stages.common.utils import StageError, run_cli
 
 BEGIN = "<!-- param-table:begin -->"
 END = "<!-- param-table:end -->"
-WRITE = "python -m stages.tools.param_table --write"
+WRITE = "python -m stages.param_table --write"
 _VAR = re.compile(r"\$\{\s*([A-Za-z0-9_.]+)\s*\}")
 
 

@@ -15,8 +15,8 @@ Inputs:  environment variables (nothing secret is ever written to .dvc/config):
 Outputs: `dvc remote add -d` / `dvc remote modify` calls: the URL, endpoint and region go to
          .dvc/config (commit them once for the team), credentials and key paths always to
          .dvc/config.local (git-ignored, per person); with --local everything goes there.
-Run:     python -m stages.tools.remote setup [--local] [--dry-run]
-         python -m stages.tools.remote shared-cache [--dry-run]
+Run:     python -m stages.remote setup [--local] [--dry-run]
+         python -m stages.remote shared-cache [--dry-run]
 """
 
 from __future__ import annotations

@@ -1,0 +1,240 @@
+"""DVC's experiment queue driven from Python: queue named experiments, run the workers, wait.
+
+Inputs: the named experiments of ``stages.tools.experiments`` (each queued run is an experiment
+plus optional extra ``-S`` overrides, under a run name of its own), a data root, and the DVC
+repository in the current directory (a git repo with a commit: queued experiments run in a copy
+of the last commit plus the changes to tracked files). Outputs: queued / finished DVC
+experiments; ``dvc exp show --json`` read back. Shared by ``stages.tools.ablations`` (seed 002's
+tables), ``stages.tools.repeat`` (one recipe over several training seeds) and
+``stages.tools.scoreboard`` (every seed system). No run command of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stages.common.utils import StageError
+from stages.tools import experiments as X
+
+log = logging.getLogger("stages.tools.queue")
+PENDING = ("queued", "running")
+_RANK = {"running": 0, "queued": 0, "failed": 1}  # which status of a name parse_status keeps
+LOG_TAIL = 25  # lines of `dvc queue logs` shown per failed experiment
+
+
+@dataclass(frozen=True)
+class Run:
+    """One queued run: experiment ``experiment`` (its overrides) plus ``extra`` overrides,
+    recorded by DVC under ``name``."""
+
+    name: str
+    experiment: str
+    extra: tuple[str, ...] = ()
+
+
+def _env() -> dict[str, str]:
+    """PATH with this interpreter's bin first: DVC's stage commands call plain ``python``."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def _dvc(args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``dvc <args>``; StageError with DVC's own message when it fails.
+
+    Output goes through a temporary file, not a pipe: ``dvc queue start`` leaves a worker
+    behind that inherits the descriptors and would hold a pipe open until the queue is empty.
+    """
+    argv = [sys.executable, "-m", "dvc", *args]
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(), check=False)
+        out.seek(0)
+        text = out.read()
+    if check and proc.returncode != 0:
+        tail = "\n".join(text.strip().splitlines()[-15:])
+        raise StageError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n{tail}")
+    return subprocess.CompletedProcess(argv, proc.returncode, text, "")
+
+
+def exp_show(all_commits: bool = False) -> list:
+    """``dvc exp show --json``: experiments of HEAD's commit (``-A``: of every commit)."""
+    return json.loads(
+        _dvc(["exp", "show", "--json", *(["-A"] if all_commits else [])]).stdout or "[]"
+    )
+
+
+# ----------------------------------------------------------------------------- dvc exp show
+
+
+def iter_experiments(show: list) -> Iterator[tuple[str, str, dict]]:
+    """(name, state, data) per experiment of ``dvc exp show --json`` (DVC 3.x), newest first.
+
+    Layout: a list of baselines ``{rev, name, data, error, experiments}``; each experiment is
+    ``{name, executor: {state, ...} | null, revs: [{rev, name, data, error}]}``; ``data`` holds
+    ``params[file]["data"]`` and ``metrics[file]["data"]``. A failed or queued experiment shows the
+    baseline's metrics, so callers must look at the state. Executor null = finished (from refs).
+    """
+    for baseline in show or []:
+        for exp in (baseline or {}).get("experiments") or []:
+            executor = exp.get("executor") or {}
+            for rev in exp.get("revs") or []:
+                name = rev.get("name") or exp.get("name") or rev.get("rev", "")[:7]
+                state = "failed" if rev.get("error") else executor.get("state") or "success"
+                yield name, state, rev.get("data") or {}
+
+
+def get_in(node: Any, *keys: str) -> Any:
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def number(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if ok else None
+
+
+def merge_overrides(base: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """``base`` with ``extra`` applied: an extra for a key already there replaces it in place
+    (DVC keeps only the last -S of a key), new keys are appended."""
+    merged = {o.split("=", 1)[0].lstrip("+~"): o for o in base}
+    for o in extra:
+        if "=" not in o:
+            raise StageError(f"--set {o!r}: expected key=value")
+        merged[o.split("=", 1)[0].lstrip("+~")] = o
+    return list(merged.values())
+
+
+def queue_argv(run: Run, data_root: str) -> list[str]:
+    """``dvc exp run --queue -n <name> -S ... <target>`` arguments (without ``dvc``)."""
+    argv = ["exp", "run", "--queue", "-n", run.name]
+    for override in merge_overrides(X.overrides_for(run.experiment, data_root), run.extra):
+        argv += ["-S", override]
+    return [*argv, X.get(run.experiment).target]
+
+
+def missing_inputs(name: str, data_root: str) -> list[str]:
+    """Local data folders experiment ``name`` reads below ``data_root`` that do not exist."""
+    params = dict(X.get(name).set_params)
+    found: list[str] = []
+    for task in ("classification", "detection"):
+        if params.get(f"data.{task}.root") != X.ROOT:
+            continue
+        entries = [params.get(f"data.{task}.path")]
+        entries += [e.get("path") for e in params.get(f"data.{task}.sources", ())]
+        for rel in entries:
+            if rel and "://" not in rel and not (Path(data_root) / rel).exists():
+                found.append(f"{data_root}/{rel}")
+    return found
+
+
+def has_commit() -> bool:
+    head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True)
+    return head.returncode == 0
+
+
+def queue(runs: Sequence[Run], data_root: str, replace: bool = False) -> list[str]:
+    """Queue each run once; returns the names queued.
+
+    Already queued/running/successful names are kept (so an interrupted batch resumes), failed
+    ones are removed and queued again; ``replace`` removes and re-queues them all. The data root
+    is made absolute because queued experiments run in a temporary copy of the repository.
+    """
+    for r in runs:
+        X.get(r.experiment)  # unknown names fail before anything is queued
+    if not has_commit():
+        raise StageError("no git commit yet: commit the project first (queued runs use a commit)")
+    root = str(Path(data_root).resolve())
+    missing = sorted({p for r in runs for p in missing_inputs(r.experiment, root)})
+    if missing:
+        raise StageError(f"data not found: {', '.join(missing)}; pass --data-root <folder>")
+    states = {}
+    for name, state, _ in iter_experiments(exp_show()):
+        states.setdefault(name, state)
+    drop = [r.name for r in runs if r.name in states and (replace or states[r.name] == "failed")]
+    if drop:
+        log.info("removing %s", ", ".join(drop))
+        _dvc(["exp", "remove", *drop])
+    queued = []
+    for r in runs:
+        if r.name in states and r.name not in drop:
+            log.info("%s: already %s, not queued again (use --replace)", r.name, states[r.name])
+            continue
+        _dvc(queue_argv(r, root))
+        queued.append(r.name)
+        log.info("queued %s", r.name)
+    return queued
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def parse_status(text: str) -> tuple[dict[str, str], tuple[int, int] | None]:
+    """``dvc queue status`` text -> ({name: status lower-case}, (active, idle) workers)."""
+    tasks: dict[str, str] = {}
+    workers = None
+    for line in text.splitlines():
+        parts = line.split()
+        if line.startswith("Worker status:"):
+            nums = [int(p) for p in line.replace(",", " ").split() if p.isdigit()]
+            workers = (nums[0], nums[1]) if len(nums) >= 2 else None
+        elif len(parts) >= 3 and parts[0] != "Task":
+            # a re-queued name can also have its earlier run listed: pending, then failed, win
+            name, status = parts[1], parts[-1].lower()
+            if _RANK.get(status, 2) < _RANK.get(tasks.get(name, ""), 3):
+                tasks[name] = status
+    return tasks, workers
+
+
+def wait(names: Sequence[str], workers: int, timeout: float, poll: float) -> dict[str, str]:
+    """Poll ``dvc queue status`` until none of ``names`` is queued or running."""
+    deadline, idle_polls, restarted = time.monotonic() + timeout, 0, False
+    while True:
+        tasks, pool = parse_status(_dvc(["queue", "status"]).stdout)
+        pending = [n for n in names if tasks.get(n) in PENDING]
+        if not pending:
+            return tasks
+        idle_polls = idle_polls + 1 if pool == (0, 0) else 0
+        if idle_polls >= 3:  # tasks wait but no worker is alive (killed, crashed)
+            if restarted:
+                raise StageError(f"no queue worker is running for {', '.join(pending)}")
+            _dvc(["queue", "start", "-j", str(workers)])
+            restarted, idle_polls = True, 0
+        if time.monotonic() > deadline:
+            raise StageError(
+                f"still pending after {timeout:.0f} s: {', '.join(pending)}. The workers keep "
+                "going: watch `dvc queue status`, stop them with `dvc queue kill <name>`"
+            )
+        log.info("waiting for %s", ", ".join(f"{n} ({tasks[n]})" for n in pending))
+        time.sleep(poll)
+
+
+def run(names: Sequence[str], workers: int, timeout: float, poll: float = 30.0) -> dict[str, str]:
+    """Start ``workers`` queue workers, wait, and fail naming each failed experiment + log tail."""
+    if workers < 1:
+        raise StageError(f"--workers must be >= 1, got {workers}")
+    _dvc(["queue", "start", "-j", str(workers)])
+    tasks = wait(names, workers, timeout, poll)
+    failed = [n for n in names if tasks.get(n) == "failed"]
+    if failed:
+        logs = []
+        for name in failed:
+            out = _dvc(["queue", "logs", name], check=False)
+            tail = out.stdout.strip().splitlines()[-LOG_TAIL:]
+            logs.append(f"--- {name}: last lines of `dvc queue logs {name}`\n" + "\n".join(tail))
+        raise StageError(
+            f"{len(failed)} experiment(s) failed: {', '.join(failed)}\n" + "\n".join(logs)
+        )
+    for name in names:
+        log.info("%s: %s", name, tasks.get(name, "not in the queue (not queued?)"))
+    return tasks

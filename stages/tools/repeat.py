@@ -1,0 +1,148 @@
+"""One recipe over several training seeds: the spread of its figures, and their ensemble.
+
+Inputs:  a named experiment of ``stages.tools.experiments``, training seeds, a data root, the DVC
+         repository in the current directory (on a commit: runs go through the experiment queue,
+         ``stages.tools.queue``).
+Outputs: DVC experiments ``<name>-seed<N>`` (each with its own model and metrics);
+         ``reports/repeats/<name>.md``: every seed's test figures and their mean +- sd
+         (MedMNIST+ style: sample sd over seeds); with ``--ensemble`` the seeds' models averaged
+         as one model, scored by the evaluate stage on the recipe's data: the first seed's
+         experiment is applied to the workspace (its params, data and model), the models are
+         copied to ``models/ensemble/``, and ``metrics/classifier.json`` / ``reports/classifier/``
+         then hold the ensemble's figures (``dvc status`` shows evaluate@classification changed:
+         ``dvc repro`` would score the single model again).
+Run:     python -m stages.repeat NAME [--seeds 1 2 3] [--data-root ../shared/data] [--ensemble]
+         [--workers 1] [--timeout 86400] [--report-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import statistics
+from collections.abc import Sequence
+
+from stages.common import paths
+from stages.common.utils import StageError, run_cli, write_text_atomic
+from stages.tools import experiments as X
+from stages.tools import queue as Q
+
+log = logging.getLogger("stages.tools.repeat")
+FIGURES = ("accuracy", "roc_auc", "specificity", "recall", "n_test")
+ENSEMBLE_DIR = paths.MODELS / "ensemble"
+
+
+def seed_key(name: str) -> str:
+    """The params key of the training seed of experiment ``name``'s model."""
+    return (
+        "train_detector.seed"
+        if X.get(name).target.endswith("@detection")
+        else ("train_classifier.seed")
+    )
+
+
+def runs(name: str, seeds: Sequence[int]) -> list[Q.Run]:
+    key = seed_key(name)
+    return [Q.Run(f"{name}-seed{s}", name, (f"{key}={s}",)) for s in seeds]
+
+
+def collect(show: list, run_names: Sequence[str]) -> dict[str, dict]:
+    """{run name: {figure: value}} of the newest successful run of each name."""
+    metrics_file = paths.CLASSIFICATION.metrics.as_posix()
+    out: dict[str, dict] = {}
+    for name, state, data in Q.iter_experiments(show):
+        if name in run_names and name not in out and state == "success":
+            doc = Q.get_in(data, "metrics", metrics_file, "data") or {}
+            out[name] = {k: Q.number(doc.get(k)) for k in FIGURES}
+    return out
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def render(name: str, results: dict[str, dict], ensemble: dict | None) -> str:
+    exp = X.get(name)
+    lines = [
+        f"# `{name}` over training seeds",
+        "",
+        f"{exp.title}. Written by `python -m stages.repeat {name}` from `dvc exp show --json`;",
+        "test = the recipe's test split at the threshold chosen on validation (for",
+        "`ours-kermany-best`: Kermany's official test, public half (312)).",
+        "",
+        "| run | " + " | ".join(FIGURES) + " |",
+        "|---" * (len(FIGURES) + 1) + "|",
+    ]
+    for run, figs in results.items():
+        cells = [_fmt(figs.get(k)) for k in FIGURES]
+        lines.append(f"| `{run}` | " + " | ".join(cells) + " |")
+    done = [f for f in results.values() if all(f.get(k) is not None for k in FIGURES[:-1])]
+    if done:
+        cells = []
+        for k in FIGURES[:-1]:
+            m, sd = mean_sd([f[k] for f in done])
+            cells.append(f"{m:.3f} +- {sd:.3f}")
+        lines.append(f"| mean +- sd ({len(done)} seeds) | " + " | ".join(cells) + " | |")
+    if ensemble:
+        cells = [_fmt(ensemble.get(k)) for k in FIGURES]
+        lines.append(f"| ensemble of {len(done)} (mean probability) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "—"
+    return str(int(v)) if float(v).is_integer() and v > 1 else f"{v:.4f}"
+
+
+def ensemble(run_names: Sequence[str]) -> dict:
+    """Apply the first run, gather every run's model, score their mean as one model."""
+    from stages import evaluate
+    from stages.common.utils import read_json
+
+    ENSEMBLE_DIR.mkdir(parents=True, exist_ok=True)
+    models = []
+    for run in [*run_names[1:], run_names[0]]:  # the first one last: its workspace stays
+        Q._dvc(["exp", "apply", run])
+        target = ENSEMBLE_DIR / f"{run}.keras"
+        shutil.copyfile(paths.CLASSIFIER_MODEL, target)
+        shutil.copyfile(paths.CLASSIFIER_SIDECAR, target.with_suffix(".meta.json"))
+        models.append(target)
+    models = [models[-1], *models[:-1]]  # seed order
+    evaluate.evaluate("classification", "params.yaml", models)
+    return read_json(paths.CLASSIFICATION.metrics)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", help="a named experiment (python -m stages.experiments)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--data-root", default=X.DEFAULT_DATA_ROOT)
+    parser.add_argument("--workers", type=int, default=1, help="parallel queue workers")
+    parser.add_argument("--timeout", type=float, default=86400.0, help="seconds")
+    parser.add_argument("--ensemble", action="store_true", help="score the seeds' mean as one")
+    parser.add_argument("--replace", action="store_true", help="run every seed again")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report")
+    args = parser.parse_args(argv)
+    X.get(args.name)
+    if len(set(args.seeds)) != len(args.seeds):
+        raise StageError(f"--seeds repeat: {args.seeds}")
+    batch = runs(args.name, args.seeds)
+    names = [r.name for r in batch]
+    if not args.report_only:
+        Q.queue(batch, args.data_root, args.replace)
+        Q.run(names, args.workers, args.timeout)
+    results = collect(Q.exp_show(), names)
+    missing = [n for n in names if n not in results]
+    if missing:
+        raise StageError(f"no finished run of {', '.join(missing)}: run without --report-only")
+    ens = ensemble(names) if args.ensemble else None
+    out = paths.REPORTS / "repeats" / f"{args.name}.md"
+    write_text_atomic(out, render(args.name, results, ens))
+    print(out.read_text(), end="")
+
+
+if __name__ == "__main__":
+    run_cli(main)

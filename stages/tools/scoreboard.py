@@ -1,0 +1,160 @@
+"""The seed scoreboard: every seed system run through the pipeline on the real data, beside the
+figure its document published, with the wall time of each run.
+
+Inputs:  the seed systems of ``stages.tools.experiments`` (``SCOREBOARD``: 000 cnn5, 001, 002
+         AS-IS and TO-BE, 003 VGG16 binary / 3-class / 4-class), each with the epoch budget of
+         ``SCOREBOARD_EPOCHS`` (sized so the whole board runs in about two hours on a 2-core
+         CPU), a data root, and the DVC repository in the current directory (on a commit; runs go
+         through the experiment queue, one worker: ``stages.tools.queue``).
+Outputs: DVC experiments ``board-<name>``; ``reports/seeds_wall_times.json`` (seconds per run);
+         ``reports/seeds.md``: per system its test split
+         (Kermany's official test, public half (312), for the binary Kermany systems; a
+         patient-grouped hold-out for the multi-class ones), ours (accuracy at the validation
+         threshold, ROC-AUC, specificity) beside the published figure, epochs, and wall time.
+Run:     python -m stages.scoreboard [--data-root ../shared/data] [--names ...] [--replace]
+         python -m stages.scoreboard --report-only      (rewrite reports/seeds.md from the runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+
+from stages.common import paths
+from stages.common.utils import StageError, read_json, run_cli, write_json, write_text_atomic
+from stages.tools import experiments as X
+from stages.tools import queue as Q
+
+log = logging.getLogger("stages.tools.scoreboard")
+PREFIX = "board-"
+# Epochs per system on the scoreboard (the seeds trained 10-100 epochs; early stopping and the
+# CPU budget decide here). VGG16 from scratch costs ~7 min per epoch on 2 cores at 150 px.
+SCOREBOARD_EPOCHS = {
+    "seed000-cnn5": 12,
+    "seed001-cnn": 10,
+    "seed002-as-is": 12,
+    "seed002-to-be": 15,
+    "seed003-vgg16-binary": 3,
+    "seed003-vgg16-3class": 3,
+    "seed003-vgg16-4class": 3,
+}
+SCOREBOARD = tuple(SCOREBOARD_EPOCHS)
+
+
+def runs(names: Sequence[str]) -> list[Q.Run]:
+    return [
+        Q.Run(f"{PREFIX}{n}", n, (f"train_classifier.epochs={SCOREBOARD_EPOCHS[n]}",))
+        for n in names
+    ]
+
+
+def collect(show: list, run_names: Sequence[str]) -> dict[str, dict]:
+    """{run: figures + finish timestamp} of the newest successful run of each name."""
+    metrics_file = paths.CLASSIFICATION.metrics.as_posix()
+    out: dict[str, dict] = {}
+    for name, state, data in Q.iter_experiments(show):
+        if name in run_names and name not in out and state == "success":
+            doc = Q.get_in(data, "metrics", metrics_file, "data") or {}
+            figs = {k: Q.number(doc.get(k)) for k in ("accuracy", "roc_auc", "specificity")}
+            figs["n_test"] = Q.number(doc.get("n_test"))
+            figs["timestamp"] = data.get("timestamp")
+            out[name] = figs
+    return out
+
+
+def wall_times(results: dict[str, dict], order: Sequence[str], start: float | None) -> dict:
+    """Seconds per run: with one queue worker, the gap between successive completions (the first
+    run from ``start``, when known)."""
+    from datetime import datetime
+
+    stamps = []
+    for name in order:
+        ts = (results.get(name) or {}).get("timestamp")
+        stamps.append(datetime.fromisoformat(ts).timestamp() if ts else None)
+    out = {}
+    prev = start
+    for name, ts in zip(order, stamps, strict=True):
+        if ts is not None and prev is not None and ts > prev:
+            out[name] = ts - prev
+        prev = ts if ts is not None else prev
+    return out
+
+
+def _published(exp: X.Experiment) -> str:
+    pub = exp.published
+    parts = []
+    for label, value in (("test acc", pub.test_accuracy), ("val acc", pub.val_accuracy),
+                         ("ROC-AUC", pub.roc_auc)):  # fmt: skip
+        if value is not None:
+            parts.append(f"{label} {value:g}")
+    return "; ".join(parts) or "—"
+
+
+def render(results: dict[str, dict], walls: dict[str, float], names: Sequence[str]) -> str:
+    lines = [
+        "# Seed scoreboard: every seed system through this pipeline, on the real data",
+        "",
+        "Written by `python -m stages.scoreboard` (one queue worker, 2-core CPU). Ours: test",
+        "accuracy at the threshold chosen on validation, ROC-AUC and specificity on the test",
+        "split. Binary Kermany systems: trained on `kermany224/train` (validation carved by",
+        "patient), tested on Kermany's official test, public half (312). Multi-class systems:",
+        "a patient-grouped 80/10/10 hold-out (COVID-19 Radiography has no official test split).",
+        "The seeds' own figures came from their own splits (a random 20 % of the same images,",
+        "or validation), so they are not measured on the same test images as ours.",
+        "",
+        "| system | experiment | test split | epochs | ours: accuracy | ROC-AUC | specificity "
+        "| published (seed document) | wall time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    total = 0.0
+    for name in names:
+        exp, run = X.get(name), f"{PREFIX}{name}"
+        res = results.get(run)
+        split = "official test, public half" if X.official_test(name) else "grouped hold-out"
+        cell = {
+            k: f"{res[k]:.3f}" if res and res.get(k) is not None else "—"
+            for k in ("accuracy", "roc_auc", "specificity")
+        }
+        n = f" ({int(res['n_test'])})" if res and res.get("n_test") else ""
+        wall = walls.get(run)
+        total += wall or 0.0
+        lines.append(
+            f"| {exp.title} | `{name}` | {split}{n} | {SCOREBOARD_EPOCHS[name]} | "
+            f"{cell['accuracy']} | {cell['roc_auc']} | {cell['specificity']} | {_published(exp)} | "
+            f"{f'{wall / 60:.1f} min' if wall else '—'} |"
+        )
+    lines += ["", f"Total wall time: {total / 60:.0f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--names", nargs="+", default=list(SCOREBOARD), choices=SCOREBOARD)
+    parser.add_argument("--data-root", default=X.DEFAULT_DATA_ROOT)
+    parser.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds")
+    parser.add_argument("--replace", action="store_true", help="run every system again")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report")
+    args = parser.parse_args(argv)
+    batch = runs(args.names)
+    names = [r.name for r in batch]
+    start = None
+    if not args.report_only:
+        if Q.queue(batch, args.data_root, args.replace):
+            start = time.time()
+        Q.run(names, 1, args.timeout)
+    results = collect(Q.exp_show(), names)
+    if not results:
+        raise StageError("no finished scoreboard run: run without --report-only")
+    timing = paths.REPORTS / "seeds_wall_times.json"  # measured once, kept for --report-only
+    walls = read_json(timing) if timing.is_file() else {}
+    walls.update(wall_times(results, names, start))
+    write_json(timing, walls)
+    out = paths.REPORTS / "seeds.md"
+    write_text_atomic(out, render(results, walls, args.names))
+    print(out.read_text(), end="")
+
+
+if __name__ == "__main__":
+    run_cli(main)
