@@ -1,12 +1,19 @@
 """Download stage: get the configured data sources of one task and normalise them.
 
 Inputs: params ``data.<task>`` (one ``source``/``path`` or a ``sources`` list; see
-``stages.sources.config``), the source locations (folder, archive or URL; downloads and
-extractions go to ``data/downloads/``, git-ignored). Outputs, written atomically under
+``stages.sources.config``), the source locations: a folder or archive below ``data.<task>.root``
+(a dependency of this stage in dvc.yaml: an added, removed or changed image re-runs it; nothing
+is copied into the repository) or an http(s) URL, downloaded into ``data/downloads/<url key>/``
+(git-ignored; a changed URL or checksum fetches again). Outputs, written atomically under
 ``data/raw/<task>/``: ``images/<source>/...`` (8-bit grayscale PNG), ``manifest.csv`` (columns
 ``stages.sources.intake.MANIFEST_COLUMNS``, sorted by path), ``report.json`` (counts, rejected
-files with reasons, missing images, clipped/dropped boxes) and, for detection,
-``annotations.json`` (COCO, boxes in pixels of the written images).
+files with reasons, missing images, clipped/dropped boxes, and per source its ``origin``: what
+was fetched from where, with the file's sha256) and, for detection, ``annotations.json`` (COCO,
+boxes in pixels of the written images).
+
+Patient ids are namespaced by data set name (``kermany:person63``), so two entries of one data set
+(its train folder and its test folder with ``split: test``) share ids and the split stage sees
+leaks across them; ``folder`` entries are unrelated collections, namespaced per entry.
 
 Run: ``python -m stages.download --task classification|detection [--params params.yaml]``
 """
@@ -43,6 +50,9 @@ WHAT = {
     "nih_bbox": "the NIH ChestX-ray14 BBox_List_2017.csv and its images (nihcc.app.box.com)",
 }
 PATIENT_PREFIX = {"nih_bbox": "nih"}  # NIH file names carry the NIH patient number
+# Sources whose entries are not one data set: two `folder` entries are two unrelated collections
+# (another hospital), whose per-file or regex patient ids must not be merged; namespaced per entry.
+PER_ENTRY_PATIENTS = frozenset({"folder"})
 # Sources that download a default file when ``path`` is null: (URL, md5).
 DEFAULT_DOWNLOADS = {
     # MedMNIST's own Zenodo record of pneumoniamnist.npz (28 x 28) with its published md5
@@ -79,6 +89,7 @@ def _resolve(src, task: str, cfg: DataConfig, work_dir: Path, param: str, stack)
         what=WHAT[src.name],
         param=param,
         root=Path(cfg.root),
+        root_param=f"data.{task}.root",
         default_url=default[0] if default else None,
         sha256=src.sha256,
         md5=src.md5 or (default[1] if default else None),
@@ -98,7 +109,7 @@ def load_sources(cfg: DataConfig, task: str, work_dir: Path, stack) -> tuple[lis
         root = fetched.path
         # Patient ids are namespaced by data set, not by entry: two entries of one data set (its
         # train folder and its test folder) share patients, so the leak checks compare them.
-        prefix = PATIENT_PREFIX.get(src.name, src.name)
+        prefix = key if src.name in PER_ENTRY_PATIENTS else PATIENT_PREFIX.get(src.name, src.name)
         ctx = Context(key=key, patient_prefix=prefix, work_dir=work_dir, notes=Notes(), param=param)
         records = apply_limit(loader(task, src.name)(root, src, ctx), src.limit, ctx.notes)
         if src.split == "test":

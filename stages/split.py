@@ -12,8 +12,11 @@ per split, leak checks, boxes per class) and ``metrics/split_<task>.json`` (its 
   cross splits.
 - official: the source's ``test`` rows are the test split untouched; the source's ``val`` is kept
   when it has at least ``min_val_fraction`` x train images, else it joins train and validation is
-  carved from train by patient. Train/val rows sharing a patient or an image with test are dropped
-  (counted). Sources without a test split cannot use this mode.
+  carved from train by patient. Train/val rows sharing a patient or an image with test, or linked
+  to a test image through the duplicate groups, are dropped (counted as
+  ``dropped_overlapping_test``). The test rows are those the source marks ``test``: its own test
+  folder, or every image of a ``split: test`` entry (an external test set). Sources without a
+  test split cannot use this mode.
 
 Run: ``python -m stages.split --task classification|detection [--params params.yaml]``
 """
@@ -110,6 +113,13 @@ def assign_groups(
 
 
 def split_random(df: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.Series, dict]:
+    n_marked = int((df["source_split"] == "test").sum())
+    if n_marked:
+        log.info(
+            "mode random re-splits the %d images their source marks as test (its own test split or "
+            "`split: test`); set mode: official to keep them as the test split",
+            n_marked,
+        )
     idx = assign_groups(df["label"], duplicate_groups(df), cfg.ratios, cfg.seed)
     return pd.Series(np.array(SPLITS)[idx], index=df.index), {}
 
@@ -125,13 +135,25 @@ def split_official(df: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.Series, dict]
         )
     split = pd.Series("", index=df.index, dtype=object)
     split[is_test] = "test"
-    leak = ~is_test & (
-        df["patient_id"].isin(set(df.loc[is_test, "patient_id"]))
-        | df["sha256"].isin(set(df.loc[is_test, "sha256"]))
+    # A train/val row is dropped when it shares a patient or the pixels with a test image, or is
+    # linked to one through the duplicate groups (an image of a patient whose other image equals
+    # a test image: the same person under two ids).
+    groups_all = duplicate_groups(df)
+    leak = ~is_test & pd.Series(
+        np.isin(groups_all, np.unique(groups_all[is_test.to_numpy()])), index=df.index
     )
+    same_patient = leak & df["patient_id"].isin(set(df.loc[is_test, "patient_id"]))
+    same_pixels = leak & ~same_patient & df["sha256"].isin(set(df.loc[is_test, "sha256"]))
     pool = ~is_test & ~leak
     n_val, n_train = int((pool & (src == "val")).sum()), int((pool & (src != "val")).sum())
-    info = {"dropped_overlapping_test": int(leak.sum())}
+    info: dict = {
+        "dropped_overlapping_test": int(leak.sum()),
+        "dropped_overlapping_test_by": {
+            "same_patient": int(same_patient.sum()),
+            "same_pixels": int(same_pixels.sum()),
+            "linked": int((leak & ~same_patient & ~same_pixels).sum()),
+        },
+    }
     sub = df[pool]
     groups = duplicate_groups(sub)
     if n_val > 0 and n_val >= cfg.min_val_fraction * n_train:

@@ -27,7 +27,7 @@ CLASS_BAR = 0.25
 @pytest.mark.slow
 def test_default_detection_chain_learns_every_class(tmp_path, monkeypatch, repo_root):
     monkeypatch.chdir(tmp_path)  # the stages write their relative outputs here
-    (tmp_path / "data" / "inputs").mkdir(parents=True)  # the default data root
+    (tmp_path / "data" / "inputs" / "detection").mkdir(parents=True)  # the default data root
     params = str(repo_root / "params.yaml")
     task = ["--task", "detection", "--params", params]
     download.main(task)

@@ -215,3 +215,33 @@ def test_run_rejects_bad_inputs(tmp_path, model_file):
     with pytest.raises(StageError, match="ensembles of detectors"):
         run(cfg, make_cache(tmp_path / "ok2"), [model_file, model_file], *paths)
     assert not any(p.exists() for p in paths)  # a failed run leaves nothing behind
+
+
+def test_the_iou_param_reaches_the_froc_and_the_report(tmp_path, model_file, monkeypatch):
+    """evaluate.detection.iou decides what counts as a hit in the FROC (and the report): every
+    prediction here overlaps its box with IoU ~0.62, so recall is full at iou 0.5 and zero at
+    0.7. A hard-coded IoU anywhere on that path fails this."""
+    from stages.common.cache import open_split
+    from stages.detector import evaluate as ev
+
+    cache = make_cache(tmp_path)
+    split = open_split(cache, "test")
+
+    def shifted(model, images, batch_size):  # each true box moved by 3 px: IoU (13*16)/(2*256-208)
+        out = []
+        for i in range(len(images)):
+            boxes, cats = split.boxes(i)
+            moved = boxes + np.array([3.0, 0.0, 3.0, 0.0], dtype=np.float32)
+            out.append({"boxes": moved, "scores": np.full(len(cats), 0.9, np.float32),
+                        "labels": cats.astype(np.int64)})  # fmt: skip
+        return out
+
+    monkeypatch.setattr(ev, "predict_all", shifted)
+    recall = {}
+    for iou in (0.5, 0.7):
+        cfg = EvalDetectionConfig(iou=iou, n_report_images=1)
+        out = tmp_path / f"iou{iou}"
+        full = run(cfg, cache, [model_file], out / "m.json", out / "r")
+        recall[iou] = full["froc_avg_recall"]
+        assert full["iou"] == iou
+    assert recall[0.5] == pytest.approx(1.0) and recall[0.7] == pytest.approx(0.0)

@@ -32,12 +32,13 @@ def img(
 
 
 def run_cls(tmp_path: Path, **data) -> dict:
-    cfg = parse(ClassificationData, data, "data.classification")
+    """The stage on ``data`` (its local paths below the data root ``tmp_path``)."""
+    cfg = parse(ClassificationData, {"root": str(tmp_path), **data}, "data.classification")
     return download.run(cfg, "classification", tmp_path / "raw", tmp_path / "downloads", workers=2)
 
 
 def run_det(tmp_path: Path, **data) -> dict:
-    cfg = parse(DetectionData, data, "data.detection")
+    cfg = parse(DetectionData, {"root": str(tmp_path), **data}, "data.detection")
     return download.run(cfg, "detection", tmp_path / "raw", tmp_path / "downloads", workers=2)
 
 
@@ -114,13 +115,42 @@ def test_merge_sources_keeps_duplicates_and_namespaces(tmp_path):
     m = pd.read_csv(tmp_path / "raw/manifest.csv", dtype=str, keep_default_na=False)
     assert len(m) == 4 and report["duplicates"]["hashes_with_copies"] >= 1
     assert set(m["source"]) == {"kermany", "covid_radiography"}
-    assert {p.split("/images/")[1].split("/")[0] for p in m["path"]} == {
-        "kermany",
+    folders = [p.split("/images/")[1].split("/")[0] for p in m["path"]]
+    assert sorted(folders) == [
         "covid_radiography",
         "covid_radiography_2",
-    }
-    assert "covid_radiography_2:COVID-1" in set(m["patient_id"])
+        "covid_radiography_2",
+        "kermany",
+    ]
+    assert m["path"].str.contains("/images/kermany/").sum() == 1
+    # patient ids are namespaced by data set: both covid entries share them, kermany's differ
+    by_entry = m.groupby(m["path"].str.split("/images/").str[1].str.split("/").str[0])
+    ids = by_entry["patient_id"].apply(set).to_dict()
+    assert ids["kermany"] == {"kermany:IM-0001"}
+    assert ids["covid_radiography_2"] == {"covid_radiography:COVID-1", "covid_radiography:COVID-2"}
+    assert ids["covid_radiography"] < ids["covid_radiography_2"]
     assert report["sources"][1]["left_out_by_limit"] == 1
+    assert [s["origin"] for s in report["sources"]] == [
+        {"kind": "folder", "path": str(tmp_path / "k")},
+        {"kind": "folder", "path": str(tmp_path / "c")},
+        {"kind": "folder", "path": str(tmp_path / "c")},
+    ]
+
+
+def test_folder_entries_are_separate_patient_namespaces(tmp_path):
+    # two unrelated hospitals in the generic layout: the same file name is not the same patient
+    img(tmp_path / "a/NORMAL/p01_1.png", value=1)
+    img(tmp_path / "b/NORMAL/p01_1.png", value=2)
+    run_cls(
+        tmp_path,
+        sources=[
+            {"name": "folder", "path": "a", "patient_regex": "^(p\\d+)_"},
+            {"name": "folder", "path": "b", "patient_regex": "^(p\\d+)_", "split": "test"},
+        ],
+    )
+    m = pd.read_csv(tmp_path / "raw/manifest.csv", dtype=str, keep_default_na=False)
+    assert list(m["patient_id"]) == ["folder:p01", "folder_2:p01"]
+    assert list(m["source_split"]) == ["", "test"]
 
 
 def _det(root: Path, records: list[dict], size: int = 40, split: str = "train") -> Path:
@@ -179,11 +209,16 @@ def test_detection_errors_leave_no_output(tmp_path):
 
 def test_pneumoniamnist_offline_message(tmp_path, monkeypatch):
     # no network in tests: the default URL is swapped for a closed local port (as offline)
-    monkeypatch.setattr(download.pneumoniamnist, "DEFAULT_URL", "http://127.0.0.1:9/p.npz")
+    url, md5 = download.DEFAULT_DOWNLOADS["pneumoniamnist"]
+    assert url.startswith("https://zenodo.org/") and len(md5) == 32
+    monkeypatch.setitem(
+        download.DEFAULT_DOWNLOADS, "pneumoniamnist", ("http://127.0.0.1:9/p.npz", md5)
+    )
     cfg = parse(ClassificationData, {"source": "pneumoniamnist"}, "data.classification")
-    with pytest.raises(StageError, match=r"PneumoniaMNIST.*set data\.classification\.path"):
+    with pytest.raises(StageError, match=r"PneumoniaMNIST.*set data\.classification\.path") as info:
         download.run(cfg, "classification", tmp_path / "raw", tmp_path / "dl")
-    assert not (tmp_path / "raw").exists()
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "raw").exists() and not list((tmp_path / "dl").iterdir())
 
 
 def test_missing_local_path_message(tmp_path):
@@ -191,6 +226,27 @@ def test_missing_local_path_message(tmp_path):
         StageError, match=r"data\.classification\.sources\[0\]\.path.*does not exist"
     ):
         run_cls(tmp_path, sources=[{"name": "kermany", "path": str(tmp_path / "nope")}])
+
+
+def test_path_outside_root_is_one_line_error_naming_root(tmp_path):
+    img(tmp_path / "k/train/NORMAL/IM-0001-0001.png")
+    (tmp_path / "inputs").mkdir()
+    root = str(tmp_path / "inputs")
+    cases = (
+        (ClassificationData, "classification", {"source": "kermany", "path": str(tmp_path / "k")}),
+        (DetectionData, "detection", {"sources": [{"name": "chestxdet10", "path": "../k"}]}),
+    )
+    for schema, task, data in cases:
+        cfg = parse(schema, {"root": root, **data}, f"data.{task}")
+        with pytest.raises(StageError) as info:
+            download.run(cfg, task, tmp_path / "raw", tmp_path / "dl")
+        msg = str(info.value)
+        param = f"data.{task}.path" if "path" in data else f"data.{task}.sources[0].path"
+        assert "\n" not in msg and f"{param} = " in msg and "is outside" in msg
+        assert f"data.{task}.root = {root!r}" in msg
+    assert not (tmp_path / "raw").exists()
+    report = run_cls(tmp_path, source="kermany", path="k")  # relative to the root
+    assert report["sources"][0]["origin"] == {"kind": "folder", "path": str(tmp_path / "k")}
 
 
 def _shrunk_params(params: dict, path: Path) -> Path:

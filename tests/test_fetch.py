@@ -258,8 +258,11 @@ def test_resolve_folder_file_and_missing(tmp_path):
     npz = tmp_path / "x.npz"
     npz.write_bytes(b"npz")
     kw = {"what": "the PneumoniaMNIST npz", "param": "data.classification.path"}
-    assert resolve(str(folder), tmp_path / "w", **kw) == folder
-    assert resolve(str(npz), tmp_path / "w", **kw) == npz
+    got = resolve(str(folder), tmp_path / "w", **kw)
+    assert got == fetch.Fetched(folder, {"kind": "folder", "path": str(folder)})
+    got = resolve(str(npz), tmp_path / "w", **kw)
+    assert got.path == npz and got.origin["kind"] == "file"
+    assert got.origin["sha256"] == hashlib.sha256(b"npz").hexdigest()
     for missing in (str(tmp_path / "nope.zip"), None):
         with pytest.raises(StageError) as info:
             resolve(missing, tmp_path / "w", **kw)
@@ -267,30 +270,120 @@ def test_resolve_folder_file_and_missing(tmp_path):
         assert "the PneumoniaMNIST npz" in str(info.value)
 
 
+def test_resolve_local_paths_relative_to_root_and_inside_it(tmp_path):
+    root = tmp_path / "inputs"
+    (root / "kermany").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "link").symlink_to(tmp_path / "elsewhere")
+    kw = {
+        "what": "Kermany",
+        "param": "data.classification.path",
+        "root": root,
+        "root_param": "data.classification.root",
+    }
+    assert resolve("kermany", tmp_path / "w", **kw).path == root / "kermany"
+    assert resolve(str(root / "kermany"), tmp_path / "w", **kw).path == root / "kermany"
+    for outside in (str(tmp_path / "elsewhere"), "../elsewhere", "link"):
+        with pytest.raises(StageError) as info:
+            resolve(outside, tmp_path / "w", **kw)
+        msg = str(info.value)
+        assert "\n" not in msg and "data.classification.root" in msg, msg
+        assert f"data.classification.path = {outside!r} is outside" in msg
+    assert "symbolic link" in msg  # the last one is lexically inside, really outside
+    assert not (tmp_path / "w").exists()
+
+
+def test_resolve_local_checksum(tmp_path):
+    archive = _zip(tmp_path / "set.zip", {"train/NORMAL/a.png": b"png"})
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    kw = {"what": "set", "param": "data.classification.path", "root": tmp_path}
+    got = resolve("set.zip", tmp_path / "w", sha256=sha, **kw)
+    assert got.origin == {
+        "kind": "file",
+        "path": str(archive),
+        "sha256": sha,
+        "verified": ["sha256"],
+    }
+    with pytest.raises(StageError, match=r"data\.classification\.path: md5 mismatch for set\.zip"):
+        resolve("set.zip", tmp_path / "w", md5="0" * 32, **kw)
+
+
 def test_resolve_archive_extracts_once(tmp_path, monkeypatch):
     archive = _zip(tmp_path / "ChestXRay2017.zip", {"chest_xray/test/x.jpeg": b"x"})
     work = tmp_path / "work"
     kw = {"what": "Kermany", "param": "data.classification.path"}
-    out = resolve(str(archive), work, **kw)
-    assert out == work / "ChestXRay2017" and (out / "chest_xray/test/x.jpeg").read_bytes() == b"x"
+    out = resolve(str(archive), work, **kw).path
+    key = fetch.url_key(str(archive.resolve()))
+    assert out == work / "extracted" / key / "ChestXRay2017"
+    assert (out / "chest_xray/test/x.jpeg").read_bytes() == b"x"
     calls = []
     real = fetch.safe_extract
     monkeypatch.setattr(fetch, "safe_extract", lambda *a, **k: calls.append(a) or real(*a, **k))
-    assert resolve(str(archive), work, **kw) == out and calls == []  # re-used
+    assert resolve(str(archive), work, **kw).path == out and calls == []  # re-used
     _zip(archive, {"chest_xray/test/y.jpeg": b"y"})  # the archive changed: extract again
-    out = resolve(str(archive), work, **kw)
+    out = resolve(str(archive), work, **kw).path
     assert len(calls) == 1 and (out / "chest_xray/test/y.jpeg").exists()
     assert not (out / "chest_xray/test/x.jpeg").exists()
 
 
-def test_resolve_default_url_downloads_then_works_offline(server, tmp_path):
-    url, state = server
+def _zip_bytes(members: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("train/NORMAL/a.png", b"png")
-    state.files["/sets/set%201.zip"] = buf.getvalue()
+        for name, body in members.items():
+            zf.writestr(name, body)
+    return buf.getvalue()
+
+
+def test_resolve_default_url_downloads_then_works_offline(server, tmp_path):
+    url, state = server
+    body = _zip_bytes({"train/NORMAL/a.png": b"png"})
+    state.files["/sets/set%201.zip"] = body
     kw = {"what": "set", "param": "data.detection.path", "default_url": f"{url}/sets/set%201.zip"}
-    out = resolve(None, tmp_path, **kw)
-    assert out == tmp_path / "set_1" and (out / "train/NORMAL/a.png").read_bytes() == b"png"
+    got = resolve(None, tmp_path, **kw)
+    folder = tmp_path / fetch.url_key(f"{url}/sets/set%201.zip")
+    assert got.path == folder / "set_1" and (got.path / "train/NORMAL/a.png").read_bytes() == b"png"
+    assert got.origin == {
+        "kind": "url",
+        "url": f"{url}/sets/set%201.zip",
+        "file": str(folder / "set_1.zip"),
+        "sha256": hashlib.sha256(body).hexdigest(),
+        "bytes": len(body),
+        "verified": [],
+    }
     n = len(state.requests)
-    assert resolve(None, tmp_path, **kw) == out and len(state.requests) == n
+    assert resolve(None, tmp_path, **kw).path == got.path and len(state.requests) == n
+
+
+def test_resolve_url_keyed_by_url(server, tmp_path):
+    url, state = server
+    state.files["/v1/data.zip"] = _zip_bytes({"a.png": b"v1"})
+    state.files["/v2/data.zip"] = _zip_bytes({"b.png": b"v2"})
+    kw = {"what": "set", "param": "data.classification.path"}
+    v1 = resolve(f"{url}/v1/data.zip", tmp_path, **kw)
+    v2 = resolve(f"{url}/v2/data.zip", tmp_path, **kw)
+    assert v1.path != v2.path and v1.path.name == v2.path.name == "data"
+    assert sorted(p.name for p in v2.path.iterdir()) == ["b.png"]
+    assert [r["path"] for r in state.requests] == ["/v1/data.zip", "/v2/data.zip"]
+
+
+def test_resolve_refetches_cached_download_failing_checksum_or_extraction(server, tmp_path):
+    url, state = server
+    body = _zip_bytes({"a.png": b"good"})
+    state.files["/d.zip"] = body
+    sha = hashlib.sha256(body).hexdigest()
+    kw = {"what": "set", "param": "data.classification.path"}
+    got = resolve(f"{url}/d.zip", tmp_path, sha256=sha, **kw)
+    cached = got.origin["file"]
+    Path(cached).write_bytes(b"corrupt")  # damaged in the cache; the checksum param catches it
+    got = resolve(f"{url}/d.zip", tmp_path, sha256=sha, **kw)
+    assert Path(cached).read_bytes() == body and len(state.requests) == 2
+    assert got.origin["verified"] == ["sha256"]
+    Path(cached).write_bytes(b"not a zip")  # no checksum given: the failed extraction catches it
+    got = resolve(f"{url}/d.zip", tmp_path, **kw)
+    assert Path(cached).read_bytes() == body and len(state.requests) == 3
+    assert (got.path / "a.png").read_bytes() == b"good"
+    state.files["/d.zip"] = b"never a zip"  # broken at the source: fails twice, one line
+    Path(cached).write_bytes(b"junk")
+    with pytest.raises(StageError, match=r"downloaded twice from .*/d\.zip") as info:
+        resolve(f"{url}/d.zip", tmp_path, **kw)
+    assert "\n" not in str(info.value) and len(state.requests) == 4

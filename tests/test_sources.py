@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -277,6 +278,22 @@ def test_chestxdet10_split_folders_and_patient_key(tmp_path):
     ]
 
 
+def test_chestxdet10_official_zips_extracted_into_work_dir(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "train.json").write_text(
+        json.dumps([{"file_name": "5.png", "syms": ["Mass"], "boxes": [[1, 1, 9, 9]]}])
+    )
+    img(tmp_path / "staging/train_data/5.png", size=32, value=3)
+    with zipfile.ZipFile(root / "train_data.zip", "w") as zf:
+        zf.write(tmp_path / "staging/train_data/5.png", "train_data/5.png")
+    c = ctx(tmp_path, "chestxdet10")
+    recs = chestxdet10.load(root, DetectionSource("chestxdet10"), c)
+    assert [(r.rel, r.source_split, len(r.boxes)) for r in recs] == [("train/5.png", "train", 1)]
+    assert recs[0].src.is_relative_to(tmp_path / "work")  # extracted there, not beside the zip
+    assert recs[0].src.read_bytes() == (tmp_path / "staging/train_data/5.png").read_bytes()
+
+
 # ------------------------------------------------------------------------------------ NIH
 def test_nih_bbox_real(shared_data, tmp_path):
     src = DetectionSource("nih_bbox", missing_images="skip")
@@ -334,3 +351,42 @@ def test_config_errors_name_allowed_values():
         parse(DetectionData, {"limit": 3, "sources": [{"name": "nih_bbox"}]}, "d")
     with pytest.raises(ConfigError, match="synthetic source generates"):
         parse(ClassificationData, {"source": "synthetic", "path": "x"}, "d")
+
+
+def test_config_root_checksums_and_external_split():
+    cfg = parse(
+        ClassificationData,
+        {
+            "root": "../shared/data",
+            "sources": [
+                {"name": "kermany", "path": "kermany224", "sha256": "A" * 64},
+                {
+                    "name": "kermany",
+                    "path": "kermany_test_public",
+                    "split": "test",
+                    "md5": "f" * 32,
+                },
+            ],
+        },
+        "data.classification",
+    )
+    assert cfg.root == "../shared/data"
+    assert [(s.split, s.md5, s.sha256) for s in cfg.effective_sources()] == [
+        (None, None, "A" * 64),
+        ("test", "f" * 32, None),
+    ]
+    single = parse(DetectionData, {"source": "nih_bbox", "path": "x.zip", "md5": "0" * 32}, "d")
+    assert single.root == "data/inputs/classification" and single.effective_sources()[0].md5 == "0" * 32
+    with pytest.raises(ConfigError, match=r"sha256: expected 64 hex digits, got 'abc'"):
+        parse(ClassificationData, {"source": "kermany", "sha256": "abc"}, "d")
+    with pytest.raises(ConfigError, match=r"md5: expected 32 hex digits"):
+        parse(DetectionData, {"sources": [{"name": "nih_bbox", "md5": "z" * 32}]}, "d")
+    with pytest.raises(ConfigError, match=r"split.*'test'"):
+        parse(ClassificationData, {"sources": [{"name": "kermany", "split": "train"}]}, "d")
+    with pytest.raises(ConfigError, match="md5.*inside its entries"):
+        parse(ClassificationData, {"md5": "0" * 32, "sources": [{"name": "kermany"}]}, "d")
+    for bad in (".", "data", "data/raw/classification", "models", "./data/downloads/x"):
+        with pytest.raises(ConfigError, match=r"root: .* overlaps .*which the pipeline writes"):
+            parse(ClassificationData, {"root": bad}, "data.classification")
+    for good in ("data/inputs", "data/inputs/classification", "/srv/xray", "data/rawdata"):
+        assert parse(DetectionData, {"root": good}, "data.detection").root == good

@@ -78,8 +78,15 @@ def test_random_ratios_groups_and_no_leaks(tmp_path):
         for s, ratio in zip(SPLITS, (0.8, 0.1, 0.1), strict=True):
             got = m["counts"][s][label]
             assert abs(got - ratio * total) <= 6, (s, label, got, ratio * total)
-    saved = json.loads((tmp_path / "out.json").read_text())
-    assert saved["counts"] == m["counts"]
+    assert json.loads((tmp_path / "out/summary.json").read_text()) == m
+    headline = json.loads((tmp_path / "out.json").read_text())
+    assert headline == {
+        "n_train": m["counts"]["train"]["total"],
+        "n_val": m["counts"]["val"]["total"],
+        "n_test": m["counts"]["test"]["total"],
+        "patients_shared_across_splits": 0,
+        "duplicate_hashes_shared_across_splits": 0,
+    }
 
 
 def test_random_is_deterministic_and_seeded(tmp_path):
@@ -100,6 +107,12 @@ def test_assign_groups_respects_zero_ratio():
     groups = np.arange(40)
     idx = split.assign_groups(labels, groups, (0.5, 0.0, 0.5), seed=0)
     assert set(idx) == {0, 2} and abs((idx == 0).sum() - 20) <= 1
+
+
+def download_cls(tmp_path: Path, data: dict) -> dict:
+    """The download stage into ``tmp_path/raw`` (local paths below the data root ``tmp_path``)."""
+    cfg = parse(ClassificationData, {"root": str(tmp_path), **data}, "data.classification")
+    return download.run(cfg, "classification", tmp_path / "raw", tmp_path / "dl")
 
 
 def _png(path: Path, value: int) -> None:
@@ -123,8 +136,7 @@ def _kermany(root: Path, n_train: int = 60, n_test: int = 8, n_val: int = 2) -> 
 def test_official_keeps_test_folder_exactly(tmp_path):
     _kermany(tmp_path / "src/chest_xray")
     _png(tmp_path / "src/chest_xray/train/NORMAL/IM-1000-9999.png", 999)  # patient of test
-    cfg = parse(ClassificationData, {"source": "kermany", "path": str(tmp_path / "src")}, "d")
-    download.run(cfg, "classification", tmp_path / "raw", tmp_path / "dl")
+    download_cls(tmp_path, {"source": "kermany", "path": "src"})
     m = run(SplitConfig(mode="official"), tmp_path)
     test = pd.read_csv(tmp_path / "out/test.csv", dtype=str, keep_default_na=False)
     expected = sorted(
@@ -185,7 +197,12 @@ def test_detection_coco_subsets(tmp_path):
             _png(root / "images" / r["file_name"], i + (100 if s == "test" else 0))
     cfg = parse(
         DetectionData,
-        {"source": "chestxdet10", "path": str(root), "classes": ["Nodule", "Mass"]},
+        {
+            "root": str(tmp_path),
+            "source": "chestxdet10",
+            "path": "d",
+            "classes": ["Nodule", "Mass"],
+        },
         "d",
     )
     download.run(cfg, "detection", tmp_path / "raw", tmp_path / "dl")
@@ -209,5 +226,149 @@ def test_cli_writes_metrics(params, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     split.main(["--task", "classification", "--params", "params.yaml"])
     metrics = json.loads(Path("metrics/split_classification.json").read_text())
-    assert metrics["seed"] == 3 and metrics["patients_shared_across_splits"] == 0
+    summary = json.loads(Path("data/split/classification/summary.json").read_text())
+    assert summary["seed"] == 3 and summary["mode"] == "random"
+    assert metrics == split.headline(summary)
+    assert sorted(metrics) == [
+        "duplicate_hashes_shared_across_splits",
+        "n_test",
+        "n_train",
+        "n_val",
+        "patients_shared_across_splits",
+    ]
+    assert metrics["n_train"] + metrics["n_val"] + metrics["n_test"] == summary["total"]
+    assert metrics["patients_shared_across_splits"] == 0
     assert all(Path(f"data/split/classification/{s}.csv").is_file() for s in SPLITS)
+
+
+# ------------------------------------------------------------------------- duplicate groups
+def test_duplicate_groups_merges_patients_sharing_a_hash_transitively():
+    df = pd.DataFrame(
+        {
+            "patient_id": ["a", "b", "c", "d", "a", "e", "f", "g", "g", "h"],
+            "sha256": ["h1", "h1", "h2", "h3", "h2", "h4", "h5", "h5", "h6", "h6"],
+        }
+    )
+    groups = split.duplicate_groups(df)
+    # a~b share h1; a's second image equals c's (h2): a, b, c are one group. f~g (h5), g~h (h6):
+    # a chain of two different patients per link is one group too. d and e stay alone.
+    assert groups.tolist() == [0, 0, 0, 1, 0, 2, 3, 3, 3, 3]
+    two = pd.DataFrame({"patient_id": ["p1", "p2"], "sha256": ["same", "same"]})
+    assert split.duplicate_groups(two).tolist() == [0, 0]
+    apart = pd.DataFrame({"patient_id": ["p1", "p2"], "sha256": ["x", "y"]})
+    assert split.duplicate_groups(apart).tolist() == [0, 1]
+
+
+def test_random_split_never_separates_patients_sharing_an_image():
+    rows = []
+    for p in range(120):
+        for k in range(2):
+            rows.append(
+                {
+                    "path": f"x/p{p:03d}_{k}.png",
+                    "label": "NORMAL" if p % 3 == 0 else "PNEUMONIA",
+                    "patient_id": f"x:p{p}",
+                    "source_split": "",
+                    "sha256": f"h{p}_{k}",
+                }
+            )
+    df = pd.DataFrame(rows)
+    # ten pairs of one-image patients sharing that image: each pair is a group of two images, as
+    # large as every other patient, so the seed moves the pairs across the splits
+    links = [(p, p + 60) for p in range(0, 30, 3)]
+    linked = [f"x:p{q}" for pair in links for q in pair]
+    df = df[~(df["patient_id"].isin(linked) & df["path"].str.endswith("_1.png"))].copy()
+    for a, b in links:
+        df.loc[df["patient_id"] == f"x:p{b}", "sha256"] = f"h{a}_0"
+    splits_seen = set()
+    for seed in range(6):
+        out = df.assign(split=split.split_random(df, SplitConfig(seed=seed))[0])
+        for a, b in links:
+            both = out[out["patient_id"].isin([f"x:p{a}", f"x:p{b}"])]
+            assert both["split"].nunique() == 1, (seed, a, b, both)
+            splits_seen.add(both["split"].iloc[0])
+        assert out.groupby("sha256")["split"].nunique().max() == 1
+    assert len(splits_seen) > 1  # the pairs do move between splits with the seed
+
+
+# ----------------------------------------------------------------- external test source
+def _external_test_tree(root: Path) -> dict[str, list[str]]:
+    """A Kermany train folder (patients 0-14) and a second Kermany folder of test images
+    (patients 5000-5002), with three planted leaks into train; returns the planted names."""
+    for i in range(30):
+        pid = i // 2
+        if i % 3:
+            _png(root / f"hosp/train/PNEUMONIA/person{pid}_bacteria_{i}.png", i)
+        else:
+            _png(root / f"hosp/train/NORMAL/IM-{pid:04d}-{i:04d}.png", i)
+    for j in range(6):
+        pid = 5000 + j // 2
+        _png(root / f"ext/NORMAL/IM-{pid:04d}-{j:04d}.png", 100 + j)
+    # the pixels of the test image IM-5000-0000 under another patient id (person7000) ...
+    _png(root / "hosp/train/PNEUMONIA/person7000_bacteria_900.png", 100)
+    # ... and that patient's other image (different pixels): linked to the test patient
+    _png(root / "hosp/train/PNEUMONIA/person7000_bacteria_901.png", 200)
+    # a train image of patient IM-5001, who is in the test entry
+    _png(root / "hosp/train/NORMAL/IM-5001-0950.png", 201)
+    return {
+        "same_pixels": ["person7000_bacteria_900"],
+        "linked": ["person7000_bacteria_901"],
+        "same_patient": ["IM-5001-0950"],
+    }
+
+
+def test_official_external_test_source_is_the_test_split_and_leaks_are_dropped(tmp_path):
+    planted = _external_test_tree(tmp_path)
+    sources = [
+        {"name": "kermany", "path": "hosp"},
+        {"name": "kermany", "path": "ext", "split": "test"},
+    ]
+    report = download_cls(tmp_path, {"sources": sources})
+    assert [s["split"] for s in report["sources"]] == ["the source's own", "test"]
+    m = run(SplitConfig(mode="official"), tmp_path)
+    test = pd.read_csv(tmp_path / "out/test.csv", dtype=str, keep_default_na=False)
+    ext_dir = tmp_path / "ext"
+    ext = sorted(p.relative_to(ext_dir).with_suffix("").as_posix() for p in ext_dir.rglob("*.png"))
+    assert sorted(p.split("/images/kermany_2/")[1][:-4] for p in test["path"]) == ext
+    assert set(test["patient_id"]) == {"kermany:IM-5000", "kermany:IM-5001", "kermany:IM-5002"}
+    train_val = read_splits(tmp_path / "out").query("split != 'test'")
+    assert all("/images/kermany/" in p for p in train_val["path"])
+    names = {Path(p).stem for p in train_val["path"]}
+    for kind, stems in planted.items():
+        assert not names & set(stems), f"{kind} leak kept in train/val: {stems}"
+    assert len(train_val) == 30
+    assert m["dropped_overlapping_test"] == 3
+    assert m["dropped_overlapping_test_by"] == {"same_patient": 1, "same_pixels": 1, "linked": 1}
+    headline = json.loads((tmp_path / "out.json").read_text())
+    assert headline["dropped_overlapping_test"] == 3 and headline["n_test"] == 6
+    assert headline["patients_shared_across_splits"] == 0
+    assert headline["duplicate_hashes_shared_across_splits"] == 0
+
+
+def test_official_real_kermany_with_public_test_half(shared_data, tmp_path):
+    cfg = parse(
+        ClassificationData,
+        {
+            "root": str(shared_data),
+            "sources": [
+                {"name": "kermany", "path": "kermany224", "limit": 240},
+                {"name": "kermany", "path": "kermany_test_public", "split": "test", "limit": 40},
+            ],
+        },
+        "data.classification",
+    )
+    report = download.run(cfg, "classification", tmp_path / "raw", tmp_path / "dl")
+    assert [s["written"] for s in report["sources"]] == [240, 40]
+    assert report["sources"][1]["origin"] == {
+        "kind": "folder",
+        "path": str(shared_data / "kermany_test_public"),
+    }
+    m = run(SplitConfig(mode="official"), tmp_path)
+    test = pd.read_csv(tmp_path / "out/test.csv", dtype=str, keep_default_na=False)
+    assert len(test) == 40 and all("/images/kermany_2/" in p for p in test["path"])
+    assert set(test["label"]) == {"NORMAL", "PNEUMONIA"}
+    assert (
+        m["counts"]["train"]["total"] + m["counts"]["val"]["total"]
+        == 240 - m["dropped_overlapping_test"]
+    )
+    assert m["patients_shared_across_splits"] == 0 and m["counts"]["val"]["total"] > 0

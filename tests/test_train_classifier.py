@@ -221,3 +221,29 @@ def test_mixup_mixes_images_targets_and_weights_alike():
     assert np.all((lam_images >= 0) & (lam_images <= 30))
     # the target moves exactly as the image does: y = x / 10 in this batch's odd rows pattern
     np.testing.assert_allclose(mw, 1 + 2 * my[:, 0], atol=1e-5)
+
+
+def test_precise_batchnorm_sets_statistics_of_the_current_weights():
+    """Before validation, each BN layer's moving mean/variance become the mean over the given
+    training batches of their batch statistics; momentum is restored afterwards."""
+    import keras
+    import tensorflow as tf
+
+    from stages.classifier.callbacks import PreciseBatchNorm
+
+    inp = keras.Input((4,))
+    bn = keras.layers.BatchNormalization(momentum=0.9)
+    model = keras.Model(inp, bn(inp))
+    rng = np.random.default_rng(0)
+    batches = [
+        rng.normal(loc=3.0 * k, scale=1.0 + k, size=(16, 4)).astype(np.float32) for k in range(3)
+    ]
+    ds = tf.data.Dataset.from_tensor_slices(np.stack(batches)).map(lambda x: (x, x))
+    cb = PreciseBatchNorm(ds, batches=3)
+    cb.set_model(model)
+    cb.on_test_begin()
+    expected_mean = np.mean([b.mean(axis=0) for b in batches], axis=0)
+    expected_var = np.mean([b.var(axis=0) for b in batches], axis=0)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), expected_mean, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), expected_var, rtol=1e-3, atol=1e-3)
+    assert bn.momentum == 0.9

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import keras
+import numpy as np
 from dvclive import Live
 from scmrepo.exceptions import SCMError
 
@@ -59,6 +60,53 @@ class DvcLiveCallback(keras.callbacks.Callback):
         self.live.next_step()
 
 
+class PreciseBatchNorm(keras.callbacks.Callback):
+    """Re-estimate every BatchNormalization layer's moving statistics before each validation,
+    as the exact mean over ``batches`` training batches with the epoch's final weights
+    ("precise BN", Wu & Johnson 2021); the best epoch is then kept with those statistics.
+
+    Why: with a from-scratch network at a high learning rate the weights move faster than the
+    BN moving averages follow (momentum 0.9 averages the last ~10 steps of a network that has
+    since changed), so in inference mode the activations are shifted and the sigmoid output's
+    bias jumps: validation accuracy swung by 50 points between epochs while validation ROC-AUC
+    stayed above 0.95 (resnet_small on Kermany). Statistics of the current weights remove that.
+    """
+
+    def __init__(self, dataset, batches: int) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.batches = batches
+
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        bns = [layer for layer in self.model._flatten_layers() if _is_bn(layer)]
+        if not bns:
+            return
+        saved = [bn.momentum for bn in bns]
+        sums = [[np.zeros(v.shape, np.float64) for v in (bn.moving_mean, bn.moving_variance)]
+                for bn in bns]  # fmt: skip
+        seen = 0
+        try:
+            for bn in bns:
+                bn.momentum = 0.0  # a training-mode call then leaves that batch's statistics
+            for batch in self.dataset.take(self.batches):
+                self.model(batch[0], training=True)
+                for acc, bn in zip(sums, bns, strict=True):
+                    acc[0] += bn.moving_mean.numpy()
+                    acc[1] += bn.moving_variance.numpy()
+                seen += 1
+        finally:
+            for bn, momentum in zip(bns, saved, strict=True):
+                bn.momentum = momentum
+        if seen:
+            for acc, bn in zip(sums, bns, strict=True):
+                bn.moving_mean.assign(acc[0] / seen)
+                bn.moving_variance.assign(acc[1] / seen)
+
+
+def _is_bn(layer: Any) -> bool:
+    return isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+
+
 class EpochTimer(keras.callbacks.Callback):
     """Wall seconds of each epoch (training + validation), for a throughput that leaves out the
     first epoch's graph tracing."""
@@ -87,4 +135,4 @@ def _current_lr(model: keras.Model) -> float | None:
     return float(lr.numpy() if hasattr(lr, "numpy") else lr)
 
 
-__all__ = ["LOGGED", "DvcLiveCallback", "EpochTimer", "open_live"]
+__all__ = ["LOGGED", "DvcLiveCallback", "EpochTimer", "PreciseBatchNorm", "open_live"]

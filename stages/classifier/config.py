@@ -114,6 +114,9 @@ class TrainClassifierConfig:
     # mixup (Zhang et al. 2018): 0 = off, else alpha of the Beta(alpha, alpha) mixing weight of
     # pairs of training images and their targets (and class weights) within a batch.
     mixup: float = 0.0
+    # "precise BN": before each validation, BatchNorm statistics re-estimated over this many
+    # training batches with the current weights (0 = off; no effect on BN-free archs like to_be)
+    bn_recalibration: int = 0
     seed: int = 42
     threads: int = 0  # 0 = all cores
 
@@ -130,6 +133,7 @@ class TrainClassifierConfig:
             f"ema must be 0 (off) or in [0.5, 1), got {self.ema}",
         )
         check(0 <= self.mixup <= 2, f"mixup must be in [0, 2] (0 = off), got {self.mixup}")
+        check(self.bn_recalibration >= 0, "bn_recalibration must be >= 0 (0 = off)")
         slots = DROPOUT_SLOTS[self.arch]
         if self.dropout is not None:
             check(

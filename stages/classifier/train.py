@@ -24,7 +24,7 @@ import tensorflow as tf
 from dvclive import Live
 
 from stages.classifier.augment import ClassificationPolicy
-from stages.classifier.callbacks import DvcLiveCallback, EpochTimer, open_live
+from stages.classifier.callbacks import DvcLiveCallback, EpochTimer, PreciseBatchNorm, open_live
 from stages.classifier.config import TrainClassifierConfig, head_encoding
 from stages.classifier.data import (
     balanced_class_weights,
@@ -102,7 +102,7 @@ def _compile(model: keras.Model, cfg: TrainClassifierConfig, encoding: str, n: i
     model.compile(optimizer=_optimizer(cfg, steps), loss=loss, metrics=metrics)
 
 
-def _callbacks(cfg: TrainClassifierConfig, live: Live) -> tuple[list, Any, EpochTimer]:
+def _callbacks(cfg: TrainClassifierConfig, live: Live, train_ds) -> tuple[list, Any, EpochTimer]:
     es_cfg = cfg.early_stopping
     # patience null: never stop early, but still restore the best epoch at the end.
     patience = es_cfg.patience if es_cfg.patience is not None else cfg.epochs
@@ -116,7 +116,9 @@ def _callbacks(cfg: TrainClassifierConfig, live: Live) -> tuple[list, Any, Epoch
     # EMA: the averaged weights are swapped in for validation and at each epoch's end, before
     # early stopping keeps its copy of the best epoch, so the saved model is the averaged one.
     swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema else []
-    callbacks = [keras.callbacks.TerminateOnNaN(), *swap, early, DvcLiveCallback(live), timer]
+    precise = [PreciseBatchNorm(train_ds, cfg.bn_recalibration)] if cfg.bn_recalibration else []
+    callbacks = [keras.callbacks.TerminateOnNaN(), *swap, *precise, early, DvcLiveCallback(live)]
+    callbacks.append(timer)
     if cfg.lr_schedule == "plateau":
         callbacks.append(
             keras.callbacks.ReduceLROnPlateau(
@@ -202,7 +204,7 @@ def train(
 
     with atomic_dir(live_dir) as tmp_live:
         with open_live(str(tmp_live)) as live:
-            callbacks, early, timer = _callbacks(cfg, live)
+            callbacks, early, timer = _callbacks(cfg, live, train_ds)
             start = time.perf_counter()
             history = model.fit(
                 train_ds,

@@ -1,17 +1,22 @@
 """Getting a data source onto local disk: resumable checked downloads and safe archive extraction.
 
-Inputs: a location from params (local folder, local file/archive, or http(s) URL). Output: a local
-path (`resolve`), a downloaded file (`download`) or an extracted folder (`safe_extract`). Library
-module, no CLI; tested by `.venv/bin/python -m pytest tests/test_fetch.py -q`.
+Inputs: a location from params (a local folder or file/archive below the task's data root, or an
+http(s) URL) and its optional sha256/md5. Outputs: ``resolve`` returns ``Fetched(path, origin)``,
+the local path to read and what was fetched from where (for the download report); downloads land
+in ``<work_dir>/<url_key>/<file>`` (one folder per URL, so another URL never reuses an earlier
+file), archives are extracted beside the download or under ``<work_dir>/extracted/``. Run:
+library module, no CLI; tested by ``.venv/bin/python -m pytest tests/test_fetch.py -q``.
 
-Downloads stream through urllib into `<dest>.part` (resumed with an HTTP Range request), are
-checked against sha256/md5 when known and renamed into place only when complete. Extraction
-refuses members escaping the target, links pointing outside, device files and zip bombs, and
-builds the folder in a temp dir renamed at the end.
+Downloads stream through urllib into ``<dest>.part`` (resumed with an HTTP Range request), are
+checked against sha256/md5 when known and renamed into place only when complete; a cached file
+failing its checksum or its extraction is deleted and fetched again. Extraction refuses members
+escaping the target, links pointing outside, device files and zip bombs, and builds the folder in
+a temp dir renamed at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -53,13 +58,16 @@ def file_digest(path: Path, algo: str) -> str:
     return h.hexdigest()
 
 
-def _checksum_error(path: Path, sha256: str | None, md5: str | None) -> str | None:
-    """None when the file matches every given checksum, else a message naming expected vs got."""
+def _checksum_error(
+    path: Path, sha256: str | None, md5: str | None, name: str | None = None
+) -> str | None:
+    """None when the file matches every given checksum, else a message naming expected vs got
+    (the file called ``name``, default its own name)."""
     for algo, expected in (("sha256", sha256), ("md5", md5)):
         if expected:
             got = file_digest(path, algo)
             if got.lower() != expected.strip().lower():
-                return f"{algo} mismatch for {path.name}: expected {expected}, got {got}"
+                return f"{algo} mismatch for {name or path.name}: expected {expected}, got {got}"
     return None
 
 
@@ -99,7 +107,7 @@ def download(
             if attempt == retries or not grew:  # only a transfer that made progress is retried
                 raise
             log.warning("%s; resuming (attempt %d of %d)", exc, attempt + 2, retries + 1)
-    problem = _checksum_error(part, sha256, md5)
+    problem = _checksum_error(part, sha256, md5, name=dest.name)
     if problem is not None:
         part.unlink(missing_ok=True)
         raise StageError(f"{problem} (downloaded from {url}; the partial file was deleted)")
@@ -326,6 +334,7 @@ def resolve(
     what: str,
     param: str,
     root: Path | None = None,
+    root_param: str = "data.<task>.root",
     default_url: str | None = None,
     sha256: str | None = None,
     md5: str | None = None,
@@ -335,10 +344,10 @@ def resolve(
     ``location`` (or ``default_url`` when it is None) is an http(s) URL, downloaded into
     ``work_dir/<url_key>/`` (resumed; checked against ``sha256``/``md5`` when given), or a local
     folder or file, relative to ``root`` (the folder DVC watches for the task; a location outside
-    it is refused, since DVC would not see its changes). Archives are extracted once beside the
-    download or under ``work_dir``. A cached download that fails its checksum or cannot be
-    extracted is deleted and fetched once more. Failures raise one StageError naming ``what`` to
-    download and the ``param`` to set.
+    it is refused naming ``root_param``, since DVC would not see its changes). Archives are
+    extracted once beside the download or under ``work_dir/extracted/``. A cached download that
+    fails its checksum or cannot be extracted is deleted and fetched once more. Failures raise one
+    StageError naming ``what`` to download and the ``param`` to set.
     """
     location = location if location is not None else default_url
     hint = f"download {what} by hand and set {param} to the local folder or archive"
@@ -347,7 +356,7 @@ def resolve(
     work_dir = Path(work_dir)
     if _is_url(location):
         return _resolve_url(location, work_dir, sha256, md5, hint)
-    path = _local(location, root, param)
+    path = _local(location, root, param, root_param)
     if path.is_dir():
         return Fetched(path, {"kind": "folder", "path": str(path)})
     if not path.is_file():
@@ -356,26 +365,41 @@ def resolve(
     if problem:
         raise StageError(f"{param}: {problem}; is {path} the file you meant?")
     origin = {"kind": "file", "path": str(path), "sha256": file_digest(path, "sha256")}
+    origin["verified"] = _verified(sha256, md5)
     if not is_archive(path):
         return Fetched(path, origin)
-    return Fetched(
-        _extract_once(path, work_dir / "extracted" / url_key(str(path.resolve()))), origin
-    )
+    # one extraction folder per archive location, named after the archive for a human reader
+    target = work_dir / "extracted" / url_key(str(path.resolve())) / archive_stem(path)
+    return Fetched(_extract_once(path, target), origin)
 
 
-def _local(location: str, root: Path | None, param: str) -> Path:
+def _verified(sha256: str | None, md5: str | None) -> list[str]:
+    """The checksums the file was checked against (for the report)."""
+    return [algo for algo, value in (("sha256", sha256), ("md5", md5)) if value]
+
+
+def _local(location: str, root: Path | None, param: str, root_param: str) -> Path:
+    """``location`` below ``root`` (absolute: as is); refuse anything DVC would not watch."""
     path = Path(location).expanduser()
     if root is None:
         return path
     root = Path(root).expanduser()
     full = path if path.is_absolute() else root / path
     if not _inside(root, full):
+        lexical = os.path.normpath(os.path.abspath(full))
+        linked = _inside_lexically(root, lexical)
+        how = " through a symbolic link (DVC does not follow links)" if linked else ""
         raise StageError(
-            f"{param} = {location!r} is outside the task's data root {str(root)!r}, the folder "
-            "DVC watches for changes of local data: give a path inside it, or set the task's "
-            "root (data.<task>.root) to a folder holding it"
+            f"{param} = {location!r} is outside the task's data root {root_param} = "
+            f"{str(root)!r}{how}, the folder DVC watches for changes of local data: give a path "
+            f"inside it, or set {root_param} to a folder holding the data"
         )
     return full
+
+
+def _inside_lexically(root: Path, path: str) -> bool:
+    base = os.path.normpath(os.path.abspath(root))
+    return os.path.commonpath([base, path]) == base
 
 
 def _resolve_url(
@@ -387,11 +411,19 @@ def _resolve_url(
         try:
             path = download(url, dest, sha256=sha256, md5=md5)
         except NetworkError as exc:
+            _remove_if_empty(folder)
             raise StageError(f"{exc}; offline or blocked? {hint}") from None
         except StageError as exc:
+            _remove_if_empty(folder)
             raise StageError(f"{exc}; {hint}") from None
-        origin = {"kind": "url", "url": url, "file": str(path), "sha256": file_digest(path, "sha256"),
-                  "bytes": path.stat().st_size}  # fmt: skip
+        origin = {
+            "kind": "url",
+            "url": url,
+            "file": str(path),
+            "sha256": file_digest(path, "sha256"),
+            "bytes": path.stat().st_size,
+            "verified": _verified(sha256, md5),
+        }
         if not is_archive(path):
             return Fetched(path, origin)
         try:
@@ -402,6 +434,12 @@ def _resolve_url(
             log.warning("%s; deleting the download and fetching it again", exc)
             path.unlink(missing_ok=True)
     raise AssertionError("unreachable")
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """A failed first download leaves no empty key folder behind (a kept .part stays)."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _extract_once(archive: Path, target: Path) -> Path:

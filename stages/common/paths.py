@@ -15,7 +15,7 @@ from pathlib import Path
 TASKS = ("classification", "detection")
 SPLITS = ("train", "val", "test")
 
-INPUTS = Path("data/inputs")  # the default data.<task>.root (empty: synthetic sources need none)
+INPUTS = Path("data/inputs")  # data/inputs/<task>: the default data.<task>.root (empty folders)
 DOWNLOADS = Path("data/downloads")  # fetched archives and their extractions (git-ignored)
 RAW = Path("data/raw")
 SPLIT = Path("data/split")

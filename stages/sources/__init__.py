@@ -6,6 +6,8 @@ ChestX-Det10 layout and is read back by that loader, so real and synthetic data 
 
 ``LOADERS`` names modules rather than importing them: ``loader()`` imports only the loaders of
 the task being run, so each chain's download stage depends on its own loaders alone (dvc.yaml).
+Inputs/Outputs: none (the loader table).
+Run: no CLI; used by ``stages.download``, tested by tests/test_sources.py.
 """
 
 from __future__ import annotations

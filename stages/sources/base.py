@@ -6,6 +6,8 @@ patient and (detection) boxes. Loaders only read annotations and list files; the
 decoded later by ``stages.sources.intake``. Anything a loader leaves out on purpose (an image
 named in the annotations but missing on disk, a class not selected) is noted in ``Notes`` so the
 download report can list it: nothing vanishes silently.
+Inputs/Outputs: none (types and helpers).
+Run: no CLI; tested through tests/test_sources.py.
 """
 
 from __future__ import annotations

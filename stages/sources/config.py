@@ -19,18 +19,25 @@ Extras of a source entry:
   second hospital or Kermany's official test folder), whatever folders it has; with
   ``split.<task>.mode: official`` the test split is exactly these images. Leakage is checked
   across sources: a train/val image whose pixels equal a test image, or whose patient id (in the
-  same data set: ids are namespaced by source name) is a test patient, is dropped (counted).
+  same data set: ids are namespaced by source name; ``folder`` entries each their own) is a test
+  patient, is dropped (counted).
 - ``md5`` / ``sha256``: checksum of the file at ``path`` (a URL's download or a local archive);
   a cached download that fails it is fetched again.
 
 ``root`` (per task, default ``data/inputs``): the folder holding the task's local data. Local
 ``path``s are relative to it (absolute ones must lie inside it), and dvc.yaml declares it as a
 dependency of ``download@<task>``, so adding, removing or changing an image there makes the
-stage stale. URLs are not under it: a download is keyed by its URL.
+stage stale. URLs are not under it: a download is keyed by its URL. A root holding what the
+pipeline writes (``data/raw``, ``data/downloads``, ...) is refused: the stage would depend on its
+own output.
+
+Inputs/Outputs: none (schema only; read by ``stages.download`` via ``load_data_config``). Run: no
+command; tested by ``.venv/bin/python -m pytest tests/test_sources.py -q``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -150,12 +157,28 @@ class DetectionSource(SourceExtras):
             check(len(set(self.classes)) == len(self.classes), "classes: names must be unique")
 
 
-DEFAULT_ROOT = paths.INPUTS.as_posix()
+DEFAULT_ROOT = paths.INPUTS.as_posix() + "/<task>"  # one folder per task: chains stay apart
+# what the pipeline writes: a data root holding one of these would depend on the stage's outputs
+_WRITTEN = (paths.DOWNLOADS, paths.RAW, paths.SPLIT, paths.AUGMENT, paths.MODELS, paths.METRICS)
+
+
+def _check_root(root: str) -> None:
+    check(bool(str(root).strip()), "root: must name a folder (default data/inputs)")
+    if os.path.isabs(root):
+        return
+    norm = os.path.normpath(root)
+    for written in (w.as_posix() for w in _WRITTEN):
+        common = "." if norm == "." else os.path.commonpath([norm, written])
+        check(
+            common not in (norm, written),
+            f"root: {root!r} overlaps {written}, which the pipeline writes (the download stage "
+            f"would depend on its own outputs); use a folder of its own (default {DEFAULT_ROOT})",
+        )
 
 
 @dataclass(frozen=True)
 class ClassificationData:
-    root: str = DEFAULT_ROOT
+    root: str = (paths.INPUTS / "classification").as_posix()
     source: ClassificationName = "synthetic"
     path: str | None = None
     classes: dict[str, str] | None = optional(None)
@@ -167,6 +190,7 @@ class ClassificationData:
     synthetic: SyntheticClassificationConfig = field(default_factory=SyntheticClassificationConfig)
 
     def __post_init__(self) -> None:
+        _check_root(self.root)
         extras = [
             k
             for k in ("classes", "patient_regex", "limit", "md5", "sha256")
@@ -197,7 +221,7 @@ class ClassificationData:
 
 @dataclass(frozen=True)
 class DetectionData:
-    root: str = DEFAULT_ROOT
+    root: str = (paths.INPUTS / "detection").as_posix()
     source: DetectionName = "synthetic"
     path: str | None = None
     classes: tuple[str, ...] | None = optional(None)
@@ -209,6 +233,7 @@ class DetectionData:
     synthetic: SyntheticDetectionConfig = field(default_factory=SyntheticDetectionConfig)
 
     def __post_init__(self) -> None:
+        _check_root(self.root)
         extras = [k for k in ("classes", "limit", "md5", "sha256") if getattr(self, k) is not None]
         if self.missing_images != "error":
             extras.append("missing_images")

@@ -5,6 +5,7 @@ Input: the loaders' records. Output: 8-bit grayscale PNGs under ``<images_dir>/<
 detection the boxes clipped to the written image. Files the decoder rejects are skipped and
 listed with their reason; boxes partly outside are clipped, empty or inverted ones dropped, and
 both are counted. Decoding runs in a small thread pool (PIL and zlib release the GIL).
+Run: no CLI; called by ``stages.download``, tested by tests/test_download.py.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ left, as on a PA film), y downwards. A per-image pose (rotation, scale, shift) m
 into this frame, so anatomy and findings move together and a finding's box can be read off its
 own rendered map in pixel space. Values are "density" (0 = air/black, ~0.8 = bone/white);
 `expose` turns a density map into an 8-bit image. Used by stages/sources/synthetic.py.
+Inputs: shape and pose parameters; outputs: density maps and 8-bit images.
+Run: no CLI; tested by tests/test_synthetic.py.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ real and synthetic data go through one loader:
 Every image is drawn from its own child seed (config seed, task, patient, image), so the same
 config gives byte-identical files whatever the generation order. No CLI: the download stage's
 `synthetic` source calls `generate_classification` / `generate_detection`.
+Run: no CLI; tested by tests/test_synthetic.py.
 """
 
 from __future__ import annotations

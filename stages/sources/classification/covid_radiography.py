@@ -8,6 +8,7 @@ Viral Pneumonia -> VIRUS, Lung_Opacity -> LUNG_OPACITY: NORMAL and VIRUS share K
 vocabulary so the sets merge). The database has no patient ids: each file is its own patient
 (``covid_radiography:COVID-12``), which is why its near-duplicate repeat studies are only caught
 when they are exact (same pixels) by the split's duplicate grouping.
+Run: no CLI; the download stage calls ``load``; tested by tests/test_sources.py.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ read as an ImageFolder and its name kept as the source split (so ``mode: officia
 Output: records labelled by folder name, or by the ``classes`` mapping (folder -> label; folders
 not listed are not taken). Patient id: each file is its own patient, unless ``patient_regex``
 is given (group ``patient``, else group 1, else the whole match, searched in the file name).
+Run: no CLI; the download stage calls ``load``; tested by tests/test_sources.py.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ only ``train/`` is fine; a folder that directly holds NORMAL/PNEUMONIA works too
 records with the source's split kept, label from the folder (or, with ``classes``, the subtype
 classes NORMAL / BACTERIA / VIRUS), patient id and subtype parsed from the file name. The
 synthetic classification source writes this same layout and is read by this loader.
+Run: no CLI; the download stage calls ``load``; tested by tests/test_sources.py.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ becomes one record (pixels in memory, written as PNG by the intake) under ``<spl
 has no patient ids, so every image is its own patient (``pneumoniamnist:train-123``).
 
 With ``path`` null the download stage fetches MedMNIST's own file (``stages.download``'s
-``DEFAULT_DOWNLOADS``; unreachable offline, which gives a clear message).
+``DEFAULT_DOWNLOADS``; unreachable offline, which gives a clear message). Output: the records.
+
+Run: no CLI; the download stage calls ``load``; tested by tests/test_sources.py.
 """
 
 from __future__ import annotations

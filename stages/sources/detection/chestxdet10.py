@@ -7,6 +7,7 @@ records with source_split = which JSON they came from and their boxes. The synth
 source writes this layout (its records may add ``patient_id``); otherwise each image is its own
 patient. An image named in a JSON but absent on disk stops the run, unless the source sets
 ``missing_images: skip`` (then it is counted and listed in the report).
+Run: no CLI; the download stage calls ``load``; tested by tests/test_sources.py.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _extract_official_zips(base: Path, ctx: Context) -> list[Path]:
             extra.append(
                 fetch.resolve(
                     str(zipped), ctx.work_dir, what="the ChestX-Det10 images", param=ctx.param
-                )
+                ).path
             )
     return extra
 

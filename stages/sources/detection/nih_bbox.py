@@ -6,6 +6,7 @@ position: image name, finding label, then the first four numbers (x, y, w, h). O
 per image with its boxes converted to x1, y1, x2, y2; patient from the file name
 (``00013118_008.png`` -> ``nih:00013118``); no source split. Images listed but absent follow the
 ``missing_images`` option (error / skip), as for ChestX-Det10.
+Run: no CLI; the download stage calls ``load``; tested by tests/test_sources.py.
 """
 
 from __future__ import annotations
