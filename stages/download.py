@@ -121,7 +121,8 @@ def load_sources(cfg: DataConfig, task: str, work_dir: Path, stack) -> tuple[lis
             )
         log.info("source %s: %d images listed from %s", key, len(records), root)
         names = output_names(records, key)
-        items += [Item(r, src.name, key, n) for r, n in zip(records, names, strict=True)]
+        render = getattr(src, "render_size", None)
+        items += [Item(r, src.name, key, n, render) for r, n in zip(records, names, strict=True)]
         loaded.append((src, key, fetched, ctx.notes, len(records)))
     return items, loaded
 

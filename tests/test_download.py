@@ -288,3 +288,31 @@ def test_cli_unknown_source_exits_2(params, tmp_path, monkeypatch, capsys):
     assert not Path("data/raw").exists()
     with pytest.raises(ConfigError):
         parse(DetectionData, {"sources": [{"name": "chestxdet10", "pth": "x"}]}, "data.detection")
+
+
+def test_render_size_stores_a_source_at_n_pixels(tmp_path):
+    """An external test set rendered at 28 px, as MedMNIST rendered PneumoniaMNIST: its images
+    are stored at 28 x 28 (the same resize as the cache's), the train source untouched."""
+    from stages.common.cache import resize_gray
+
+    img(tmp_path / "k/train/NORMAL/IM-0001-0001.png", size=64, value=1)
+    img(tmp_path / "k/train/PNEUMONIA/person1_virus_1.png", size=64, value=2)
+    src = img(tmp_path / "t/NORMAL/IM-0009-0001.png", size=64, value=3)
+    run_cls(
+        tmp_path,
+        sources=[
+            {"name": "kermany", "path": "k"},
+            {"name": "kermany", "path": "t", "split": "test", "render_size": 28},
+        ],
+    )
+    m = pd.read_csv(tmp_path / "raw/manifest.csv", dtype=str, keep_default_na=False)
+    test = m[m["source_split"] == "test"]
+    assert len(test) == 1 and (test["width"] == "28").all() and (test["height"] == "28").all()
+    assert set(m.loc[m["source_split"] != "test", "width"]) == {"64"}
+    written = sorted((tmp_path / "raw").rglob("IM-0009-0001.png"))
+    assert len(written) == 1
+    np.testing.assert_array_equal(
+        load_gray(written[0]), resize_gray(load_gray(src), 28, "stretch")[0]
+    )
+    with pytest.raises(ConfigError, match="render_size"):
+        parse(ClassificationData, {"source": "kermany", "path": "k", "render_size": 2}, "d")

@@ -112,9 +112,16 @@ class ClassificationSource(SourceExtras):
     classes: dict[str, str] | None = optional(None)
     patient_regex: str | None = optional(None)
     limit: int | None = optional(None)
+    # Store every image of this source resized to N x N (stretch) first, e.g. 28 to render an
+    # external test set the way MedMNIST rendered PneumoniaMNIST from the same originals.
+    render_size: int | None = optional(None)
 
     def __post_init__(self) -> None:
         self._check_extras()
+        check(
+            self.render_size is None or 8 <= self.render_size <= 4096,
+            f"render_size: must be null or in [8, 4096], got {self.render_size}",
+        )
         _check_limit(self.limit)
         _check_path(self.name, self.path)
         if self.classes is not None:

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from stages.common.cache import resize_gray
 from stages.common.imageio import ImageRejected, load_gray, pixel_sha256, to_gray_uint8
 from stages.sources.base import Box, Record
 
@@ -45,6 +46,7 @@ class Item:
     source: str  # source name (manifest column)
     key: str  # folder below images/
     out_rel: str  # path below images/, e.g. kermany/train/NORMAL/IM-0001-0001.png
+    render_size: int | None = None  # classification: store the image resized to N x N
 
 
 @dataclass
@@ -93,7 +95,10 @@ def _ingest(item: Item, images_dir: Path) -> tuple[int, int, str] | dict:
         return {"path": rec.where, "reason": "unsupported", "detail": str(exc)}
     dest = images_dir / item.out_rel
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if rec.src is not None and _is_gray8_png(rec.src):
+    if item.render_size:  # e.g. 28 px, as MedMNIST rendered its files from the originals
+        arr = resize_gray(arr, item.render_size, "stretch")[0]
+        write_png(arr, dest)
+    elif rec.src is not None and _is_gray8_png(rec.src):
         shutil.copyfile(rec.src, dest)
     else:
         write_png(arr, dest)
