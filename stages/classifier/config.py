@@ -116,7 +116,7 @@ class TrainClassifierConfig:
     mixup: float = 0.0
     # "precise BN": before each validation, BatchNorm statistics re-estimated over this many
     # training batches with the current weights (0 = off; no effect on BN-free archs like to_be)
-    bn_recalibration: int = 0
+    bn_recalibration: int = 50
     seed: int = 42
     threads: int = 0  # 0 = all cores
 
