@@ -1,10 +1,17 @@
 """Tiny models for the serve/predict tests (not a test module): built once per session.
 
-``tiny_models(base)`` writes under ``base``: a to_be classifier (softmax, 2 classes, 48 px,
-trained for two short epochs by the real ``stages.train_classifier.train`` on a cache whose
-meta says ``resize: pad``), its sidecar, a ``metrics/classifier.json`` with an evaluate-style
-threshold, and an untrained RetinaNet (real builder, 64 px, ``score_thresh`` 0 so it always
-returns boxes) saved by ``save_detector`` with image_size/resize like train-detector does.
+``tiny_models(base)`` writes under ``base``, laid out like a workspace (``base`` is a
+provenance root): a to_be classifier (softmax, 2 classes, 48 px, trained for two short epochs
+by the real ``stages.train_classifier.train`` on a cache whose meta says ``resize: pad``) at
+``models/classifier.keras`` with its sidecar, an evaluate-style
+``reports/classifier/evaluation.json`` (decision block: threshold THRESHOLD, temperature 1, no
+TTA, that model) and headline ``metrics/classifier.json``, an untrained RetinaNet (real
+builder, 64 px, ``score_thresh`` 0 so it always returns boxes) at ``models/detector.pt`` saved
+by ``save_detector`` with image_size/resize/intensity like train-detector does, and the data
+records provenance reads: the classification split csv files (source ``kermany``) and the
+detection cache index (source ``synthetic``).
+``constant_classifier`` / ``mirror_classifier`` build Keras models whose probability is known
+in closed form (the decision and TTA tests); ``evaluation_file`` writes a decision block.
 Also ``bad_inputs(folder)``: one file per kind of bad or odd upload.
 """
 
@@ -23,6 +30,7 @@ from PIL import Image
 
 import stages  # noqa: F401  (torch before TensorFlow)
 from stages.classifier.augment import ClassificationPolicy
+from stages.common import paths
 from stages.common.cache import write_meta, write_policy, write_split
 from stages.common.config import parse, to_dict
 from stages.common.utils import write_json
@@ -93,44 +101,148 @@ def _train_classifier(base: Path) -> Path:
     return model
 
 
-def _save_detector(base: Path) -> Path:
+def save_tiny_detector(
+    path: Path, image_size: int = 64, resize: str = "pad", intensity: str = "none"
+) -> Path:
+    """An untrained RetinaNet (score_thresh 0: it always answers) with the given stored modes."""
     cfg = parse(
         TrainDetectorConfig,
-        {"fpn_channels": 64, "min_size": 64, "max_size": 64, "score_thresh": 0.0},
+        {"fpn_channels": 64, "min_size": image_size, "max_size": image_size, "score_thresh": 0.0},
         "train_detector",
     )
     cfg = parse(TrainDetectorConfig, {**to_dict(cfg), "detections_per_img": 10}, "td")
     model = build_detector(cfg, len(DET_CLASSES))
-    path = base / "models" / "detector.pt"
-    save_detector(path, model, cfg, DET_CLASSES, {"image_size": 64, "resize": "pad"})
+    extra = {"image_size": image_size, "resize": resize, "intensity": intensity}
+    save_detector(path, model, cfg, DET_CLASSES, extra)
     return path
+
+
+def evaluation_file(
+    path: Path,
+    threshold: float,
+    models: list[Path] | None = None,
+    temperature: float = 1.0,
+    tta: str = "none",
+) -> Path:
+    """An evaluation.json as the evaluate stage writes it (the part serving reads)."""
+    decision = {
+        "classes": list(CLASSES),
+        "positive_class": [CLASSES[-1]],
+        "threshold": threshold,
+        "threshold_method": "youden",
+        "temperature": temperature,
+        "tta": tta,
+        "models": [Path(m).as_posix() for m in models or []],
+    }
+    write_json(path, {"threshold": threshold, "decision": decision})
+    return path
+
+
+def _write_data_records(base: Path) -> None:
+    """What provenance reads about the data: split csv files (classification, source
+    kermany) and the augment cache index (detection, source synthetic)."""
+    for split, n in (("train", 6), ("val", 2), ("test", 3)):
+        rows = pd.DataFrame({"path": [f"x{i}.png" for i in range(n)], "source": "kermany"})
+        folder = base / paths.CLASSIFICATION.split
+        folder.mkdir(parents=True, exist_ok=True)
+        rows.to_csv(folder / f"{split}.csv", index=False)
+        index = base / paths.DETECTION.augment / split
+        index.mkdir(parents=True, exist_ok=True)
+        rows.assign(source="synthetic").to_csv(index / "index.csv", index=False)
 
 
 _BUILT: dict[Path, dict[str, Path]] = {}
 
 
 def tiny_models(base: Path) -> dict[str, Path]:
-    """{"classifier", "detector", "metrics"} paths under ``base`` (built on the first call)."""
+    """{"classifier", "detector", "evaluation", "metrics", "root"} under ``base`` (built on the
+    first call)."""
     if base not in _BUILT:
         base.mkdir(parents=True, exist_ok=True)
-        metrics = base / "metrics" / "classifier.json"
-        write_json(
-            metrics,
-            {
-                "threshold": THRESHOLD,
-                "threshold_method": "youden",
-                "positive_class": ["PNEUMONIA"],
-                "classes": list(CLASSES),
-                "accuracy": 0.9,
-                "roc_auc": 0.95,
-            },
+        classifier = _train_classifier(base)
+        evaluation = evaluation_file(
+            base / paths.CLASSIFICATION.evaluation, THRESHOLD, [classifier]
         )
+        metrics = base / paths.CLASSIFICATION.metrics
+        write_json(metrics, {"threshold": THRESHOLD, "accuracy": 0.9, "roc_auc": 0.95})
+        detector = save_tiny_detector(base / paths.DETECTOR_MODEL)
+        write_json(base / paths.DETECTION.metrics, {"map_50": 0.631, "map": 0.3})
+        _write_data_records(base)
         _BUILT[base] = {
-            "classifier": _train_classifier(base),
-            "detector": _save_detector(base),
+            "classifier": classifier,
+            "detector": detector,
+            "evaluation": evaluation,
             "metrics": metrics,
+            "root": base,
         }
     return _BUILT[base]
+
+
+def _save_keras(model, path: Path, size: int, resize: str, intensity: str, arch: str) -> Path:
+    from stages.classifier.predict import ClassifierInfo, save_info
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    info = ClassifierInfo(
+        classes=CLASSES,
+        class_map={},
+        head_activation="sigmoid",
+        head_units=1,
+        encoding="binary",
+        image_size=size,
+        arch=arch,
+        resize=resize,
+        intensity=intensity,
+    )
+    save_info(path, info)
+    return path
+
+
+def constant_classifier(
+    path: Path, p: float, size: int = 32, resize: str = "pad", intensity: str = "none"
+) -> Path:
+    """A 1-unit sigmoid classifier whose P(PNEUMONIA) is ``p`` for every image: a conv layer
+    with zero weights, then a dense head with zero kernel and bias logit(p)."""
+    import keras
+
+    inputs = keras.Input((size, size, 1), name="image")
+    x = keras.layers.Conv2D(2, 3, kernel_initializer="zeros", bias_initializer="zeros")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    head = keras.layers.Dense(
+        1,
+        activation="sigmoid",
+        name="head",
+        kernel_initializer="zeros",
+        bias_initializer=keras.initializers.Constant(float(np.log(p / (1.0 - p)))),
+    )
+    model = keras.Model(inputs, head(x))
+    return _save_keras(model, path, size, resize, intensity, "constant")
+
+
+LEFT_WEIGHT = 0.02  # per grey level of the mean of the image's left half
+
+
+def left_half_classifier(
+    path: Path, size: int = 32, resize: str = "pad", intensity: str = "none"
+) -> Path:
+    """P(PNEUMONIA) = sigmoid(LEFT_WEIGHT * mean(left half of the input) - 1), see
+    ``left_half_probability``: a mirrored image gets another probability (what TTA averages),
+    and every input pixel of the left half counts (what preprocessing tests compare)."""
+    import keras
+
+    inputs = keras.Input((size, size, 1), name="image")
+    head = keras.layers.Dense(1, activation="sigmoid", name="head")
+    model = keras.Model(inputs, head(keras.layers.Flatten()(inputs)))
+    kernel = np.zeros((size, size), np.float32)
+    kernel[:, : size // 2] = LEFT_WEIGHT / (size * (size // 2))
+    head.set_weights([kernel.reshape(-1, 1), np.array([-1.0], np.float32)])
+    return _save_keras(model, path, size, resize, intensity, "left_half")
+
+
+def left_half_probability(x: np.ndarray) -> float:
+    """The left-half classifier's P(PNEUMONIA) of one preprocessed (S, S) image."""
+    z = LEFT_WEIGHT * float(x[:, : x.shape[1] // 2].astype(np.float64).mean()) - 1.0
+    return float(1.0 / (1.0 + np.exp(-z)))
 
 
 def free_port() -> int:

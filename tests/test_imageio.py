@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import logging
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import pytest
 from PIL import Image
 
 from stages.common.imageio import (
+    FORMATS,
     MAX_PIXELS,
     ImageRejected,
     decode_gray_bytes,
@@ -19,6 +23,7 @@ from stages.common.imageio import (
     load_gray,
     pixel_sha256,
     save_gray_png,
+    sniff_format,
     to_gray_uint8,
 )
 
@@ -238,6 +243,144 @@ def test_bad_inputs_exact_reasons(tmp_path):
         with pytest.raises(ImageRejected) as info:
             decode_gray_bytes(data, name)
         assert info.value.reason == reason and name in str(info.value)
+
+
+# ------------------------------------------------------------- formats: decided by the bytes
+def _encoded(fmt: str, arr: np.ndarray = RAMP) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name"),
+    [("EPS", "scan.png"), ("EPS", "scan.dcm"), ("PDF", "scan.jpg"), ("GIF", "scan.png")]
+    + [("WEBP", "scan.tif"), ("PPM", "scan.bmp")],
+)
+def test_other_formats_refused_whatever_the_name(tmp_path, monkeypatch, fmt, name):
+    """A real EPS (PDF, GIF...) file, named like an image, never reaches a Pillow reader."""
+    from PIL import EpsImagePlugin
+
+    def no_ghostscript(*args, **kwargs):
+        raise AssertionError("Pillow's Ghostscript reader was reached")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", no_ghostscript)
+    opened: list[object] = []
+    real_open = Image.open
+
+    def spy_open(fp, mode="r", formats=None):
+        opened.append(formats)
+        return real_open(fp, mode, formats)
+
+    monkeypatch.setattr(Image, "open", spy_open)
+    data = _encoded(fmt)
+    path = tmp_path / name
+    path.write_bytes(data)
+    assert sniff_format(data) is None
+    assert _rejected(path) == "not_an_image"
+    with pytest.raises(ImageRejected) as info:
+        decode_gray_bytes(data, name)
+    assert info.value.reason == "not_an_image" and "\n" not in str(info.value)
+    assert opened == []  # refused before Pillow (or pydicom) was asked at all
+    if fmt == "EPS":
+        assert "PostScript/EPS" in info.value.detail
+
+
+def test_eps_refused_in_a_fresh_process(tmp_path):
+    """The same without monkeypatching: an EPS named .png gives not_an_image and no output."""
+    path = tmp_path / "x.png"
+    path.write_bytes(_encoded("EPS"))
+    code = (
+        "import sys; from stages.common.imageio import load_gray, ImageRejected\n"
+        "try:\n    load_gray(sys.argv[1])\nexcept ImageRejected as e:\n    print(e.reason)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "not_an_image", "")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "TIFF"])
+def test_supported_formats_decoded_from_bytes_not_name(tmp_path, fmt):
+    data = _encoded(fmt)
+    assert sniff_format(data) == fmt and fmt in FORMATS
+    path = tmp_path / "misnamed.dcm"  # the name says DICOM, the bytes say otherwise
+    path.write_bytes(data)
+    out = load_gray(path)
+    assert out.shape == RAMP.shape
+    if fmt != "JPEG":
+        np.testing.assert_array_equal(out, RAMP)
+
+
+def test_dicom_found_by_bytes_whatever_the_name(tmp_path):
+    path = _dicom(tmp_path / "scan.png", GRAD)  # a DICOM named .png
+    assert sniff_format(path.read_bytes()[:132]) == "DICOM"
+    assert load_gray(path).shape == GRAD.shape
+
+
+def test_signature_without_a_valid_file_is_corrupt(tmp_path):
+    path = tmp_path / "x.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    assert _rejected(path) == "corrupt"
+
+
+def _garbage_jpeg2000_dicom(path: Path) -> Path:
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = _dicom_dataset(64, 64)
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = encapsulate([b"\xffO\xffQ" + bytes(range(256)) * 4])  # a J2K marker, junk
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _dicom_dataset(rows: int, cols: int):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = rows, cols
+    return ds
+
+
+def test_garbage_jpeg2000_dicom_refused_quietly(tmp_path, caplog, capfd):
+    path = _garbage_jpeg2000_dicom(tmp_path / "j2k.dcm")
+    handlers = list(logging.getLogger("pydicom").handlers)
+    with caplog.at_level(logging.DEBUG):
+        assert _rejected(path) == "corrupt"
+    assert caplog.records == []  # pydicom's traceback never reached the logging tree
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+    assert logging.getLogger("pydicom").propagate  # the logger is given back as it was
+    assert logging.getLogger("pydicom").handlers == handlers
+
+
+def test_garbage_jpeg2000_dicom_stderr_stays_clean(tmp_path):
+    """In a process whose logging prints everything (as the stages' run_cli sets it up)."""
+    path = _garbage_jpeg2000_dicom(tmp_path / "j2k.dcm")
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO)\n"
+        "from stages.common.imageio import load_gray, ImageRejected\n"
+        "try:\n    load_gray(sys.argv[1])\nexcept ImageRejected as e:\n"
+        "    print(e.reason, '\\n' in e.detail)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "corrupt False"
+    assert done.stderr == ""
 
 
 # -------------------------------------------------------------------------- hashing and writing

@@ -2,7 +2,9 @@
 
 Good images give the decision, probabilities, a Grad-CAM and a boxes image at the original size;
 every bad input gives a clear "Refused" message (never a stack trace) and the server keeps
-serving; an upload over the size limit (1 MB here, configurable) is refused by the server.
+serving; an upload over the size limit (1 MB here, configurable) is refused by the server. The
+page names each model's origin and data, and warns prominently about the synthetic detector
+(the tiny workspace of tests/serve_models.py: classifier data kermany, detector synthetic).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import stages  # noqa: F401  (torch before TensorFlow)
 from tests.serve_models import (
     THRESHOLD,
     bad_inputs,
+    constant_classifier,
+    evaluation_file,
     free_port,
     keep_absl_stream,
     tiny_models,
@@ -25,8 +29,15 @@ from tests.serve_models import (
 )
 
 gradio_client = pytest.importorskip("gradio_client")
-from stages.serve import provenance  # noqa: E402
-from stages.serve.app import DISCLAIMER, build_app, launch, make_handler  # noqa: E402
+from stages.serve.app import (  # noqa: E402
+    DISCLAIMER,
+    build_app,
+    create,
+    launch,
+    make_handler,
+    page_texts,
+    server_temp_dir,
+)
 from stages.serve.inference import Predictor  # noqa: E402
 
 MAX_UPLOAD_MB = 1.0
@@ -39,19 +50,25 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(models):
-    predictor = Predictor(models["classifier"], models["detector"], models["metrics"], 0.0)
-    metrics = {"classifier (test)": models["metrics"]}
-    about = provenance.collect([models["classifier"], models["detector"]], metrics).markdown()
-    demo = build_app(predictor, about, [])
-    port = free_port()
-    keep_absl_stream()
-    launch(demo, "127.0.0.1", port, MAX_UPLOAD_MB, block=False)
-    client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
-    try:
-        yield client, predictor
-    finally:
-        client.close()
-        demo.close()
+    with server_temp_dir():
+        predictor = Predictor(
+            models["classifier"],
+            models["detector"],
+            models["evaluation"],
+            0.0,
+            provenance_root=models["root"],
+        )
+        about, warning = page_texts(predictor)
+        demo = build_app(predictor, about, [], warning)
+        port = free_port()
+        keep_absl_stream()
+        launch(demo, "127.0.0.1", port, MAX_UPLOAD_MB, block=False)
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        try:
+            yield client, predictor
+        finally:
+            client.close()
+            demo.close()
 
 
 def _call(client, path: Path):
@@ -76,6 +93,9 @@ def test_good_image_gives_decision_probabilities_and_pictures(server, tmp_path):
         assert img.std() > 0
     assert raw["classification"]["decision"] == expected["decision"]
     assert raw["detection"]["boxes"]  # score_thresh 0: the untrained detector always answers
+    assert raw["detection"]["models"][0]["synthetic_data"] is True
+    assert "trained on synthetic phantoms, not X-rays" in status  # said beside the boxes
+    assert "classifier was trained on synthetic" not in status  # its data are kermany
 
 
 @pytest.mark.parametrize(
@@ -126,10 +146,50 @@ def test_handler_without_models_names_the_dvc_commands(tmp_path):
     assert rest == [None, None, None, None]
 
 
+def _page(client) -> dict[str, str]:
+    """{elem_id or index: markdown} of the page's components."""
+    out = {}
+    for i, comp in enumerate(client.config["components"]):
+        props = comp.get("props", {})
+        out[props.get("elem_id") or str(i)] = str(props.get("value", ""))
+    return out
+
+
 def test_page_shows_disclaimer_and_provenance(server, models):
     client, _ = server
-    texts = " ".join(str(c.get("props", {}).get("value", "")) for c in client.config["components"])
+    page = _page(client)
+    texts = " ".join(page.values())
     assert DISCLAIMER in texts
-    assert "**Code:** git" in texts
-    assert f"**{models['classifier']}:** not in dvc.lock" in texts  # a test model, not DVC's
-    assert "roc_auc 0.950" in texts and f"threshold {THRESHOLD:.3f}" in texts
+    about = page["provenance"]
+    assert "**Code:** git" in about
+    assert f"**Classifier** `{models['classifier']}`: no git commit or DVC experiment" in about
+    assert "not in dvc.lock" in about  # a test model, not DVC's
+    assert "trained on kermany (6 images); tested on kermany (3 images)" in about
+    assert "roc_auc 0.950" in about and f"threshold {THRESHOLD:.3f}" in about
+    # the detector's figures are said to be on phantoms, next to the figures themselves
+    assert "**detector (test on synthetic phantoms (3 images)):** map_50 0.631" in about
+
+
+def test_page_warns_prominently_about_synthetic_data(server):
+    client, _ = server
+    page = _page(client)
+    warning = page["synthetic-warning"]
+    assert warning.startswith("## ⚠️ **SYNTHETIC DATA: the detector was trained and tested")
+    assert "classifier" not in warning.split("**")[1]  # only the detector is synthetic
+    order = list(page)
+    assert order.index("synthetic-warning") < order.index("provenance")  # above the figures
+
+
+def test_page_serves_an_ensemble_with_the_whole_decision(tmp_path):
+    """Two constant models (0.6, 0.2) -> mean 0.4 -> temperature 2 -> 0.4495 >= 0.35."""
+    a = constant_classifier(tmp_path / "a.keras", 0.6)
+    b = constant_classifier(tmp_path / "b.keras", 0.2)
+    evaluation = evaluation_file(tmp_path / "e.json", 0.35, [a, b], temperature=2.0)
+    _, predictor = create([a, b], None, evaluation)
+    img = tmp_path / "a.png"
+    Image.fromarray(xray_like()).save(img)
+    status, probs, *_ = make_handler(predictor)(str(img))
+    want = np.sqrt(0.4) / (np.sqrt(0.4) + np.sqrt(0.6))
+    assert probs["PNEUMONIA"] == pytest.approx(want, abs=1e-5)
+    assert status.startswith("## PNEUMONIA")
+    assert "temperature 2.000" in status and "mean of 2 models" in status

@@ -1,6 +1,7 @@
 """The page in a real browser: headless Debian Chromium driven by Playwright opens the page,
 uploads an X-ray, waits for the result and checks the decision text and the rendered overlays;
-then a non-image and an over-limit upload, which must give a readable message in the page.
+then a non-image and an over-limit upload, which must give a readable message in the page. The
+synthetic-data warning of the detector is a visible heading above the figures.
 
 Chromium comes from Debian (``.ci/system-deps`` installs it in CI); the test skips naming that
 script when /usr/bin/chromium is absent. Nothing may leave the loopback interface: every other
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.skipif(
     reason=f"{CHROMIUM} is absent: run .ci/system-deps (installs Debian chromium)",
 )
 sync_api = pytest.importorskip("playwright.sync_api")
-from stages.serve.app import DISCLAIMER, build_app, launch  # noqa: E402
+from stages.serve.app import DISCLAIMER, build_app, launch, page_texts, server_temp_dir  # noqa: E402
 from stages.serve.inference import Predictor  # noqa: E402
 
 TIMEOUT_MS = 60_000
@@ -41,15 +42,23 @@ TIMEOUT_MS = 60_000
 @pytest.fixture(scope="module")
 def page_url(tmp_path_factory):
     models = tiny_models(tmp_path_factory.getbasetemp() / "serve_models")
-    predictor = Predictor(models["classifier"], models["detector"], models["metrics"], 0.0)
-    demo = build_app(predictor, "**Code:** git test", [])
-    port = free_port()
-    keep_absl_stream()
-    launch(demo, "127.0.0.1", port, 1.0, block=False)
-    try:
-        yield f"http://127.0.0.1:{port}/", predictor
-    finally:
-        demo.close()
+    with server_temp_dir():
+        predictor = Predictor(
+            models["classifier"],
+            models["detector"],
+            models["evaluation"],
+            0.0,
+            provenance_root=models["root"],  # the detector's data: synthetic phantoms
+        )
+        about, warning = page_texts(predictor)
+        demo = build_app(predictor, about, [], warning)
+        port = free_port()
+        keep_absl_stream()
+        launch(demo, "127.0.0.1", port, 1.0, block=False)
+        try:
+            yield f"http://127.0.0.1:{port}/", predictor
+        finally:
+            demo.close()
 
 
 def test_upload_shows_decision_and_overlays(page_url, tmp_path):
@@ -76,6 +85,10 @@ def test_upload_shows_decision_and_overlays(page_url, tmp_path):
             page.goto(url, wait_until="load", timeout=TIMEOUT_MS)
             page.wait_for_selector("#status", timeout=TIMEOUT_MS)
             assert DISCLAIMER.split("**")[1] in page.inner_text("#disclaimer")
+            warning = page.inner_text("#synthetic-warning")
+            assert "SYNTHETIC DATA: the detector was trained and tested on synthetic" in warning
+            assert page.is_visible("#synthetic-warning h2")  # a heading, not small print
+            assert "trained on kermany" in page.inner_text("#provenance")
             page.set_input_files("input[type=file]", str(path))
             heading = page.wait_for_selector("#status h2", timeout=TIMEOUT_MS)
             assert heading.inner_text().strip() == expected

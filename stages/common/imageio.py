@@ -2,8 +2,15 @@
 
 Inputs: a file path (`load_gray`) or bytes (`decode_gray_bytes`): JPEG, PNG, BMP, TIFF (modes 1, L,
 P, LA, RGB, RGBA, CMYK, I;16*, I, F) or DICOM. Output: a uint8 (H, W) numpy array, or
-`ImageRejected` with a machine-friendly `.reason`. Library module, no CLI; tested by
-`.venv/bin/python -m pytest tests/test_imageio.py -q`.
+`ImageRejected` with a machine-friendly `.reason` and a one-line `.detail`. Library module, no
+CLI; tested by `.venv/bin/python -m pytest tests/test_imageio.py -q`.
+
+Which decoder runs is decided from the file's BYTES (magic numbers, `sniff_format`), never from
+its name: PNG, JPEG, BMP, TIFF and DICOM only (`FORMATS`), and Pillow is opened restricted to the
+one plugin sniffed (``Image.open(..., formats=[...])``). Anything else (EPS, PDF, GIF, WebP, text,
+whatever it is called) is refused as ``not_an_image`` before any decoder sees it: Pillow's other
+readers (Ghostscript for EPS, ...) are never reached. DICOM decoding runs with pydicom's logger
+and warnings captured, so a broken file gives a reason, not a traceback on stderr.
 
 Conversion rules (one place, so every source behaves the same):
 - colour -> luma (ITU-R 601-2, PIL's "L"); CMYK goes through RGB first.
@@ -20,11 +27,15 @@ Images above `max_pixels` are refused from their header, before any pixel is dec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import logging
 import struct
+import threading
 import warnings
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +46,32 @@ from stages.common.utils import atomic_file
 
 MAX_PIXELS = 100_000_000
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
-DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 # fmt: off
 REASONS = ("empty_file", "not_an_image", "corrupt", "truncated", "too_large", "no_pixel_data",
            "unsupported")
 # fmt: on
 # What a broken file can make PIL's plugins raise while reading headers or pixel data.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, zlib.error)
+# The formats decoded (sniff_format's answers); Pillow opens the first four, pydicom the last.
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+FORMATS = (*PIL_FORMATS, "DICOM")
+HEAD_BYTES = 132  # enough for every magic number below (DICOM's "DICM" sits at 128..131)
+_BMP_HEADER_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})  # BITMAPINFOHEADER variants
+# A few formats that are refused, named in the message so a user knows what the file really is.
+_KNOWN_OTHERS = (
+    (b"%!PS", "PostScript/EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS (DOS binary)"),
+    (b"%PDF", "PDF"),
+    (b"GIF8", "GIF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xffO\xffQ", "JPEG 2000 codestream"),
+    (b"PK\x03\x04", "ZIP archive"),
+    (b"\x1f\x8b", "gzip archive"),
+    (b"<?xml", "XML/SVG"),
+    (b"<svg", "SVG"),
+)
+# Catching warnings and re-pointing pydicom's logger change process-wide state: one at a time.
+_QUIET_LOCK = threading.Lock()
 
 
 class ImageRejected(Exception):
@@ -51,7 +81,8 @@ class ImageRejected(Exception):
         assert reason in REASONS, reason
         self.reason = reason
         self.name = name
-        self.detail = detail
+        self.detail = " ".join(str(detail).split())  # one line, whatever the library said
+        detail = self.detail
         super().__init__(f"{name}: {reason.replace('_', ' ')}" + (f" ({detail})" if detail else ""))
 
 
@@ -63,9 +94,36 @@ def is_candidate(path: str | Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def sniff_format(head: bytes) -> str | None:
+    """The format the first bytes (``HEAD_BYTES``) announce: one of `FORMATS`, or None.
+
+    DICOM: the "DICM" magic after the 128-byte preamble, or (files written without the preamble)
+    a first element of group 0002 (file meta) or 0008 (identifying attributes), little endian.
+    """
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "TIFF"
+    bmp_header = struct.unpack("<I", head[14:18])[0] if len(head) >= 18 else 0
+    if head.startswith(b"BM") and bmp_header in _BMP_HEADER_SIZES:
+        return "BMP"
+    if head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00"):
+        return "DICOM"
+    return None
+
+
+def _not_an_image(head: bytes, name: str) -> ImageRejected:
+    what = next((kind for magic, kind in _KNOWN_OTHERS if head.startswith(magic)), None)
+    what = f"the content is {what}" if what else f"unknown content (first bytes {head[:8]!r})"
+    return ImageRejected("not_an_image", name, f"{what}; decoded: {', '.join(FORMATS)}")
+
+
 def load_gray(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode an image file to uint8 (H, W); raise `ImageRejected` for anything unusable.
 
+    The decoder is chosen from the file's first bytes (`sniff_format`), whatever its name.
     A missing file raises FileNotFoundError (a caller bug, not a data problem).
     """
     path = Path(path)
@@ -73,10 +131,8 @@ def load_gray(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if path.stat().st_size == 0:
         raise ImageRejected("empty_file", name, "0 bytes")
     with path.open("rb") as fh:
-        head = fh.read(132)
-    if _looks_dicom(head, path.suffix):
-        return _decode_dicom(path, name, max_pixels)
-    return _decode_pil(path, name, max_pixels)
+        head = fh.read(HEAD_BYTES)
+    return _decode(path, head, name, max_pixels)
 
 
 def decode_gray_bytes(
@@ -85,13 +141,16 @@ def decode_gray_bytes(
     """Same as `load_gray` for an in-memory file (e.g. an upload); `name` is used in messages."""
     if len(data) == 0:
         raise ImageRejected("empty_file", name, "0 bytes")
-    if _looks_dicom(data[:132], Path(name).suffix):
-        return _decode_dicom(io.BytesIO(data), name, max_pixels)
-    return _decode_pil(io.BytesIO(data), name, max_pixels)
+    return _decode(io.BytesIO(data), data[:HEAD_BYTES], name, max_pixels)
 
 
-def _looks_dicom(head: bytes, suffix: str) -> bool:
-    return head[128:132] == b"DICM" or suffix.lower() in DICOM_SUFFIXES
+def _decode(src: Path | io.BytesIO, head: bytes, name: str, max_pixels: int) -> np.ndarray:
+    fmt = sniff_format(head)
+    if fmt is None:
+        raise _not_an_image(head, name)
+    if fmt == "DICOM":
+        return _decode_dicom(src, name, max_pixels)
+    return _decode_pil(src, name, max_pixels, fmt)
 
 
 def _check_size(width: int, height: int, name: str, max_pixels: int) -> None:
@@ -104,18 +163,19 @@ def _check_size(width: int, height: int, name: str, max_pixels: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------- PIL
-def _decode_pil(src: Path | io.BytesIO, name: str, max_pixels: int) -> np.ndarray:
+def _decode_pil(src: Path | io.BytesIO, name: str, max_pixels: int, fmt: str) -> np.ndarray:
+    """Pillow restricted to the one plugin of ``fmt`` (sniffed from the bytes)."""
     try:
         # Our own header check below is the real limit; PIL's global guard is left as it is (no
         # process-wide side effect). Its warning (> ~89 MP) is silenced here only because that
         # exact check follows; its error (> ~179 MP) is caught as "too_large".
-        with warnings.catch_warnings():
+        with _QUIET_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(src)
+            img = Image.open(src, formats=[fmt])
     except Image.DecompressionBombError as exc:
         raise ImageRejected("too_large", name, str(exc)) from None
     except UnidentifiedImageError:
-        raise ImageRejected("not_an_image", name, "not a recognised image format") from None
+        raise ImageRejected("corrupt", name, f"{fmt} signature but not a readable {fmt}") from None
     except _DECODE_ERRORS as exc:
         raise ImageRejected("corrupt", name, f"{type(exc).__name__}: {exc}") from None
     with img:
@@ -226,7 +286,38 @@ def _unit_alpha(alpha: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- DICOM
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[list[str]]:
+    """pydicom's log records (a decoder failing logs a full traceback at ERROR) and warnings are
+    collected instead of reaching stderr; yields the collected log messages."""
+    logger = logging.getLogger("pydicom")
+    handler = _Collect()
+    with _QUIET_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        propagate, logger.propagate = logger.propagate, False
+        logger.addHandler(handler)
+        try:
+            yield handler.messages
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+
+
 def _decode_dicom(src: Path | io.BytesIO, name: str, max_pixels: int) -> np.ndarray:
+    with _quiet_pydicom():
+        return _decode_dicom_quietly(src, name, max_pixels)
+
+
+def _decode_dicom_quietly(src: Path | io.BytesIO, name: str, max_pixels: int) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
@@ -267,8 +358,12 @@ def _decode_dicom(src: Path | io.BytesIO, name: str, max_pixels: int) -> np.ndar
         return to_gray_uint8(arr)
     except ImageRejected:
         raise
-    except (NotImplementedError, RuntimeError) as exc:  # no decoder for this transfer syntax
-        raise ImageRejected("unsupported", name, f"{type(exc).__name__}: {exc}") from None
+    except (NotImplementedError, RuntimeError) as exc:
+        msg = str(exc)
+        # pydicom: every available decoder failed on the data (corrupt), or none is installed
+        # for this transfer syntax (unsupported).
+        reason = "corrupt" if "exceptions were raised by all" in msg else "unsupported"
+        raise ImageRejected(reason, name, f"{type(exc).__name__}: {msg}") from None
     except (*_DECODE_ERRORS, AttributeError, KeyError, TypeError) as exc:
         msg = str(exc)
         reason = "truncated" if ("less than expected" in msg or "truncated" in msg) else "corrupt"

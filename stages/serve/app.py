@@ -1,42 +1,57 @@
-"""The web page: upload an X-ray, get the class probabilities, the decision at the evaluate
-threshold, a Grad-CAM overlay and the detector's boxes (Gradio Blocks, loopback only).
+"""The web page: upload an X-ray, get the class probabilities, the decision of the evaluation
+(threshold, temperature, TTA, ensemble), a Grad-CAM overlay and the detector's boxes (Gradio
+Blocks, loopback only).
 
-Inputs: the models and metrics ``stages.serve.inference.Predictor`` loads (either may be
-absent), test-split examples from ``data/split/classification/test.csv`` and
-``data/split/detection/test.json`` when present. Output: an HTTP server (default
-127.0.0.1:7860) with the page and one API endpoint ``/predict`` (file -> status text, class
-probabilities, Grad-CAM image, boxes image, JSON), used by the tests through gradio_client.
-Run: ``python -m stages.serve [--host 127.0.0.1] [--port 7860] [--max-upload-mb 50]``
+Inputs: the models and the evaluation ``stages.serve.inference.Predictor`` loads (either model
+may be absent; ``--classifier`` repeated = an ensemble), test-split examples from
+``data/split/classification/test.csv`` and ``data/split/detection/test.json`` when present.
+Output: an HTTP server (default 127.0.0.1:7860) with the page and one API endpoint ``/predict``
+(file -> status text, class probabilities, Grad-CAM image, boxes image, JSON), used by the tests
+through gradio_client. The page names each model's DVC experiment (or git commit) and the data
+it was trained and tested on; models trained on synthetic phantoms get a prominent warning.
+Run: ``python -m stages.serve [--host 127.0.0.1] [--port 7860] [--max-upload-mb 50]
+[--classifier PATH ...] [--detector PATH] [--evaluation PATH] [--min-score 0.3] [--threads N]``
+
+Temporary files: the server gets its own temp folder (``cxr-serve-*`` under the system temp
+dir, set as ``GRADIO_TEMP_DIR`` before Gradio is imported): every upload and every picture the
+page serves lives there, and the folder is removed when the server stops - normal exit, Ctrl-C
+(SIGINT) or SIGTERM. Nothing of a user's X-rays stays behind in Gradio's shared ``/tmp/gradio``.
 Gradio never phones home here: analytics off (GRADIO_ANALYTICS_ENABLED=False), no share link,
-no server-side rendering, the theme's fonts are served locally.
+no server-side rendering, the theme's fonts are served locally. Gradio, TensorFlow and torch
+are imported only after the arguments are parsed (``--help`` stays fast).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
-import gradio as gr  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from stages.common import paths
+from stages.common import paths  # noqa: E402
 from stages.common.imageio import ImageRejected  # noqa: E402
 from stages.common.utils import read_json, run_cli  # noqa: E402
-from stages.serve import provenance  # noqa: E402
 from stages.serve.inference import (  # noqa: E402
-    CLASSIFIER_METRICS,
-    CLASSIFIER_PATH,
+    DEFAULT,
     DETECTOR_PATH,
+    EVALUATION_PATH,
     MIN_SCORE,
     Predictor,
     rejection_message,
     set_threads,
 )
+
+if TYPE_CHECKING:
+    import gradio as gr
 
 log = logging.getLogger("stages.serve")
 DISCLAIMER = (
@@ -45,12 +60,15 @@ DISCLAIMER = (
 )
 CLASS_SPLIT = paths.CLASSIFICATION.split / "test.csv"
 DETECTION_SPLIT = paths.DETECTION.split / "test.json"
+TEMP_PREFIX = "cxr-serve-"
 
 
 def split_examples(per_class: int = 2, n_detection: int = 2) -> list[list[str]]:
     """[[image path, truth text]] from the test splits (files present on disk only)."""
     out: list[list[str]] = []
     if CLASS_SPLIT.is_file():
+        import pandas as pd
+
         df = pd.read_csv(CLASS_SPLIT, dtype=str, keep_default_na=False)
         df = df[[Path(p).is_file() for p in df["path"]]]
         for label, rows in df.groupby("label", sort=True):
@@ -71,21 +89,40 @@ def split_examples(per_class: int = 2, n_detection: int = 2) -> list[list[str]]:
     return out
 
 
+def _synthetic(block: dict[str, Any]) -> bool:
+    return any(m.get("synthetic_data") for m in block.get("models") or [])
+
+
 def _status_markdown(pred: Any) -> str:
     parts = []
     c = pred.classification
     if c is not None:
         pos = "+".join(c["positive_class"])
         sign = "≥" if c["positive"] else "<"
+        extra = []
+        if c.get("temperature", 1.0) != 1.0:
+            extra.append(f"temperature {c['temperature']:.3f}")
+        if c.get("tta", "none") != "none":
+            extra.append(f"TTA {c['tta']}")
+        if c.get("n_models", 1) > 1:
+            extra.append(f"mean of {c['n_models']} models")
+        how = f" [{', '.join(extra)}]" if extra else ""
         parts.append(
             f"## {c['decision']}\nP({pos}) = **{c['p_positive']:.3f}** {sign} threshold "
-            f"{c['threshold']:.3f} ({c['threshold_source']}). Grad-CAM shows "
+            f"{c['threshold']:.3f} ({c['threshold_source']}){how}. Grad-CAM shows "
             f"{c['gradcam_class']}."
         )
+        if _synthetic(c):
+            parts.append("⚠️ **The classifier was trained on synthetic phantoms, not X-rays.**")
     if pred.detection is not None:
         boxes = pred.detection["boxes"]
         found = ", ".join(f"{b['label']} {b['score']:.2f}" for b in boxes) or "none"
         parts.append(f"**Detector** (score ≥ {pred.detection['min_score']}): {found}")
+        if _synthetic(pred.detection):
+            parts.append(
+                "⚠️ **The detector was trained on synthetic phantoms, not X-rays: its boxes on a "
+                "real image mean nothing.**"
+            )
     parts += [f"*Note: {n}*" for n in pred.notes]
     return "\n\n".join(parts)
 
@@ -119,10 +156,17 @@ def make_handler(predictor: Predictor):
     return analyse
 
 
-def build_app(predictor: Predictor, about: str, examples: list[list[str]]) -> gr.Blocks:
-    """The page; ``about`` = provenance markdown shown under the title."""
+def build_app(
+    predictor: Predictor, about: str, examples: list[list[str]], warning: str = ""
+) -> gr.Blocks:
+    """The page; ``about`` = provenance markdown shown under the title, ``warning`` = the
+    synthetic-data warning shown above everything else (empty: none)."""
+    import gradio as gr
+
     with gr.Blocks(title="Chest X-ray models", analytics_enabled=False) as demo:
         gr.Markdown("# Chest X-ray: pneumonia classifier and findings detector")
+        if warning:
+            gr.Markdown(f"## {warning}", elem_id="synthetic-warning")
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
         gr.Markdown(about, elem_id="provenance")
         for text in predictor.missing.values():
@@ -149,16 +193,24 @@ def build_app(predictor: Predictor, about: str, examples: list[list[str]]) -> gr
     return demo
 
 
+def page_texts(predictor: Predictor) -> tuple[str, str]:
+    """(provenance markdown, synthetic-data warning) of the predictor's models."""
+    prov = predictor.provenance
+    if prov is None:
+        return "", ""
+    return prov.markdown(warning=False), prov.synthetic_warning()
+
+
 def create(
-    classifier: Path = CLASSIFIER_PATH,
-    detector: Path = DETECTOR_PATH,
-    metrics: Path = CLASSIFIER_METRICS,
+    classifiers: str | Path | Sequence[Path] | None = DEFAULT,
+    detector: Path | None = DETECTOR_PATH,
+    metrics: Path = EVALUATION_PATH,
     min_score: float = MIN_SCORE,
 ) -> tuple[gr.Blocks, Predictor]:
     """Load the models and build the page (what ``main`` and the tests start)."""
-    predictor = Predictor(classifier, detector, metrics, min_score)
-    about = provenance.collect([Path(classifier), Path(detector)]).markdown()
-    return build_app(predictor, about, split_examples()), predictor
+    predictor = Predictor(classifiers, detector, metrics, min_score)
+    about, warning = page_texts(predictor)
+    return build_app(predictor, about, split_examples(), warning), predictor
 
 
 def launch(demo: gr.Blocks, host: str, port: int, max_upload_mb: float, block: bool = True):
@@ -178,22 +230,73 @@ def launch(demo: gr.Blocks, host: str, port: int, max_upload_mb: float, block: b
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@contextlib.contextmanager
+def server_temp_dir() -> Iterator[Path]:
+    """A private ``GRADIO_TEMP_DIR`` (uploads, served pictures), removed when the block ends.
+
+    Gradio reads the variable when it is imported (and when a page is built), so enter this
+    before the first ``import gradio``; a warning says so when Gradio was imported already.
+    """
+    if "gradio" in sys.modules:
+        log.warning("gradio was imported before its temp folder was set: uploads may land in it")
+    folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if previous is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM -> KeyboardInterrupt: Gradio's wait loop stops the server, cleanup runs."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # under python -m, argv[0] is the file: name the command a user types instead
+    prog = "python -m stages.serve" if sys.argv[0].endswith(".py") else None
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback default)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-upload-mb", type=float, default=50.0, help="larger refused")
-    parser.add_argument("--classifier", type=Path, default=CLASSIFIER_PATH)
+    parser.add_argument(
+        "--classifier",
+        type=Path,
+        action="append",
+        help="a .keras classifier; repeat for an ensemble. Default: the decision's models in "
+        f"{EVALUATION_PATH} when they all exist, else the pipeline's model",
+    )
     parser.add_argument("--detector", type=Path, default=DETECTOR_PATH)
-    parser.add_argument("--metrics", type=Path, default=CLASSIFIER_METRICS)
+    parser.add_argument(
+        "--evaluation", "--metrics", dest="evaluation", type=Path, default=EVALUATION_PATH
+    )
     parser.add_argument("--min-score", type=float, default=MIN_SCORE, help="boxes shown")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = all cores")
-    args = parser.parse_args(argv)
-    set_threads(args.threads)
-    demo, predictor = create(args.classifier, args.detector, args.metrics, args.min_score)
-    for text in predictor.missing.values():
-        log.warning("%s", text)
-    launch(demo, args.host, args.port, args.max_upload_mb)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with server_temp_dir() as temp:
+            log.info("uploads and pictures kept in %s (removed when the server stops)", temp)
+            set_threads(args.threads)
+            classifiers = args.classifier if args.classifier else DEFAULT
+            demo, predictor = create(classifiers, args.detector, args.evaluation, args.min_score)
+            for text in predictor.missing.values():
+                log.warning("%s", text)
+            launch(demo, args.host, args.port, args.max_upload_mb)
+            demo.close()
+    except KeyboardInterrupt:
+        log.info("interrupted: server stopped, temp folder removed")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cli() -> None:

@@ -1,57 +1,131 @@
-"""predict: run the pipeline's models on image files -> one JSON line per image.
+"""predict: run the pipeline's models on image files -> one JSON line per input.
 
-Inputs:  image files and/or folders (searched recursively for .png/.jpg/.jpeg/.bmp/.tif/.dcm...;
-         a file named explicitly is always tried), ``models/classifier.keras`` (+ sidecar),
-         ``models/detector.pt`` and the threshold in ``metrics/classifier.json`` (either model
-         may be absent; at least one is needed).
+Inputs:  image files and/or folders (searched recursively, symbolic links to folders followed
+         once, for .png/.jpg/.jpeg/.bmp/.tif/.dcm...; a file named explicitly is always tried;
+         the decoder is chosen from the file's bytes, never its name), one or more classifiers
+         (``--classifier`` repeated = an ensemble, averaged as evaluate does; default: the
+         models of the decision block of ``reports/classifier/evaluation.json`` when they all
+         exist, else ``models/classifier.keras``), ``models/detector.pt`` and that decision
+         (threshold, temperature, TTA). Either model may be absent; at least one is needed.
 Outputs: JSON lines (stdout or ``--out``, written atomically): {"file", "width", "height",
-         "classification": {probabilities, p_positive, threshold, decision, ...},
-         "detection": {"boxes": [{label, score, box_xyxy (original pixels)}]}, "timings_ms"};
-         a refused file gives {"file", "error", "reason"}. ``--gradcam-dir``: Grad-CAM overlays
-         as PNG (path in "gradcam_png"). Exit code 0 when every image was predicted, 1 when
-         some were refused, 2 for a usage error (no model, no input).
+         "classification": {probabilities, p_positive, threshold, temperature, tta, decision,
+         models: [{model_file, experiment, commit, trained_on, tested_on, synthetic_data, ...}]},
+         "detection": {"boxes": [{label, score, box_xyxy (original pixels)}], models}, "timings_ms"}.
+         Every input gets a line: a refused image, an unreadable file or folder, a broken or
+         looping symbolic link gives {"file", "error", "reason"}. ``--gradcam-dir``: Grad-CAM
+         overlays as PNG (path in "gradcam_png"). Exit code 0 when every input was predicted,
+         1 when some were refused, 2 for a usage or configuration error (one ``error:`` line:
+         no model, no input, a model file that is not a valid model, ``--out`` a folder,
+         ``--gradcam-dir`` a file, a broken evaluation file).
 Run:     python -m stages.predict <files|folders> [--out preds.jsonl] [--gradcam-dir DIR]
-         [--classifier PATH] [--detector PATH] [--metrics PATH] [--min-score 0.3] [--threads N]
-The preprocessing is the training code (stages.common.imageio + stages.common.cache.resize_gray), shared with
-the web page through ``stages.serve.inference.Predictor``.
+         [--classifier PATH [--classifier PATH ...]] [--detector PATH] [--evaluation PATH]
+         [--min-score 0.3] [--threads N]
+The preprocessing is the training code (stages.common.imageio + stages.common.cache.prepare_gray),
+shared with the web page through ``stages.serve.inference.Predictor``. TensorFlow and torch are
+imported only after the arguments are parsed (``--help`` stays fast).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import stat
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-
-from tqdm import tqdm
 
 from stages.common.imageio import ImageRejected, is_candidate
 from stages.common.utils import StageError, atomic_file, run_cli
 from stages.serve.inference import (
-    CLASSIFIER_METRICS,
-    CLASSIFIER_PATH,
+    DEFAULT,
     DETECTOR_PATH,
+    EVALUATION_PATH,
     MIN_SCORE,
     Predictor,
     rejection_message,
     set_threads,
 )
-from stages.serve.render import save_png
 
 
-def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given, folders expanded (recursively, sorted) to their image files."""
-    out: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and is_candidate(p))
-            out.extend(found)
-        elif item.exists():
+@dataclass(frozen=True)
+class Skipped:
+    """An input that cannot be examined: it still gets its JSON line."""
+
+    path: Path
+    reason: str  # unreadable | broken_link | link_loop
+    error: str
+
+    def line(self) -> dict[str, str]:
+        return {"file": str(self.path), "error": self.error, "reason": self.reason}
+
+
+def _stat_problem(path: Path, exc: OSError) -> Skipped:
+    if path.is_symlink():
+        if exc.errno == errno.ELOOP:
+            return Skipped(path, "link_loop", f"{path}: symbolic link loop ({exc.strerror})")
+        return Skipped(path, "broken_link", f"{path}: broken symbolic link ({exc.strerror})")
+    return Skipped(path, "unreadable", f"{path}: cannot read ({exc.strerror or exc})")
+
+
+def _not_regular(path: Path) -> Skipped:
+    """A FIFO, socket or device: reading it could block or never end."""
+    return Skipped(path, "unreadable", f"{path}: not a regular file (a pipe, socket or device)")
+
+
+def _walk(folder: Path, out: list[Path | Skipped], seen: set[tuple[int, int]]) -> None:
+    try:
+        with os.scandir(folder) as it:
+            names = sorted(entry.name for entry in it)
+    except OSError as exc:
+        out.append(Skipped(folder, "unreadable", f"{folder}: cannot list folder ({exc.strerror})"))
+        return
+    for name in names:
+        path = folder / name
+        try:
+            st = path.stat()
+        except OSError as exc:
+            out.append(_stat_problem(path, exc))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already searched
+                out.append(
+                    Skipped(path, "link_loop", f"{path}: links to a folder searched already")
+                )
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            _walk(path, out, seen)
+        elif is_candidate(path):
+            out.append(path if stat.S_ISREG(st.st_mode) else _not_regular(path))
+
+
+def expand_inputs(inputs: Iterable[str | Path | Skipped]) -> list[Path | Skipped]:
+    """Files as given, folders expanded (recursively, sorted) to their image files.
+
+    Nothing is dropped silently: an entry that cannot be examined (an unreadable sub-folder, a
+    broken or self-referencing symbolic link) comes back as a ``Skipped``. An input that does
+    not exist at all is a usage error (``StageError``).
+    """
+    out: list[Path | Skipped] = []
+    for item in inputs:
+        if isinstance(item, Skipped):
             out.append(item)
+            continue
+        item = Path(item)
+        try:
+            st = item.stat()
+        except OSError as exc:
+            if not item.is_symlink() and exc.errno == errno.ENOENT:
+                raise StageError(f"{item}: no such file or folder") from None
+            out.append(_stat_problem(item, exc))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            _walk(item, out, {(st.st_dev, st.st_ino)})
         else:
-            raise StageError(f"{item}: no such file or folder")
+            out.append(item if stat.S_ISREG(st.st_mode) else _not_regular(item))
     return out
 
 
@@ -65,18 +139,26 @@ def _unique_png(folder: Path, stem: str, used: set[str]) -> Path:
 
 
 def predict_lines(
-    predictor: Predictor, files: list[Path], gradcam_dir: Path | None = None
+    predictor: Predictor, files: list[Path | Skipped], gradcam_dir: Path | None = None
 ) -> Iterator[dict[str, Any]]:
-    """One JSON-ready dict per file, in order; refused files give {"file", "error", "reason"}."""
+    """One JSON-ready dict per input, in order; refused ones give {"file", "error", "reason"}."""
+    from tqdm import tqdm
+
+    from stages.serve.render import save_png
+
     used: set[str] = set()
     for path in tqdm(files, desc="predict", unit="image", disable=len(files) < 20):
+        if isinstance(path, Skipped):
+            yield path.line()
+            continue
         try:
             gray = predictor.decode_file(path)
         except ImageRejected as exc:
             yield {"file": str(path), "error": rejection_message(exc), "reason": exc.reason}
             continue
-        except OSError as exc:  # unreadable (permissions, a vanished file)
-            yield {"file": str(path), "error": f"cannot read: {exc}", "reason": "unreadable"}
+        except OSError as exc:  # unreadable (permissions, a vanished file, a folder)
+            error = f"{path}: cannot read ({exc.strerror or exc})"
+            yield {"file": str(path), "error": error, "reason": "unreadable"}
             continue
         pred = predictor.predict_gray(gray, str(path), gradcam=gradcam_dir is not None)
         line = pred.to_json()
@@ -89,7 +171,7 @@ def predict_lines(
 
 def run(
     predictor: Predictor,
-    inputs: Iterable[str | Path],
+    inputs: Iterable[str | Path | Skipped],
     out: IO[str],
     gradcam_dir: Path | None = None,
 ) -> dict[str, int]:
@@ -107,28 +189,76 @@ def run(
     return {"images": len(files), "ok": ok, "errors": errors}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def check_outputs(out: Path | None, gradcam_dir: Path | None) -> None:
+    """Usage errors of ``--out`` / ``--gradcam-dir``, found before any model is loaded."""
+    if out is not None:
+        if out.is_dir():
+            raise StageError(f"--out {out} is a folder; give a file name to write")
+        parent = out.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise StageError(f"--out {out}: {parent} is not a folder")
+    if gradcam_dir is not None:
+        if gradcam_dir.exists() and not gradcam_dir.is_dir():
+            raise StageError(f"--gradcam-dir {gradcam_dir} is a file; give a folder")
+        try:
+            gradcam_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StageError(f"--gradcam-dir {gradcam_dir}: cannot create it ({exc})") from None
+        if not os.access(gradcam_dir, os.W_OK | os.X_OK):
+            raise StageError(f"--gradcam-dir {gradcam_dir}: not writable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # under python -m, argv[0] is the file: name the command a user types instead
+    prog = "python -m stages.predict" if sys.argv[0].endswith(".py") else None
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", help="image files and/or folders")
     parser.add_argument("--out", type=Path, help="JSON lines file (default: stdout)")
     parser.add_argument("--gradcam-dir", type=Path, help="write Grad-CAM overlay PNGs here")
-    parser.add_argument("--classifier", type=Path, default=CLASSIFIER_PATH)
+    parser.add_argument(
+        "--classifier",
+        type=Path,
+        action="append",
+        help="a .keras classifier; repeat for an ensemble (mean probability, as evaluate). "
+        f"Default: the decision's models in {EVALUATION_PATH} when they all exist, else "
+        "the pipeline's model",
+    )
     parser.add_argument("--detector", type=Path, default=DETECTOR_PATH)
-    parser.add_argument("--metrics", type=Path, default=CLASSIFIER_METRICS, help="threshold")
+    parser.add_argument(
+        "--evaluation",
+        "--metrics",
+        dest="evaluation",
+        type=Path,
+        default=EVALUATION_PATH,
+        help="evaluation.json whose decision block (threshold, temperature, TTA) is applied",
+    )
     parser.add_argument("--min-score", type=float, default=MIN_SCORE, help="boxes shown")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = all cores")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_outputs(args.out, args.gradcam_dir)
+    items = expand_inputs(args.inputs)  # a missing input fails before the models load
+    if not items:
+        raise StageError("no image files found in the given inputs")
     set_threads(args.threads)
-    predictor = Predictor(args.classifier, args.detector, args.metrics, args.min_score)
+    classifier = args.classifier if args.classifier else DEFAULT
+    predictor = Predictor(classifier, args.detector, args.evaluation, args.min_score)
     for note in predictor.notes + list(predictor.missing.values()):
         print(f"note: {note}", file=sys.stderr)
+    if predictor.provenance is not None and predictor.provenance.synthetic_sentence():
+        print(f"note: {predictor.provenance.synthetic_sentence()}", file=sys.stderr)
     if args.out is None:
-        summary = run(predictor, args.inputs, sys.stdout, args.gradcam_dir)
+        summary = run(predictor, items, sys.stdout, args.gradcam_dir)
     else:
         with atomic_file(args.out) as tmp, tmp.open("w") as fh:
-            summary = run(predictor, args.inputs, fh, args.gradcam_dir)
+            summary = run(predictor, items, fh, args.gradcam_dir)
     print(
-        f"{summary['ok']}/{summary['images']} images predicted, {summary['errors']} refused",
+        f"{summary['ok']}/{summary['images']} inputs predicted, {summary['errors']} refused",
         file=sys.stderr,
     )
     return 0 if summary["errors"] == 0 else 1

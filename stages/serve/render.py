@@ -2,19 +2,23 @@
 
 Inputs: the uint8 (H, W) decoded image, a Grad-CAM map in model-input pixels (S, S) with the
 ``stages.common.cache.Affine`` that took the image there, detector boxes already in original pixels.
-Outputs: float32 (H, W) heatmaps, RGB uint8 (H, W, 3) overlays, PNG files. No run command.
+Outputs: float32 (H, W) heatmaps, RGB uint8 (H, W, 3) overlays, PNG files (written atomically
+by ``stages.common.utils.atomic_file``). No run command.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from stages.common.cache import Affine
+from stages.common.utils import atomic_file
+
+if TYPE_CHECKING:  # the cache module imports pandas: not needed to draw
+    from stages.common.cache import Affine
 
 # One colour per detector class (cycled), readable on a grey X-ray.
 _COLOURS = ((255, 64, 64), (64, 200, 255), (255, 200, 0), (120, 255, 120), (255, 120, 255))
@@ -69,10 +73,10 @@ def draw_boxes(
 
 
 def save_png(rgb: np.ndarray, path: str | Path) -> Path:
-    """Write an RGB (or gray) uint8 array as PNG, creating the folder."""
+    """Write an RGB (or gray) uint8 array as PNG, atomically, creating the folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(path, format="PNG")
+    with atomic_file(path) as tmp:
+        Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(tmp, format="PNG")
     return path
 
 
