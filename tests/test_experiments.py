@@ -373,6 +373,7 @@ def test_queue_run_report_end_to_end(tmp_path):
     """Two tiny seed 002 rows (one is the TO-BE twin: run-cached) through the real DVC queue."""
     repo, data_root = tmp_path / "repo", tmp_path / "data"
     (data_root / "kermany224").mkdir(parents=True)
+    (data_root / "kermany_test_public").mkdir()
     repo.mkdir()
     for name in ("dvc.yaml", "stages", ".dvcignore"):
         src = REPO / name
@@ -391,7 +392,7 @@ def test_queue_run_report_end_to_end(tmp_path):
     _git(repo, "commit", "-q", "-m", "init")
 
     names = ["seed002-to-be", "seed002-gen-dropout"]
-    tiny = ["data.classification.source=synthetic", "data.classification.path=null",
+    tiny = ["data.classification.source=synthetic", "data.classification.sources=[]",
             "augment.classification.image_size=48", "train_classifier.epochs=1"]  # fmt: skip
 
     def cli(*args: str) -> str:

@@ -204,7 +204,10 @@ def wait(names: Sequence[str], workers: int, timeout: float, poll: float) -> dic
         pending = [n for n in names if tasks.get(n) in PENDING]
         if not pending:
             return tasks
-        idle_polls = idle_polls + 1 if pool == (0, 0) else 0
+        # DVC reports "0 active" while a task runs in its executor: only queued-but-never-
+        # running tasks with no worker at all mean the workers are gone
+        running = any(tasks.get(n) == "running" for n in pending)
+        idle_polls = idle_polls + 1 if pool == (0, 0) and not running else 0
         if idle_polls >= 3:  # tasks wait but no worker is alive (killed, crashed)
             if restarted:
                 raise StageError(f"no queue worker is running for {', '.join(pending)}")
