@@ -6,10 +6,10 @@ Inputs:  a named experiment of ``stages.tools.experiments``, training seeds, a d
 Outputs: DVC experiments ``<name>-seed<N>`` (each with its own model and metrics);
          ``reports/repeats/<name>.md``: every seed's test figures and their mean +- sd
          (MedMNIST+ style: sample sd over seeds); with ``--ensemble`` the seeds' models averaged
-         as one model, scored by the evaluate stage on the recipe's data: the first seed's
-         experiment is applied to the workspace (its params, data and model), the models are
-         copied to ``models/ensemble/``, and ``metrics/classifier.json`` / ``reports/classifier/``
-         then hold the ensemble's figures (``dvc status`` shows evaluate@classification changed:
+         as one model, scored by the evaluate stage on the recipe's data: the workspace takes the
+         first seed's params.yaml, dvc.lock and classification cache, the models are copied to
+         ``models/ensemble/``, and ``metrics/classifier.json`` / ``reports/classifier/`` then
+         hold the ensemble's figures (``dvc status`` shows evaluate@classification changed:
          ``dvc repro`` would score the single model again).
 Run:     python -m stages.repeat NAME [--seeds 1 2 3] [--data-root ../shared/data] [--ensemble]
          [--workers 1] [--timeout 86400] [--report-only]
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import statistics
+import subprocess
 from collections.abc import Sequence
 
 from stages.common import paths
-from stages.common.utils import StageError, run_cli, write_text_atomic
+from stages.common.utils import StageError, run_cli, write_bytes_atomic, write_text_atomic
 from stages.tools import experiments as X
 from stages.tools import queue as Q
 
@@ -97,20 +97,48 @@ def _fmt(v) -> str:
     return str(int(v)) if float(v).is_integer() and v > 1 else f"{v:.4f}"
 
 
+def experiment_revs(show: list) -> dict[str, str]:
+    """{experiment name: its git commit} from ``dvc exp show --json`` (newest first wins)."""
+    out: dict[str, str] = {}
+    for baseline in show or []:
+        for exp in (baseline or {}).get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                name = rev.get("name") or exp.get("name")
+                if name and rev.get("rev") and not rev.get("error"):
+                    out.setdefault(name, rev["rev"])
+    return out
+
+
 def ensemble(run_names: Sequence[str]) -> dict:
-    """Apply the first run, gather every run's model, score their mean as one model."""
+    """Score the runs' models, averaged, as one model on the first run's data.
+
+    The workspace takes the first run's params.yaml and dvc.lock and checks out the outputs the
+    evaluation reads (its classification cache); each run's model and sidecar are read from the
+    DVC cache at that run's commit (``dvc.api.open``) into ``models/ensemble/``. Only what the
+    classification chain produced is needed, so experiments that never ran the detection chain
+    work (``dvc exp apply`` would insist on every output of dvc.lock).
+    """
+    import dvc.api
+
     from stages import evaluate
     from stages.common.utils import read_json
 
+    revs = experiment_revs(Q.exp_show())
+    missing = [r for r in run_names if r not in revs]
+    if missing:
+        raise StageError(f"no commit of {', '.join(missing)} in `dvc exp show`")
+    first = revs[run_names[0]]
+    subprocess.run(["git", "checkout", first, "--", "params.yaml", "dvc.lock"], check=True)
+    Q._dvc(["checkout", paths.CLASSIFICATION.augment.as_posix(), "--force"])
     ENSEMBLE_DIR.mkdir(parents=True, exist_ok=True)
     models = []
-    for run in [*run_names[1:], run_names[0]]:  # the first one last: its workspace stays
-        Q._dvc(["exp", "apply", run])
+    for run in run_names:
         target = ENSEMBLE_DIR / f"{run}.keras"
-        shutil.copyfile(paths.CLASSIFIER_MODEL, target)
-        shutil.copyfile(paths.CLASSIFIER_SIDECAR, target.with_suffix(".meta.json"))
+        for src, dst in ((paths.CLASSIFIER_MODEL, target),
+                         (paths.CLASSIFIER_SIDECAR, target.with_suffix(".meta.json"))):  # fmt: skip
+            with dvc.api.open(src.as_posix(), rev=revs[run], mode="rb") as fh:
+                write_bytes_atomic(dst, fh.read())
         models.append(target)
-    models = [models[-1], *models[:-1]]  # seed order
     evaluate.evaluate("classification", "params.yaml", models)
     return read_json(paths.CLASSIFICATION.metrics)
 
