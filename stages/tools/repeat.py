@@ -123,7 +123,7 @@ def ensemble(run_names: Sequence[str]) -> dict:
     from stages import evaluate
     from stages.common.utils import read_json
 
-    revs = experiment_revs(Q.exp_show())
+    revs = experiment_revs(Q.exp_show(all_commits=True))
     missing = [r for r in run_names if r not in revs]
     if missing:
         raise StageError(f"no commit of {', '.join(missing)} in `dvc exp show`")
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report_only:
         Q.queue(batch, args.data_root, args.replace)
         Q.run(names, args.workers, args.timeout)
-    results = collect(Q.exp_show(), names)
+    results = collect(Q.exp_show(all_commits=True), names)  # also runs of older commits
     missing = [n for n in names if n not in results]
     if missing:
         raise StageError(f"no finished run of {', '.join(missing)}: run without --report-only")
