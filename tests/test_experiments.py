@@ -287,7 +287,7 @@ def _metrics(train: float, val: float, test: float, auc: float) -> dict:
     return {
         "metrics/train_classifier.json": {"data": {"train_accuracy": train, "val_accuracy": val}},
         "metrics/classifier.json": {
-            "data": {"accuracy": test, "roc_auc": auc, "n_test": 523, "at_0_5": {"accuracy": 0.5}}
+            "data": {"accuracy": test, "roc_auc": auc, "n_test": 523, "accuracy_at_0_5": 0.5}
         },
         "metrics/detector.json": {"error": {"type": "FileNotFoundError", "msg": "absent"}},
     }
@@ -464,3 +464,65 @@ def test_ablation_rows_fit_a_160_column_terminal(tmp_path):
     assert header.split() == ["Experiment", *A.SHOW_COLUMNS]
     for name in X.SEED002_ROWS:
         assert name in text
+
+
+# ----------------------------------------------------------------------------- repeat / scoreboard
+
+
+def _run_exp(name: str, acc: float, auc: float, spec: float, stamp: str) -> dict:
+    metrics = {"metrics/classifier.json": {"data": {"accuracy": acc, "roc_auc": auc,
+               "specificity": spec, "recall": 0.9, "n_test": 312}}}  # fmt: skip
+    exp = _exp(name, "success", metrics)
+    exp["revs"][0]["data"]["timestamp"] = stamp
+    exp["revs"][0]["rev"] = name.encode().hex()[:40].ljust(40, "0")
+    return exp
+
+
+def test_repeat_reports_each_seed_mean_sd_and_the_ensemble(monkeypatch, tmp_path):
+    from stages.tools import repeat as R
+
+    batch = R.runs("ours-kermany-best", [1, 2, 3])
+    assert [r.name for r in batch] == [f"ours-kermany-best-seed{s}" for s in (1, 2, 3)]
+    assert batch[1].extra == ("train_classifier.seed=2",)
+    show = [{"rev": "a" * 40, "name": "main", "data": {}, "error": None, "experiments": [
+        _run_exp("ours-kermany-best-seed1", 0.80, 0.90, 0.70, "2026-01-01T00:10:00"),
+        _run_exp("ours-kermany-best-seed2", 0.90, 0.94, 0.80, "2026-01-01T00:20:00"),
+        _run_exp("ours-kermany-best-seed3", 0.85, 0.92, 0.90, "2026-01-01T00:30:00"),
+    ]}]  # fmt: skip
+    results = R.collect(show, [r.name for r in batch])
+    assert results["ours-kermany-best-seed2"]["accuracy"] == 0.90
+    m, sd = R.mean_sd([0.80, 0.90, 0.85])
+    assert m == pytest.approx(0.85) and sd == pytest.approx(0.05)
+    text = R.render("ours-kermany-best", results, {"accuracy": 0.88, "roc_auc": 0.95,
+                    "specificity": 0.85, "recall": 0.9, "n_test": 312})  # fmt: skip
+    assert "| mean +- sd (3 seeds) | 0.850 +- 0.050 | 0.920 +- 0.020 | 0.800 +- 0.100 |" in text
+    assert "| ensemble of 3 (mean probability) | 0.8800 | 0.9500 | 0.8500 |" in text
+    assert R.experiment_revs(show)["ours-kermany-best-seed3"].startswith("6f7572")
+    # the printed recipe is the one tool command
+    assert X.commands("ours-kermany-best", "/d") == [
+        "python -m stages.repeat ours-kermany-best --seeds 1 2 3 --data-root /d --ensemble"
+    ]
+
+
+def test_scoreboard_table_and_wall_times():
+    from stages.tools import scoreboard as S
+
+    names = ["seed002-to-be", "seed002-as-is"]
+    show = [{"rev": "a" * 40, "name": "main", "data": {}, "error": None, "experiments": [
+        _run_exp("board-seed002-as-is", 0.70, 0.80, 0.50, "2026-01-01T01:30:00"),
+        _run_exp("board-seed002-to-be", 0.85, 0.93, 0.70, "2026-01-01T01:10:00"),
+    ]}]  # fmt: skip
+    results = S.collect(show, [f"board-{n}" for n in names])
+    from datetime import datetime
+
+    start = datetime.fromisoformat("2026-01-01T01:00:00").timestamp()
+    walls = S.wall_times(results, [f"board-{n}" for n in names], start)
+    assert walls == {"board-seed002-to-be": 600.0, "board-seed002-as-is": 1200.0}
+    text = S.render(results, walls, names)
+    row = next(line for line in text.splitlines() if "`seed002-to-be`" in line)
+    assert "official test, public half (312)" in row and "| 0.850 | 0.930 | 0.700 |" in row
+    assert "test acc 0.9311" in row and "10.0 min" in row
+    assert "Total wall time: 30 min." in text
+    assert set(S.SCOREBOARD) == {"seed000-cnn5", "seed001-cnn", "seed002-as-is", "seed002-to-be",
+                                 "seed003-vgg16-binary", "seed003-vgg16-3class",
+                                 "seed003-vgg16-4class"}  # fmt: skip

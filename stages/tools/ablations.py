@@ -28,9 +28,6 @@ from stages.tools import experiments as X
 from stages.tools import queue as Q
 
 log = logging.getLogger("stages.tools.ablations")
-PENDING = ("queued", "running")
-_RANK = {"running": 0, "queued": 0, "failed": 1}  # which status of a name parse_status keeps
-LOG_TAIL = 25  # lines of `dvc queue logs` shown per failed experiment
 
 
 @dataclass(frozen=True)

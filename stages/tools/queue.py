@@ -93,6 +93,19 @@ def iter_experiments(show: list) -> Iterator[tuple[str, str, dict]]:
                 yield name, state, rev.get("data") or {}
 
 
+def collect_metrics(
+    show: list, run_names: Sequence[str], keys: Sequence[str], metrics_file: str
+) -> dict[str, dict]:
+    """{run: {key: number or None, "timestamp": ...}} of ``metrics_file`` of the newest
+    successful run of each name in ``dvc exp show --json``; unfinished names are left out."""
+    out: dict[str, dict] = {}
+    for name, state, data in iter_experiments(show):
+        if name in run_names and name not in out and state == "success":
+            doc = get_in(data, "metrics", metrics_file, "data") or {}
+            out[name] = {k: number(doc.get(k)) for k in keys} | {"timestamp": data.get("timestamp")}
+    return out
+
+
 def get_in(node: Any, *keys: str) -> Any:
     for key in keys:
         node = node.get(key) if isinstance(node, dict) else None

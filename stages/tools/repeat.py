@@ -49,13 +49,8 @@ def runs(name: str, seeds: Sequence[int]) -> list[Q.Run]:
 
 def collect(show: list, run_names: Sequence[str]) -> dict[str, dict]:
     """{run name: {figure: value}} of the newest successful run of each name."""
-    metrics_file = paths.CLASSIFICATION.metrics.as_posix()
-    out: dict[str, dict] = {}
-    for name, state, data in Q.iter_experiments(show):
-        if name in run_names and name not in out and state == "success":
-            doc = Q.get_in(data, "metrics", metrics_file, "data") or {}
-            out[name] = {k: Q.number(doc.get(k)) for k in FIGURES}
-    return out
+    found = Q.collect_metrics(show, run_names, FIGURES, paths.CLASSIFICATION.metrics.as_posix())
+    return {n: {k: v for k, v in f.items() if k != "timestamp"} for n, f in found.items()}
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:

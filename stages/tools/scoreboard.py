@@ -52,16 +52,8 @@ def runs(names: Sequence[str]) -> list[Q.Run]:
 
 def collect(show: list, run_names: Sequence[str]) -> dict[str, dict]:
     """{run: figures + finish timestamp} of the newest successful run of each name."""
-    metrics_file = paths.CLASSIFICATION.metrics.as_posix()
-    out: dict[str, dict] = {}
-    for name, state, data in Q.iter_experiments(show):
-        if name in run_names and name not in out and state == "success":
-            doc = Q.get_in(data, "metrics", metrics_file, "data") or {}
-            figs = {k: Q.number(doc.get(k)) for k in ("accuracy", "roc_auc", "specificity")}
-            figs["n_test"] = Q.number(doc.get("n_test"))
-            figs["timestamp"] = data.get("timestamp")
-            out[name] = figs
-    return out
+    keys = ("accuracy", "roc_auc", "specificity", "n_test")
+    return Q.collect_metrics(show, run_names, keys, paths.CLASSIFICATION.metrics.as_posix())
 
 
 def wall_times(results: dict[str, dict], order: Sequence[str], start: float | None) -> dict:
