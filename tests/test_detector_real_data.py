@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from stages.tools import experiments as X
-from stages.tools.ablations import merge_overrides
+from stages.tools.queue import merge_overrides
 from tests.dvc_helpers import dvc, experiment_metrics, make_repo, ran_stages
 
 pytestmark = pytest.mark.slow

@@ -157,14 +157,17 @@ def test_queue_argv_has_one_set_per_key():
     assert "train_classifier.epochs=1" in sets and "train_classifier.epochs=50" not in sets
     assert (
         "data.classification.root=/d" in sets
-        and "data.classification.path=kermany224" in sets
+        and any(s.startswith("data.classification.sources=") and "kermany224" in s for s in sets)
         and argv[-1] == "evaluate@classification"
     )
 
 
 def test_missing_inputs_names_the_absent_folder(tmp_path):
-    assert Q.missing_inputs("seed002-to-be", str(tmp_path)) == [f"{tmp_path}/kermany224"]
+    train, test = f"{tmp_path}/kermany224", f"{tmp_path}/kermany_test_public"
+    assert Q.missing_inputs("seed002-to-be", str(tmp_path)) == [train, test]
     (tmp_path / "kermany224").mkdir()
+    assert Q.missing_inputs("seed002-to-be", str(tmp_path)) == [test]  # the official test source
+    (tmp_path / "kermany_test_public").mkdir()
     assert Q.missing_inputs("seed002-to-be", str(tmp_path)) == []
     assert len(Q.missing_inputs("seed003-vgg16-4class", str(tmp_path))) == 1  # covid19_radiography
 
@@ -189,6 +192,7 @@ def test_titles_are_unique_and_name_the_configured_size():
 
 def test_queue_resumes_requeues_failed_and_replaces(monkeypatch, tmp_path):
     (tmp_path / "kermany224").mkdir()
+    (tmp_path / "kermany_test_public").mkdir()
     show = json.dumps(exp_show_json())
     calls = []
 

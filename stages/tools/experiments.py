@@ -362,7 +362,7 @@ OURS = (
     ),
     Experiment(
         "ours-pneumoniamnist",
-        "Ours: PneumoniaMNIST, resnet_small, 28 px upsampled to 64",
+        "Ours: PneumoniaMNIST (28x28 files), resnet_small, 64 px",
         "Ours, PneumoniaMNIST (28 px, upsampled to 64 in the cache so the stride-2 stages keep "
         "some extent): resnet_small, balanced class weights, cosine lr 2e-3 over 30 epochs, "
         "patience 10; Youden threshold on validation. Trains on the npz's train split, "
@@ -399,7 +399,7 @@ def _public_half_proxy(exp: Experiment) -> Experiment:
     return dataclasses.replace(
         exp,
         name=f"{exp.name}-public-half",
-        title=f"{exp.title}; test: Kermany public half at 28 px",
+        title=f"{exp.title}; test: Kermany public half rendered at 28x28",
         description=f"{exp.description} This variant: the same recipe scored on Kermany's "
         "official test, public half (312), each image rendered at 28 x 28 first.",
         set_params=tuple(params.items()),
