@@ -473,9 +473,12 @@ def test_ablation_rows_fit_a_160_column_terminal(tmp_path):
 # ----------------------------------------------------------------------------- repeat / scoreboard
 
 
-def _run_exp(name: str, acc: float, auc: float, spec: float, stamp: str) -> dict:
+def _run_exp(name: str, acc: float, auc: float, spec: float, stamp: str, drop=None) -> dict:
     metrics = {"metrics/classifier.json": {"data": {"accuracy": acc, "roc_auc": auc,
                "specificity": spec, "recall": 0.9, "n_test": 312}}}  # fmt: skip
+    if drop is not None:  # the training run's hold-out figures
+        metrics["metrics/train_classifier.json"] = {"data": {"val_accuracy": acc + 0.1,
+                    "val_auc": 0.99, "val_accuracy_max_drop": drop}}  # fmt: skip
     exp = _exp(name, "success", metrics)
     exp["revs"][0]["data"]["timestamp"] = stamp
     exp["revs"][0]["rev"] = name.encode().hex()[:40].ljust(40, "0")
@@ -489,9 +492,9 @@ def test_repeat_reports_each_seed_mean_sd_and_the_ensemble(monkeypatch, tmp_path
     assert [r.name for r in batch] == [f"ours-kermany-best-seed{s}" for s in (1, 2, 3)]
     assert batch[1].extra == ("train_classifier.seed=2",)
     show = [{"rev": "a" * 40, "name": "main", "data": {}, "error": None, "experiments": [
-        _run_exp("ours-kermany-best-seed1", 0.80, 0.90, 0.70, "2026-01-01T00:10:00"),
-        _run_exp("ours-kermany-best-seed2", 0.90, 0.94, 0.80, "2026-01-01T00:20:00"),
-        _run_exp("ours-kermany-best-seed3", 0.85, 0.92, 0.90, "2026-01-01T00:30:00"),
+        _run_exp("ours-kermany-best-seed1", 0.80, 0.90, 0.70, "2026-01-01T00:10:00", 0.02),
+        _run_exp("ours-kermany-best-seed2", 0.90, 0.94, 0.80, "2026-01-01T00:20:00", 0.04),
+        _run_exp("ours-kermany-best-seed3", 0.85, 0.92, 0.90, "2026-01-01T00:30:00", 0.09),
     ]}]  # fmt: skip
     results = R.collect(show, [r.name for r in batch])
     assert results["ours-kermany-best-seed2"]["accuracy"] == 0.90
@@ -500,6 +503,10 @@ def test_repeat_reports_each_seed_mean_sd_and_the_ensemble(monkeypatch, tmp_path
     text = R.render("ours-kermany-best", results, {"accuracy": 0.88, "roc_auc": 0.95,
                     "specificity": 0.85, "recall": 0.9, "n_test": 312})  # fmt: skip
     assert "| mean +- sd (3 seeds) | 0.850 +- 0.050 | 0.920 +- 0.020 | 0.800 +- 0.100 |" in text
+    # the hold-out beside the test: val accuracy (test + 0.1 here), val AUC, the largest drop
+    row = next(line for line in text.splitlines() if line.startswith("| `ours-kermany-best-seed3`"))
+    assert row.endswith("| 0.9500 | 0.9900 | 0.0900 |"), row
+    assert text.count("| 0.950 +- 0.050 | 0.990 +- 0.000 | 0.050 +- 0.036 |") == 1, text
     assert "| ensemble of 3 (mean probability) | 0.8800 | 0.9500 | 0.8500 |" in text
     assert R.experiment_revs(show)["ours-kermany-best-seed3"].startswith("6f7572")
     # the printed recipe is the one tool command
