@@ -15,7 +15,7 @@ Run: ``python -m stages.serve [--host 127.0.0.1] [--port 7860] [--max-upload-mb 
 Temporary files: the server gets its own temp folder (``cxr-serve-*`` under the system temp
 dir, set as ``GRADIO_TEMP_DIR`` before Gradio is imported): every upload and every picture the
 page serves lives there, and the folder is removed when the server stops - normal exit, Ctrl-C
-(SIGINT) or SIGTERM. Nothing of a user's X-rays stays behind in Gradio's shared ``/tmp/gradio``.
+(SIGINT) or SIGTERM. Nothing of a user's X-rays stays behind in Gradio's shared default folder.
 Gradio never phones home here: analytics off (GRADIO_ANALYTICS_ENABLED=False), no share link,
 no server-side rendering, the theme's fonts are served locally. Gradio, TensorFlow and torch
 are imported only after the arguments are parsed (``--help`` stays fast).
