@@ -7,8 +7,9 @@ Outputs: DVC experiments ``<name>-seed<N>`` (each with its own model and metrics
          ``reports/repeats/<name>.md``: every seed's test figures and their mean +- sd
          (MedMNIST+ style: sample sd over seeds), with the hold-out beside them (validation
          accuracy / AUC and the largest epoch-to-epoch fall of validation accuracy); with
-         ``--ensemble`` the seeds' models averaged as one model, scored by the evaluate stage on the recipe's data: the workspace takes the
-         first seed's params.yaml, dvc.lock and classification cache, the models are copied to
+         ``--ensemble`` the seeds' models averaged as one model, scored by the evaluate stage on
+         the recipe's data: the workspace takes the first seed's params.yaml, dvc.lock and
+         classification cache, the models are copied to
          ``models/ensemble/``, and ``metrics/classifier.json`` / ``reports/classifier/`` then
          hold the ensemble's figures (``dvc status`` shows evaluate@classification changed:
          ``dvc repro`` would score the single model again).
