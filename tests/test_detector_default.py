@@ -1,17 +1,21 @@
 """The default detection chain (what `dvc repro` runs on a fresh clone) learns, on any CPU.
 
-This runs the real stages with the real params.yaml, unshrunk (~2.5-3.5 min), so a change to the
+This runs the real stages with the real params.yaml, unshrunk (~2-3.5 min), so a change to the
 phantoms, the augmentation or the defaults that breaks learning fails here.
 
 Why the bar is where it is: training from scratch is chaotic, so the figure moves with the seed
-and with the CPU (float reduction order differs between AVX2 and AVX-512 kernels). Measured spread
-of the default recipe's test mAP@0.5:
-- 2026-12-02, AMD EPYC (2 cores): 11 runs over data seeds 11/12/13 and training seeds 1-5,
-  0.856 +- 0.082 (min 0.647, max 0.940); every class's AP@0.5 >= 0.50 in every run.
-- 2026-12-03, Intel Xeon with AVX-512 and AMX (2 cores, 2.6 GHz): training seeds 1-5 on data
-  seed 11, 0.929 +- 0.034 (min 0.877, max 0.965); every class's AP@0.5 >= 0.82.
-The gates below sit well under the minima of both machines (mean - 4 sd of the wider spread for
-the mAP), so they hold on another x86 CPU, yet a chain that stops learning (mAP ~0.1) fails them.
+and with the CPU (float reduction order differs between AVX2 and AVX-512 kernels), and
+``precision: auto`` trains in bf16 on CPUs with bf16 units (AMX / AVX512-BF16), fp32 elsewhere.
+Measured spread of the default recipe's test mAP@0.5 (4 epochs, fused AdamW), training seeds 1-5
+on the default data, 2026-12-03, Intel Xeon with AVX-512 and AMX (2 cores):
+- bf16 (what ``auto`` picks there): 0.798 +- 0.080 (min 0.699, max 0.899); every class's
+  AP@0.5 >= 0.56;
+- ``precision: fp32`` (what ``auto`` picks on a CPU without bf16 units): 0.830 +- 0.055 (min
+  0.769, max 0.905); every class >= 0.74.
+The previous recipe (5 epochs fp32) spread more on an AMD EPYC (0.856 +- 0.082 over 11 runs, min
+0.647) than on the Xeon (0.929 +- 0.034), so the gates keep a wide margin: the mAP bar is the
+bf16 mean - 4 sd, the class bar under half the lowest class seen; a chain that stops learning
+(mAP ~0.1) still fails them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import pytest
 
 from stages import augment, download, evaluate, split, train_detector
 
-MAP50_BAR = 0.5
+MAP50_BAR = 0.45
 CLASS_BAR = 0.25
 
 

@@ -217,3 +217,26 @@ def test_lesion_contrast_scales_lesions_not_boxes():
     x1, y1, x2, y2 = box_w[0]
     gain = [np.abs(im.astype(int) - base)[y1:y2, x1:x2].mean() for im in (weak, strong)]
     assert 0 < gain[0] < gain[1]
+
+
+def test_files_do_not_depend_on_the_process_pool(tmp_path, monkeypatch):
+    """Enough images for the pool (>= 100): rendered on 2 spawned workers they are byte-identical
+    to the one-process run, in order (detection boxes land in the right record)."""
+    import stages.sources.synthetic as synthetic
+
+    cls = replace(CLS, n_patients=60, images_per_patient=(2, 2), image_size=48)
+    det = replace(DET, n_patients=60, images_per_patient=(2, 2), image_size=64)
+    pools = []
+    real_pool = synthetic.ProcessPoolExecutor
+    monkeypatch.setattr(
+        synthetic, "ProcessPoolExecutor", lambda *a, **k: pools.append(1) or real_pool(*a, **k)
+    )
+    monkeypatch.setattr(synthetic.os, "cpu_count", lambda: 2)
+    pooled = (_digest(generate_classification(cls, tmp_path / "pc")),)
+    pooled += (_digest(generate_detection(det, tmp_path / "pd")),)
+    assert len(pools) == 2  # both generators went through the pool
+    monkeypatch.setattr(synthetic.os, "cpu_count", lambda: 1)
+    single = (_digest(generate_classification(cls, tmp_path / "sc")),)
+    single += (_digest(generate_detection(det, tmp_path / "sd")),)
+    assert len(pools) == 2 and len(single[0]) == 120
+    assert pooled == single

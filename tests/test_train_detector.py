@@ -13,6 +13,7 @@ import torch
 
 import stages  # noqa: F401
 from stages.common import cache
+from stages.common.config import ConfigError, parse
 from stages.common.utils import StageError
 from stages.detector import engine as E
 from stages.detector.config import TrainDetectorConfig
@@ -333,3 +334,67 @@ def test_overfits_a_handful_of_synthetic_images(tmp_path, monkeypatch):
     )
     metrics = _run(cfg, root, tmp_path / "out")
     assert metrics["val_map_50"] > 0.9, metrics["val_map_50_per_epoch"]
+
+
+def test_native_bf16_reads_the_cpu_flags():
+    assert E.native_bf16("cpu", "flags\t: fpu sse2 avx512f amx_bf16 amx_tile\n")
+    assert E.native_bf16("cpu", "flags\t: fpu avx512f avx512_bf16\n")
+    assert not E.native_bf16("cpu", "flags\t: fpu sse2 avx2 avx512f\n")
+    assert not E.native_bf16("cpu", "")
+
+
+def test_precision_auto_resolves_by_hardware(monkeypatch):
+    monkeypatch.setattr(E, "native_bf16", lambda device: True)
+    assert E.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(E, "native_bf16", lambda device: False)
+    assert E.resolve_precision("auto", "cpu") == "fp32"
+    assert E.resolve_precision("bf16", "cpu") == "bf16"  # explicit values are kept
+    with pytest.raises(ConfigError, match="precision"):
+        parse(TrainDetectorConfig, {"precision": "fp16"}, "train_detector")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_precision_reaches_the_convolutions_and_keeps_fp32_weights(tiny, precision):
+    """bf16 runs the convolutions in bf16 under autocast, fp32 does not; either way the weights,
+    the gradients' target and the summed loss stay fp32 and a few steps lower the loss."""
+    torch.manual_seed(0)
+    model = build_detector(dataclasses.replace(TINY, min_size=64), len(CLASSES)).train()
+    seen: list[torch.dtype] = []
+    model.backbone.body.conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    ds = DetectionCacheDataset(tiny, "train", CLASSES)
+    loader, _ = make_loader(ds, 4, train=False, num_workers=0, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
+    losses = [
+        E.train_one_epoch(model, opt, sched, loader, e, 10.0, E.DistInfo(), precision=precision)
+        for e in range(4)
+    ]
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert seen and set(seen) == {want}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert losses[-1]["loss"] < 0.8 * losses[0]["loss"], [r["loss"] for r in losses]
+
+
+def test_training_summary_and_checkpoint_record_the_precision_that_ran(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "native_bf16", lambda device: False)
+    metrics = _run(dataclasses.replace(TINY, epochs=1), tiny, tmp_path / "out")
+    assert metrics["precision"] == "fp32"
+    _, cfg, _ = load_detector(tmp_path / "out" / "detector.pt")
+    assert cfg.precision == "fp32"  # auto resolved on this (patched) hardware
+
+
+def test_backbone_norm_groupnorm_replaces_every_batchnorm():
+    cfg = dataclasses.replace(TINY, min_size=64, backbone_norm="groupnorm")
+    kinds = {type(m).__name__ for m in build_detector(cfg, len(CLASSES)).backbone.modules()}
+    assert "GroupNorm" in kinds and "BatchNorm2d" not in kinds
+    default = {
+        type(m).__name__
+        for m in build_detector(dataclasses.replace(TINY, min_size=64), 2).backbone.modules()
+    }
+    assert "BatchNorm2d" in default
+    with pytest.raises(ConfigError, match="backbone_norm groupnorm is for weights_backbone none"):
+        parse(
+            TrainDetectorConfig,
+            {"backbone_norm": "groupnorm", "weights_backbone": "imagenet"},
+            "train_detector",
+        )

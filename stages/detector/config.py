@@ -35,6 +35,8 @@ class TrainDetectorConfig:
     trainable_backbone_layers: int = 3  # 0-5; all 5 when weights_backbone is none
     fpn_channels: int = 64  # FPN/head width (torchvision: 256); 64 is ~25 % faster at 192 px
     head_norm: Literal["groupnorm", "none"] = "groupnorm"
+    # from scratch only (pretrained backbones keep their frozen BatchNorm statistics)
+    backbone_norm: Literal["batchnorm", "groupnorm"] = "batchnorm"
     box_loss: Literal["l1", "smooth_l1", "giou"] = "l1"
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
@@ -54,7 +56,7 @@ class TrainDetectorConfig:
     nms_thresh: float = 0.5
     detections_per_img: int = 100
     # optimisation
-    epochs: int = 5
+    epochs: int = 4
     batch_size: int = 4
     lr: float = 1e-3
     optimizer: Literal["sgd", "adamw"] = "adamw"
@@ -65,6 +67,10 @@ class TrainDetectorConfig:
     lr_milestones: tuple[float, ...] = (0.67, 0.89)  # multistep: fractions of all iterations
     lr_gamma: float = 0.1  # multistep factor
     grad_clip: float = 10.0  # max gradient L2 norm; 0 = off
+    # bf16 autocast of the training forward pass (weights, optimiser and inference stay fp32).
+    # auto = bf16 where the hardware has bf16 matrix units (CPU AMX / AVX512-BF16, CUDA bf16),
+    # fp32 elsewhere: emulated bf16 is slower than fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # run
     seed: int = 4
     threads: int = 0  # 0 = all cores (split between DDP processes)
@@ -106,6 +112,11 @@ class TrainDetectorConfig:
         check(self.threads >= 0, "threads must be >= 0 (0 = all cores)")
         check(self.num_workers >= 0, "num_workers must be >= 0")
         check(bool(self.weights_backbone), "weights_backbone: none | imagenet | <path>")
+        check(
+            self.backbone_norm == "batchnorm" or self.weights_backbone == "none",
+            "backbone_norm groupnorm is for weights_backbone none (pretrained ResNets carry "
+            "BatchNorm statistics)",
+        )
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,16 @@ class FocalClassificationHead(RetinaNetClassificationHead):
         return _sum(losses) / len(targets)
 
 
+class Fp32LastLevelP6P7(LastLevelP6P7):
+    """torchvision's P6/P7 block, run in fp32 under bf16 autocast: on a 1 x 1 map (inputs under
+    128 px) oneDNN's bf16 weight gradient of the stride-2 P7 conv came out non-finite
+    (tests/test_train_detector.py); these two maps cost nothing. Same parameters as upstream."""
+
+    def forward(self, p, c, names):  # noqa: ANN001, ANN201
+        with torch.autocast(p[0].device.type, enabled=False):
+            return super().forward([t.float() for t in p], [t.float() for t in c], names)
+
+
 def imagenet_weights_path(backbone: str) -> Path:
     """Where torch.hub keeps the torchvision ImageNet checkpoint of ``backbone`` (TORCH_HOME aware)."""
     url = _RESNETS[backbone][1].IMAGENET1K_V1.url
@@ -126,8 +136,14 @@ def _backbone_state_dict(cfg: TrainDetectorConfig) -> dict[str, torch.Tensor] | 
 
 def _build_resnet(cfg: TrainDetectorConfig, load_weights: bool) -> nn.Module:
     pretrained = cfg.weights_backbone != "none"
-    # Frozen BN keeps ImageNet statistics at batch 2-4; from scratch BN must learn them.
-    norm = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+    # Frozen BN keeps ImageNet statistics at batch 2-4; from scratch BN must learn them, or
+    # GroupNorm(32) normalises per image (no running statistics, batch-size independent).
+    if pretrained:
+        norm: Any = FrozenBatchNorm2d
+    elif cfg.backbone_norm == "groupnorm":
+        norm = partial(nn.GroupNorm, 32)
+    else:
+        norm = nn.BatchNorm2d
     resnet = _RESNETS[cfg.backbone][0](weights=None, norm_layer=norm)
     state = _backbone_state_dict(cfg) if load_weights else None
     if state is not None:
@@ -167,7 +183,7 @@ def fpn_backbone(resnet: nn.Module, trainable: int, channels: int) -> BackboneWi
         {"layer2": "0", "layer3": "1", "layer4": "2"},
         [c5 // 4, c5 // 2, c5],
         channels,
-        extra_blocks=LastLevelP6P7(channels, channels),
+        extra_blocks=Fp32LastLevelP6P7(channels, channels),
     )
 
 

@@ -110,6 +110,8 @@ def _train(
     meta = load_meta(cache_dir)
     classes = [str(c) for c in meta["classes"]]
     cfg = resolve_sizes(cfg, int(meta["image_size"]))
+    # the saved config and the resume key hold what ran (auto -> bf16 | fp32 on this hardware)
+    cfg = dataclasses.replace(cfg, precision=E.resolve_precision(cfg.precision, info.device))
     seed_everything(cfg.seed)
     train_ds = DetectionCacheDataset(
         cache_dir, "train", classes, DetectionTransform(_policy(cache_dir), train=True)
@@ -153,7 +155,14 @@ def _train(
     for epoch in range(start_epoch, cfg.epochs):
         train_sampler.set_epoch(epoch)
         stats = E.train_one_epoch(
-            model, optimizer, scheduler, train_loader, epoch, cfg.grad_clip, info
+            model,
+            optimizer,
+            scheduler,
+            train_loader,
+            epoch,
+            cfg.grad_clip,
+            info,
+            precision=cfg.precision,
         )
         rngs = _gather_rng(info)
         if info.is_main:
@@ -206,6 +215,7 @@ def _train(
         metrics = _metrics(
             history, best, len(train_ds), len(val_ds), info, time.perf_counter() - wall
         )
+        metrics["precision"] = cfg.precision
         extra = {
             "best_epoch": best["epoch"] + 1,
             "val_map_50": best["map_50"],
