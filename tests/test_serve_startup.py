@@ -171,3 +171,39 @@ def test_real_server_removes_its_uploads_when_stopped(tmp_path_factory, tmp_path
     assert not folder.exists(), log.read_text()
     assert not list(temp.glob(f"{TEMP_PREFIX}*"))
     assert "Traceback" not in log.read_text()
+
+
+def test_a_stop_that_hangs_still_exits_and_removes_the_uploads(tmp_path):
+    """The watchdog armed by the stop signal: a graceful stop still running after the grace
+    period (here a main thread that never returns) removes the temp folder and exits 0."""
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    (folder / "private_xray.png").write_bytes(b"x")
+    code = (
+        "import sys, time; from pathlib import Path; from stages.serve.app import stop_watchdog; "
+        "stop_watchdog(Path(sys.argv[1]), 0.5); time.sleep(60); sys.exit(3)"
+    )
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(folder)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - start < 40
+    assert not folder.exists()
+    assert "still stopping" in proc.stderr
+
+
+def test_stop_signal_arms_the_watchdog_once_and_interrupts(tmp_path, monkeypatch):
+    from stages.serve import app
+
+    armed = []
+    monkeypatch.setattr(app, "stop_watchdog", lambda temp: armed.append(temp))
+    handler = app._stop_handler(tmp_path)
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt, match="signal 2"):
+            handler(signal.SIGINT, None)
+    assert armed == [tmp_path]
