@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -201,9 +202,26 @@ def test_stop_signal_arms_the_watchdog_once_and_interrupts(tmp_path, monkeypatch
     from stages.serve import app
 
     armed = []
-    monkeypatch.setattr(app, "stop_watchdog", lambda temp: armed.append(temp))
-    handler = app._stop_handler(tmp_path)
+
+    def fake_watchdog(temp):
+        armed.append(temp)
+        return threading.Timer(60, lambda: None)  # never started
+
+    monkeypatch.setattr(app, "stop_watchdog", fake_watchdog)
+    handler = app.StopSignal(tmp_path)
     for _ in range(2):
         with pytest.raises(KeyboardInterrupt, match="signal 2"):
             handler(signal.SIGINT, None)
     assert armed == [tmp_path]
+
+
+def test_a_finished_stop_disarms_the_watchdog(tmp_path):
+    from stages.serve import app
+
+    handler = app.StopSignal(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        handler(signal.SIGTERM, None)
+    assert handler.timer is not None and handler.timer.is_alive()
+    handler.cancel()
+    handler.timer.join(timeout=5)
+    assert not handler.timer.is_alive() and tmp_path.exists()

@@ -101,8 +101,8 @@ def build_optimizer(
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # the per-parameter loop took ~40 of ~290 ms per default step on 2 cores, fused ~12
-    # (bench/detector_step.py)
+    # the per-parameter loop took ~42 ms of a default step on 2 cores, fused ~12 (hand-timed,
+    # bench/README.md 3b; bench/detector_step.py measures whole steps)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)

@@ -274,17 +274,23 @@ def stop_watchdog(temp: Path, grace_s: float = STOP_GRACE_S) -> threading.Timer:
     return timer
 
 
-def _stop_handler(temp: Path) -> Any:
-    """SIGINT/SIGTERM -> KeyboardInterrupt (Gradio's wait loop stops the server, cleanup runs),
-    with ``stop_watchdog`` armed on the first signal."""
-    armed: list[threading.Timer] = []
+class StopSignal:
+    """The SIGINT/SIGTERM handler: KeyboardInterrupt (Gradio's wait loop stops the server,
+    cleanup runs), with ``stop_watchdog`` armed on the first signal and disarmed by ``cancel``
+    once the stop has finished (a process that goes on after ``main`` is not cut short)."""
 
-    def handler(signum: int, frame: Any) -> None:
-        if not armed:
-            armed.append(stop_watchdog(temp))
+    def __init__(self, temp: Path) -> None:
+        self.temp = temp
+        self.timer: threading.Timer | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.timer is None:
+            self.timer = stop_watchdog(self.temp)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    return handler
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,10 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop: StopSignal | None = None
     try:
         with server_temp_dir() as temp:
+            stop = StopSignal(temp)
             for sig in previous:
-                signal.signal(sig, _stop_handler(temp))
+                signal.signal(sig, stop)
             log.info("uploads and pictures kept in %s (removed when the server stops)", temp)
             set_threads(args.threads)
             classifiers = args.classifier if args.classifier else DEFAULT
@@ -328,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         log.info("interrupted: server stopped, temp folder removed")
     finally:
+        if stop is not None:
+            stop.cancel()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
