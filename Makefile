@@ -75,6 +75,6 @@ ENSEMBLE ?=
 seeds: setup  ## one recipe over several training seeds (DVC queue) -> reports/repeats/$(EXP).md
 	$(BIN)/python -m stages.repeat $(EXP) --seeds $(SEEDS) --data-root $(DATA_ROOT) $(if $(ENSEMBLE),--ensemble,)
 
-scoreboard: setup  ## every seed system on the real data (~2 h on 2 cores) -> reports/seeds.md
+scoreboard: setup  ## every seed system on the real data (113 min on 2 cores) -> reports/seeds.md
 	$(BIN)/python -m stages.scoreboard --data-root $(DATA_ROOT)
 

@@ -534,6 +534,14 @@ def test_scoreboard_table_and_wall_times():
     assert "official test, public half (312)" in row and "| 0.850 | 0.930 | 0.700 |" in row
     assert "test acc 0.9311" in row and "10.0 min" in row
     assert "Total wall time: 30 min." in text
+    # the machine the times were measured on goes beside the total
+    cpu = "processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: avx\n"
+    assert S.machine(cpu).startswith("AMD EPYC 9B14, ") and S.machine(cpu).endswith(" cores")
+    assert S.machine("flags : avx\n").startswith("unknown CPU, ")
+    where = "AMD EPYC 9B14, 2 cores, 2026-01-01"
+    assert "Total wall time: 30 min (AMD EPYC 9B14, 2 cores, 2026-01-01)." in S.render(
+        results, walls, names, where
+    )
     assert set(S.SCOREBOARD) == {"seed000-cnn5", "seed001-cnn", "seed002-as-is", "seed002-to-be",
                                  "seed003-vgg16-binary", "seed003-vgg16-3class",
                                  "seed003-vgg16-4class"}  # fmt: skip

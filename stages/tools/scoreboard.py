@@ -6,7 +6,8 @@ Inputs:  the seed systems of ``stages.tools.experiments`` (``SCOREBOARD``: 000 c
          ``SCOREBOARD_EPOCHS`` (sized so the whole board runs in about two hours on a 2-core
          CPU), a data root, and the DVC repository in the current directory (on a commit; runs go
          through the experiment queue, one worker: ``stages.tools.queue``).
-Outputs: DVC experiments ``board-<name>``; ``reports/seeds_wall_times.json`` (seconds per run);
+Outputs: DVC experiments ``board-<name>``; ``reports/seeds_wall_times.json`` (seconds per run and
+         the machine they were measured on);
          ``reports/seeds.md``: per system its test split
          (Kermany's official test, public half (312), for the binary Kermany systems; a
          patient-grouped hold-out for the multi-class ones), ours (accuracy at the validation
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from stages.common import paths
 from stages.common.utils import StageError, read_json, run_cli, write_json, write_text_atomic
@@ -74,6 +77,23 @@ def wall_times(results: dict[str, dict], order: Sequence[str], start: float | No
     return out
 
 
+def machine(cpuinfo: str | None = None) -> str:
+    """The CPU the wall times were measured on, e.g. ``Intel(R) Xeon(R) Processor, 2 cores``."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+        except OSError:  # not Linux: the platform's own name
+            import platform
+
+            cpuinfo = f"model name : {platform.processor() or platform.machine()}"
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+         if line.startswith("model name")),
+        "unknown CPU",
+    )  # fmt: skip
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def _published(exp: X.Experiment) -> str:
     pub = exp.published
     parts = []
@@ -84,7 +104,9 @@ def _published(exp: X.Experiment) -> str:
     return "; ".join(parts) or "—"
 
 
-def render(results: dict[str, dict], walls: dict[str, float], names: Sequence[str]) -> str:
+def render(
+    results: dict[str, dict], walls: dict[str, float], names: Sequence[str], where: str = ""
+) -> str:
     lines = [
         "# Seed scoreboard: every seed system through this pipeline, on the real data",
         "",
@@ -117,7 +139,7 @@ def render(results: dict[str, dict], walls: dict[str, float], names: Sequence[st
             f"{cell['accuracy']} | {cell['roc_auc']} | {cell['specificity']} | {_published(exp)} | "
             f"{f'{wall / 60:.1f} min' if wall else '—'} |"
         )
-    lines += ["", f"Total wall time: {total / 60:.0f} min."]
+    lines += ["", f"Total wall time: {total / 60:.0f} min{f' ({where})' if where else ''}."]
     return "\n".join(lines) + "\n"
 
 
@@ -140,11 +162,16 @@ def main(argv: list[str] | None = None) -> None:
     if not results:
         raise StageError("no finished scoreboard run: run without --report-only")
     timing = paths.REPORTS / "seeds_wall_times.json"  # measured once, kept for --report-only
-    walls = read_json(timing) if timing.is_file() else {}
-    walls.update(wall_times(results, names, start))
-    write_json(timing, walls)
+    kept = read_json(timing) if timing.is_file() else {}
+    walls, where = dict(kept.get("seconds", {})), kept.get("machine", "")
+    measured = wall_times(results, names, start)
+    if measured:  # the runs of this call: their machine and finishing day
+        last = max(results[n]["timestamp"] for n in measured)
+        walls.update(measured)
+        where = f"{machine()}, {str(last)[:10]}"
+    write_json(timing, {"machine": where, "seconds": walls})
     out = paths.REPORTS / "seeds.md"
-    write_text_atomic(out, render(results, walls, args.names))
+    write_text_atomic(out, render(results, walls, args.names, where))
     print(out.read_text(), end="")
 
 
