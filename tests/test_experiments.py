@@ -515,6 +515,27 @@ def test_repeat_reports_each_seed_mean_sd_and_the_ensemble(monkeypatch, tmp_path
     ]
 
 
+def test_scoreboard_report_only_keeps_the_measured_times_and_their_machine(monkeypatch, tmp_path):
+    from stages.common import paths
+    from stages.tools import queue as Q
+    from stages.tools import scoreboard as S
+
+    show = [{"rev": "a" * 40, "name": "main", "data": {}, "error": None, "experiments": [
+        _run_exp("board-seed002-to-be", 0.85, 0.93, 0.70, "2026-01-01T01:10:00"),
+    ]}]  # fmt: skip
+    monkeypatch.setattr(Q, "exp_show", lambda *a, **k: show)
+    monkeypatch.setattr(paths, "REPORTS", tmp_path)
+    (tmp_path / "seeds_wall_times.json").write_text(
+        '{"machine": "AMD EPYC 9B14, 2 cores, 2026-01-01", "seconds": {"board-seed002-to-be": 600}}'
+    )
+    S.main(["--report-only", "--names", "seed002-to-be"])
+    text = (tmp_path / "seeds.md").read_text()
+    assert "10.0 min" in text and "(AMD EPYC 9B14, 2 cores, 2026-01-01)." in text
+    kept = json.loads((tmp_path / "seeds_wall_times.json").read_text())
+    assert kept == {"machine": "AMD EPYC 9B14, 2 cores, 2026-01-01",
+                    "seconds": {"board-seed002-to-be": 600}}  # fmt: skip
+
+
 def test_scoreboard_table_and_wall_times():
     from stages.tools import scoreboard as S
 
