@@ -410,6 +410,22 @@ def test_stage_classification(in_tmp):
     assert not [p for p in (in_tmp / "data/augment").iterdir() if p.name.startswith(".")]
 
 
+def test_stage_classification_standardize_is_in_the_cache_and_its_meta(in_tmp):
+    """intensity: standardize - each cached image is prepare_gray's, recorded in meta.json
+    (training copies it into the model sidecar; serving repeats it)."""
+    from stages.common.cache import open_split, prepare_gray
+    from stages.common.imageio import load_gray
+
+    _write_split_inputs(in_tmp, "classification", {"train": 4, "val": 2, "test": 2})
+    _run(in_tmp, "classification", resize="stretch", intensity="standardize")
+    train = open_split(in_tmp / "data/augment/classification", "train")
+    assert train.meta["intensity"] == "standardize"
+    for i, row in train.index.iterrows():
+        want = prepare_gray(load_gray(row["path"]), 64, "stretch", "standardize")[0]
+        np.testing.assert_array_equal(train.images[i], want)
+        assert abs(float(train.images[i].mean()) - 128) < 6  # standardised, not raw
+
+
 def test_stage_detection_boxes_in_cache_pixels(in_tmp):
     from stages.common.cache import boxes_for, open_split
 

@@ -15,7 +15,9 @@ from stages.common.cache import (
     load_meta,
     load_policy,
     open_split,
+    prepare_gray,
     resize_gray,
+    standardize,
     transform_boxes,
     write_meta,
     write_policy,
@@ -52,6 +54,32 @@ def test_pad_geometry_keeps_aspect_and_centres(h, w):
     corners = transform_boxes(np.array([[0, 0, w, h]]), aff, 64)[0]
     np.testing.assert_allclose(corners, content, atol=0.5)
     assert out[:, : content[0]].sum() == 0 and out[: content[1], :].sum() == 0
+
+
+def test_standardize_sets_mean_and_sd_and_undoes_exposure():
+    """The same film brighter and with more contrast (another machine) standardises to the same
+    grey levels, to within rounding; a flat image becomes flat mid-grey."""
+    rng = np.random.default_rng(0)
+    film = np.clip(rng.normal(110, 25, (60, 80)), 0, 255).astype(np.uint8)
+    out = standardize(film)
+    assert out.dtype == np.uint8 and out.shape == film.shape
+    assert abs(out.mean() - 128) < 1 and abs(out.std() - 48) < 1
+    exposed = np.clip(film.astype(np.float64) * 1.3 + 12, 0, 255).astype(np.uint8)
+    assert abs(exposed.mean() - film.mean()) > 40  # a real shift before ...
+    assert np.abs(standardize(exposed).astype(int) - out.astype(int)).max() <= 2  # ... none after
+    np.testing.assert_array_equal(standardize(np.full((5, 7), 200, np.uint8)), 128)
+
+
+def test_prepare_gray_applies_each_intensity_mode_before_resizing():
+    rng = np.random.default_rng(1)
+    img = np.clip(rng.normal(90, 30, (40, 50)), 0, 255).astype(np.uint8)
+    none, _ = prepare_gray(img, 32, "stretch", "none")
+    std, _ = prepare_gray(img, 32, "stretch", "standardize")
+    np.testing.assert_array_equal(none, resize_gray(img, 32, "stretch")[0])
+    np.testing.assert_array_equal(std, resize_gray(standardize(img), 32, "stretch")[0])
+    assert abs(std.mean() - 128) < 3 and abs(none.mean() - 90) < 3
+    with pytest.raises(ValueError, match="standardize"):
+        prepare_gray(img, 32, "stretch", "clahe")  # type: ignore[arg-type]
 
 
 def test_resize_rejects_bad_input():

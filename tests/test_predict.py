@@ -129,7 +129,9 @@ def test_same_preprocessing_as_the_cache(predictor, models):
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize(("resize", "intensity"), [("pad", "equalize"), ("stretch", "none")])
+@pytest.mark.parametrize(
+    ("resize", "intensity"), [("pad", "equalize"), ("stretch", "none"), ("stretch", "standardize")]
+)
 def test_classifier_applies_its_sidecar_modes(tmp_path, resize, intensity):
     """A classifier reading its left half: the served probability is the one of
     prepare_gray(image, S, resize, intensity) - computed by hand, not by the model."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -27,7 +27,11 @@ from stages.common.config import check
 from stages.common.utils import StageError, read_json, write_json
 
 ResizeMode = Literal["stretch", "pad"]
-Intensity = Literal["none", "equalize"]
+Intensity = Literal["none", "equalize", "standardize"]
+INTENSITY_MODES: tuple[str, ...] = get_args(Intensity)
+# standardize: every image's grey levels mapped to this mean and standard deviation (uint8 room
+# for about +-2.6 sd either side before clipping)
+STANDARD_MEAN, STANDARD_SD = 128.0, 48.0
 META_FILE = "meta.json"
 POLICY_FILE = "policy.json"
 IMAGES_FILE = "images.npy"
@@ -59,8 +63,9 @@ class AugmentConfig:
     preview_count: int = 8  # rows of the preview grid (train images)
     preview_seed: int = 0  # preview draws only; training seeds its own augmenter
     workers: int = 2  # decoding threads
-    # none | equalize (global histogram equalisation of every image before resizing; serving
-    # repeats it: the mode is stored in meta.json and the model files)
+    # none | equalize (global histogram equalisation) | standardize (per-image mean and standard
+    # deviation set to STANDARD_MEAN / STANDARD_SD), before resizing; serving repeats it: the
+    # mode is stored in meta.json and the model files
     intensity: Intensity = "none"
 
     def __post_init__(self) -> None:
@@ -126,6 +131,17 @@ def equalize(img: np.ndarray) -> np.ndarray:
     return np.asarray(ImageOps.equalize(Image.fromarray(img)), dtype=np.uint8)
 
 
+def standardize(img: np.ndarray) -> np.ndarray:
+    """Per-image intensity standardisation of a uint8 (H, W) image: its grey levels shifted and
+    scaled to mean STANDARD_MEAN and standard deviation STANDARD_SD, then rounded and clipped to
+    uint8. A film exposed brighter or with more contrast (another machine, another hospital)
+    maps to about the same grey levels; a flat image becomes flat STANDARD_MEAN."""
+    x = img.astype(np.float32)
+    mean, sd = float(x.mean()), float(x.std())
+    scale = STANDARD_SD / sd if sd > 1e-6 else 0.0
+    return np.clip(np.rint(STANDARD_MEAN + (x - mean) * scale), 0, 255).astype(np.uint8)
+
+
 def prepare_gray(
     img: np.ndarray, size: int, mode: ResizeMode, intensity: Intensity = "none"
 ) -> tuple[np.ndarray, Affine]:
@@ -133,8 +149,10 @@ def prepare_gray(
     intensity normalisation (on the original pixels), then ``resize_gray``."""
     if intensity == "equalize":
         img = equalize(img)
+    elif intensity == "standardize":
+        img = standardize(img)
     elif intensity != "none":
-        raise ValueError(f"intensity must be 'none' or 'equalize', got {intensity!r}")
+        raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {intensity!r}")
     return resize_gray(img, size, mode)
 
 

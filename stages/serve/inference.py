@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from stages.common import paths
+from stages.common.cache import INTENSITY_MODES, prepare_gray
 from stages.common.imageio import MAX_PIXELS, ImageRejected, decode_gray_bytes, load_gray
 from stages.common.utils import StageError, read_json
 from stages.serve import provenance
@@ -53,7 +54,6 @@ DEFAULT = "default"  # Predictor(classifier=DEFAULT): the decision's models, els
 MIN_SCORE = 0.3  # boxes shown: evaluate.detection.score_thresh's default (its report boxes)
 BATCH = 64
 RESIZE_MODES = ("stretch", "pad")
-INTENSITY_MODES = ("none", "equalize")
 TTA_MODES = ("none", "hflip")
 # What to tell a user for each imageio rejection reason.
 REASON_TEXT = {
@@ -478,15 +478,11 @@ class Predictor:
 
     def preprocess_classifier(self, gray: np.ndarray) -> tuple[np.ndarray, Any]:
         """The classifier's input (S, S) uint8 and the affine: the augment cache's code."""
-        from stages.common.cache import prepare_gray
-
         info = self.info
         return prepare_gray(gray, info.image_size, info.resize, info.intensity)
 
     def preprocess_detector(self, gray: np.ndarray) -> tuple[np.ndarray, Any]:
         """The detector's input (S, S) uint8 and the affine, with the checkpoint's modes."""
-        from stages.common.cache import prepare_gray
-
         return prepare_gray(gray, self.det_size, self.det_resize, self.det_intensity)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
