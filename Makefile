@@ -68,12 +68,15 @@ ablations: setup  ## seed 002's seven ablation rows via the DVC queue -> reports
 	$(BIN)/python -m stages.ablations report --out reports/ablations.md
 
 # --- make seeds / make scoreboard (owners: stages/tools/repeat.py, stages/tools/scoreboard.py) ---
-# EXP = a named experiment; SEEDS = training seeds; ENSEMBLE=1 scores the seeds' mean as one model.
+# EXP = a named experiment; SEEDS = training seeds; ENSEMBLE=1 scores the seeds' mean as one model;
+# a variant of the recipe: SET="key=value ..." TAG=name (runs <EXP>-<TAG>-seedN, report <EXP>-<TAG>.md).
 EXP ?= ours-kermany-best
 SEEDS ?= 1 2 3
 ENSEMBLE ?=
+SET ?=
+TAG ?=
 seeds: setup  ## one recipe over several training seeds (DVC queue) -> reports/repeats/$(EXP).md
-	$(BIN)/python -m stages.repeat $(EXP) --seeds $(SEEDS) --data-root $(DATA_ROOT) $(if $(ENSEMBLE),--ensemble,)
+	$(BIN)/python -m stages.repeat $(EXP) --seeds $(SEEDS) --data-root $(DATA_ROOT) $(if $(ENSEMBLE),--ensemble,) $(foreach s,$(SET),--set $(s)) $(if $(TAG),--tag $(TAG),)
 
 scoreboard: setup  ## every seed system on the real data (113 min on 2 cores) -> reports/seeds.md
 	$(BIN)/python -m stages.scoreboard --data-root $(DATA_ROOT)

@@ -515,6 +515,52 @@ def test_repeat_reports_each_seed_mean_sd_and_the_ensemble(monkeypatch, tmp_path
     ]
 
 
+def test_repeat_variant_runs_are_named_by_tag_and_queue_their_overrides(monkeypatch, tmp_path):
+    """--set changes every seed's run (before the seed), --tag names the runs and the report;
+    a typo'd key, a --set without a tag, a seed override or a bad tag stop before queuing."""
+    from stages.tools import queue as Q
+    from stages.tools import repeat as R
+
+    over = ["augment.classification.image_size=64", "train_classifier.epochs=20"]
+    batch = R.runs("ours-kermany-best", [1, 2], over, "64px")
+    assert [r.name for r in batch] == [
+        "ours-kermany-best-64px-seed1",
+        "ours-kermany-best-64px-seed2",
+    ]
+    assert batch[1].extra == (*over, "train_classifier.seed=2")
+    argv = Q.queue_argv(batch[0], "/d")
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "-S"]
+    # the recipe's own 150 px is replaced in place (DVC keeps only the last -S of a key)
+    assert "augment.classification.image_size=64" in sets
+    assert "augment.classification.image_size=150" not in sets
+    assert sets[-1] == "train_classifier.seed=1" and argv[4] == "ours-kermany-best-64px-seed1"
+    with pytest.raises(StageError, match="--tag"):
+        R.runs("ours-kermany-best", [1], over)
+    with pytest.raises(StageError, match="--seeds"):
+        R.runs("ours-kermany-best", [1], ["train_classifier.seed=7"], "s7")
+    with pytest.raises(StageError, match="letters"):
+        R.runs("ours-kermany-best", [1], over, "64 px")
+    R.check_keys(over)  # the repository's params.yaml has both keys
+    with pytest.raises(StageError, match="train_classifier.epoch is not a key"):
+        R.check_keys(["train_classifier.epoch=20"])
+    with pytest.raises(StageError, match="key=value"):
+        R.check_keys(["train_classifier.epochs"])
+    # the report says what changed and how to run it again
+    show = [{"rev": "a" * 40, "name": "main", "data": {}, "error": None, "experiments": [
+        _run_exp("ours-kermany-best-64px-seed1", 0.80, 0.90, 0.70, "2026-01-01T00:10:00", 0.02),
+        _run_exp("ours-kermany-best-seed1", 0.10, 0.10, 0.10, "2026-01-01T00:20:00", 0.02),
+    ]}]  # fmt: skip
+    monkeypatch.setattr(Q, "exp_show", lambda *a, **k: show)
+    monkeypatch.setattr(R.paths, "REPORTS", tmp_path)
+    R.main(
+        ["ours-kermany-best", "--seeds", "1", "--report-only", "--tag", "64px", "--set", over[0]]
+    )
+    text = (tmp_path / "repeats" / "ours-kermany-best-64px.md").read_text()
+    assert text.startswith("# `ours-kermany-best-64px` over training seeds")
+    assert "--set augment.classification.image_size=64 --tag 64px" in text
+    assert "`ours-kermany-best-64px-seed1` | 0.8000" in text and "0.1000" not in text
+
+
 def test_scoreboard_report_only_keeps_the_measured_times_and_their_machine(monkeypatch, tmp_path):
     from stages.common import paths
     from stages.tools import queue as Q

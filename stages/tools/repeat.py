@@ -3,8 +3,8 @@
 Inputs:  a named experiment of ``stages.tools.experiments``, training seeds, a data root, the DVC
          repository in the current directory (on a commit: runs go through the experiment queue,
          ``stages.tools.queue``).
-Outputs: DVC experiments ``<name>-seed<N>`` (each with its own model and metrics);
-         ``reports/repeats/<name>.md``: every seed's test figures and their mean +- sd
+Outputs: DVC experiments ``<name>[-<tag>]-seed<N>`` (each with its own model and metrics);
+         ``reports/repeats/<name>[-<tag>].md``: every seed's test figures and their mean +- sd
          (MedMNIST+ style: sample sd over seeds), with the hold-out beside them (validation
          accuracy / AUC and the largest epoch-to-epoch fall of validation accuracy); with
          ``--ensemble`` the seeds' models averaged as one model, scored by the evaluate stage on
@@ -14,13 +14,16 @@ Outputs: DVC experiments ``<name>-seed<N>`` (each with its own model and metrics
          hold the ensemble's figures (``dvc status`` shows evaluate@classification changed:
          ``dvc repro`` would score the single model again).
 Run:     python -m stages.repeat NAME [--seeds 1 2 3] [--data-root ../shared/data] [--ensemble]
-         [--workers 1] [--timeout 86400] [--report-only]
+         [--set KEY=VALUE ... --tag TAG] [--workers 1] [--timeout 86400] [--report-only]
+         ``--set`` changes the recipe for every seed (a variant, compared over the same seeds);
+         ``--tag`` names the variant, so its runs and report never mix with the recipe's own.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import statistics
 import subprocess
 from collections.abc import Sequence
@@ -47,9 +50,24 @@ def seed_key(name: str) -> str:
     )
 
 
-def runs(name: str, seeds: Sequence[int]) -> list[Q.Run]:
+def variant(name: str, tag: str | None) -> str:
+    """The name of recipe ``name`` changed by ``--set`` overrides and labelled ``tag``."""
+    return f"{name}-{tag}" if tag else name
+
+
+def runs(
+    name: str, seeds: Sequence[int], extra: Sequence[str] = (), tag: str | None = None
+) -> list[Q.Run]:
+    """One queued run per seed: the recipe, then ``extra`` overrides, then the seed."""
     key = seed_key(name)
-    return [Q.Run(f"{name}-seed{s}", name, (f"{key}={s}",)) for s in seeds]
+    if extra and not tag:
+        raise StageError("--set changes the recipe: name the variant with --tag")
+    if tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]*", tag):
+        raise StageError(f"--tag {tag!r}: use letters, digits, '_' and '.' (it names DVC runs)")
+    for o in extra:
+        if o.split("=", 1)[0].lstrip("+~") == key:
+            raise StageError(f"--set {o!r}: the seed is set by --seeds")
+    return [Q.Run(f"{variant(name, tag)}-seed{s}", name, (*extra, f"{key}={s}")) for s in seeds]
 
 
 def collect(show: list, run_names: Sequence[str]) -> dict[str, dict]:
@@ -64,17 +82,44 @@ def collect(show: list, run_names: Sequence[str]) -> dict[str, dict]:
     }
 
 
+def check_keys(overrides: Sequence[str], params_file: str = "params.yaml") -> None:
+    """Every ``--set`` names a key of params.yaml (a typo would otherwise only fail once its
+    queued run starts)."""
+    from stages.common.config import get_section, read_params
+
+    params = read_params(params_file)
+    for o in overrides:
+        if "=" not in o:
+            raise StageError(f"--set {o!r}: expected key=value")
+        if o.startswith("+"):
+            continue  # DVC's "+key=value" adds a new key
+        key = o.split("=", 1)[0].lstrip("~")
+        try:
+            get_section(params, key)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StageError(f"--set {o!r}: {key} is not a key of {params_file}") from exc
+
+
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def render(name: str, results: dict[str, dict], ensemble: dict | None) -> str:
+def render(
+    name: str,
+    results: dict[str, dict],
+    ensemble: dict | None,
+    extra: Sequence[str] = (),
+    tag: str | None = None,
+) -> str:
     exp = X.get(name)
+    options = "".join(f" --set {o}" for o in extra) + (f" --tag {tag}" if tag else "")
+    changed = f", changed by `{' '.join(extra)}`" if extra else ""
     lines = [
-        f"# `{name}` over training seeds",
+        f"# `{variant(name, tag)}` over training seeds",
         "",
-        f"{exp.title}. Written by `python -m stages.repeat {name}` from `dvc exp show --json`;",
+        f"{exp.title}{changed}. Written by `python -m stages.repeat {name}{options}` from",
+        "`dvc exp show --json`;",
         "test = the recipe's test split at the threshold chosen on validation (for",
         "`ours-kermany-best`: Kermany's official test, public half (312)).",
         "",
@@ -169,11 +214,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ensemble", action="store_true", help="score the seeds' mean as one")
     parser.add_argument("--replace", action="store_true", help="run every seed again")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="change the recipe"
+    )
+    parser.add_argument("--tag", help="the variant's name (required with --set)")
     args = parser.parse_args(argv)
     X.get(args.name)
     if len(set(args.seeds)) != len(args.seeds):
         raise StageError(f"--seeds repeat: {args.seeds}")
-    batch = runs(args.name, args.seeds)
+    check_keys(args.set)
+    batch = runs(args.name, args.seeds, args.set, args.tag)
     names = [r.name for r in batch]
     if not args.report_only:
         Q.queue(batch, args.data_root, args.replace)
@@ -183,8 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise StageError(f"no finished run of {', '.join(missing)}: run without --report-only")
     ens = ensemble(names) if args.ensemble else None
-    out = paths.REPORTS / "repeats" / f"{args.name}.md"
-    write_text_atomic(out, render(args.name, results, ens))
+    out = paths.REPORTS / "repeats" / f"{variant(args.name, args.tag)}.md"
+    write_text_atomic(out, render(args.name, results, ens, args.set, args.tag))
     print(out.read_text(), end="")
 
 
