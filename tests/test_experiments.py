@@ -569,7 +569,8 @@ def test_scoreboard_report_only_keeps_the_measured_times_and_their_machine(monke
     show = [{"rev": "a" * 40, "name": "main", "data": {}, "error": None, "experiments": [
         _run_exp("board-seed002-to-be", 0.85, 0.93, 0.70, "2026-01-01T01:10:00"),
     ]}]  # fmt: skip
-    monkeypatch.setattr(Q, "exp_show", lambda *a, **k: show)
+    # the runs belong to an older commit than HEAD: only `dvc exp show -A` lists them
+    monkeypatch.setattr(Q, "exp_show", lambda all_commits=False: show if all_commits else [])
     monkeypatch.setattr(paths, "REPORTS", tmp_path)
     (tmp_path / "seeds_wall_times.json").write_text(
         '{"machine": "AMD EPYC 9B14, 2 cores, 2026-01-01", "seconds": {"board-seed002-to-be": 600}}'
@@ -580,6 +581,43 @@ def test_scoreboard_report_only_keeps_the_measured_times_and_their_machine(monke
     kept = json.loads((tmp_path / "seeds_wall_times.json").read_text())
     assert kept == {"machine": "AMD EPYC 9B14, 2 cores, 2026-01-01",
                     "seconds": {"board-seed002-to-be": 600}}  # fmt: skip
+
+
+def test_scoreboard_partial_rerun_keeps_each_runs_machine():
+    """--names re-runs one system on another CPU: the older time keeps its machine, the report
+    marks which time came from where; one machine for all prints as before."""
+    from stages.tools import scoreboard as S
+
+    old = {
+        "machine": "AMD EPYC, 2026-01-01",
+        "seconds": {"board-seed002-to-be": 600, "board-seed002-as-is": 300},
+    }  # fmt: skip  (a file from before "machines")
+    merged = S.merge_timing(old, {"board-seed002-as-is": 240.0}, "Intel Xeon, 2026-02-02")
+    assert merged["seconds"] == {"board-seed002-to-be": 600, "board-seed002-as-is": 240.0}
+    assert merged["machines"] == {"board-seed002-to-be": "AMD EPYC, 2026-01-01",
+                                  "board-seed002-as-is": "Intel Xeon, 2026-02-02"}  # fmt: skip
+    assert merged["machine"] == "Intel Xeon, 2026-02-02"
+    assert S.merge_timing(merged, {}, "")["machines"] == merged["machines"]  # report-only
+    names = ["seed002-to-be", "seed002-as-is"]
+    show = [{"rev": "a" * 40, "name": "main", "data": {}, "error": None, "experiments": [
+        _run_exp("board-seed002-as-is", 0.70, 0.80, 0.50, "2026-02-02T01:30:00"),
+        _run_exp("board-seed002-to-be", 0.85, 0.93, 0.70, "2026-01-01T01:10:00"),
+    ]}]  # fmt: skip
+    results = S.collect(show, [f"board-{n}" for n in names])
+    text = S.render(results, merged["seconds"], names, merged["machines"])
+    assert "10.0 min [a] |" in text and "4.0 min [b] |" in text
+    assert "Total wall time: 14 min ([a] AMD EPYC, 2026-01-01; [b] Intel Xeon, 2026-02-02)." in text
+    # a call that ran only as-is: to-be finished before it started and is not re-timed
+    from datetime import datetime
+
+    start = datetime.fromisoformat("2026-02-02T01:26:00").timestamp()
+    assert S.measured_now(results, [f"board-{n}" for n in names], start) == {
+        "board-seed002-as-is": 240.0
+    }
+    assert S.measured_now(results, [f"board-{n}" for n in names], None) == {}
+    same = S.merge_timing(old, {}, "")
+    text = S.render(results, same["seconds"], names, same["machines"])
+    assert "[a]" not in text and "Total wall time: 15 min (AMD EPYC, 2026-01-01)." in text
 
 
 def test_scoreboard_table_and_wall_times():

@@ -7,7 +7,7 @@ Inputs:  the seed systems of ``stages.tools.experiments`` (``SCOREBOARD``: 000 c
          CPU), a data root, and the DVC repository in the current directory (on a commit; runs go
          through the experiment queue, one worker: ``stages.tools.queue``).
 Outputs: DVC experiments ``board-<name>``; ``reports/seeds_wall_times.json`` (seconds per run and
-         the machine they were measured on);
+         the machine each was measured on; ``--report-only`` leaves it as it is);
          ``reports/seeds.md``: per system its test split
          (Kermany's official test, public half (312), for the binary Kermany systems; a
          patient-grouped hold-out for the multi-class ones), ours (accuracy at the validation
@@ -104,9 +104,52 @@ def _published(exp: X.Experiment) -> str:
     return "; ".join(parts) or "—"
 
 
+def measured_now(results: dict[str, dict], order: Sequence[str], start: float | None) -> dict:
+    """Wall times of the runs that finished in this call (after ``start``): runs of an earlier
+    call keep the time and machine they were measured with."""
+    from datetime import datetime
+
+    if start is None:
+        return {}
+    stamp = {r: (results.get(r) or {}).get("timestamp") for r in order}
+    new = [r for r in order if stamp[r] and datetime.fromisoformat(stamp[r]).timestamp() > start]
+    return wall_times(results, new, start)
+
+
+def merge_timing(kept: dict, measured: dict[str, float], where: str) -> dict:
+    """The timing file after this call: ``kept`` (the file as read) with the runs measured now
+    on ``where``. Every run keeps the machine its own time was measured on (``machines``), so
+    a partial re-run (``--names``) on another CPU does not relabel the older times; ``machine``
+    is the newest. A file from before ``machines`` existed labels all its runs ``machine``."""
+    seconds = dict(kept.get("seconds", {}))
+    machines = dict(kept.get("machines") or dict.fromkeys(seconds, kept.get("machine", "")))
+    seconds.update(measured)
+    machines.update(dict.fromkeys(measured, where))
+    newest = where if measured else kept.get("machine", "")
+    return {"machine": newest, "seconds": seconds, "machines": machines}
+
+
+def _where_notes(walls: dict[str, float], runs: Sequence[str], where: str | dict[str, str]):
+    """(note per run, text for the total line): nothing per run when one machine made them all."""
+    if isinstance(where, str):
+        return {}, where
+    shown = [where.get(r, "") for r in runs if walls.get(r)]
+    distinct = list(dict.fromkeys(shown))
+    if len(distinct) <= 1:
+        return {}, distinct[0] if distinct else ""
+    mark = {m: f"[{chr(ord('a') + i)}]" for i, m in enumerate(distinct)}
+    notes = {r: mark[where.get(r, "")] for r in runs if walls.get(r)}
+    return notes, "; ".join(f"{mark[m]} {m or 'machine not recorded'}" for m in distinct)
+
+
 def render(
-    results: dict[str, dict], walls: dict[str, float], names: Sequence[str], where: str = ""
+    results: dict[str, dict],
+    walls: dict[str, float],
+    names: Sequence[str],
+    where: str | dict[str, str] = "",
 ) -> str:
+    """The report; ``where``: one machine for all wall times, or one per run (marked [a], [b]
+    ... in the table when they differ)."""
     lines = [
         "# Seed scoreboard: every seed system through this pipeline, on the real data",
         "",
@@ -123,6 +166,7 @@ def render(
         "|---|---|---|---|---|---|---|---|---|",
     ]
     total = 0.0
+    notes, where_text = _where_notes(walls, [f"{PREFIX}{n}" for n in names], where)
     for name in names:
         exp, run = X.get(name), f"{PREFIX}{name}"
         res = results.get(run)
@@ -137,9 +181,10 @@ def render(
         lines.append(
             f"| {exp.title} | `{name}` | {split}{n} | {SCOREBOARD_EPOCHS[name]} | "
             f"{cell['accuracy']} | {cell['roc_auc']} | {cell['specificity']} | {_published(exp)} | "
-            f"{f'{wall / 60:.1f} min' if wall else '—'} |"
+            f"{f'{wall / 60:.1f} min' if wall else '—'}{f' {notes[run]}' if run in notes else ''} |"
         )
-    lines += ["", f"Total wall time: {total / 60:.0f} min{f' ({where})' if where else ''}."]
+    total_line = f"Total wall time: {total / 60:.0f} min"
+    lines += ["", f"{total_line}{f' ({where_text})' if where_text else ''}."]
     return "\n".join(lines) + "\n"
 
 
@@ -158,20 +203,26 @@ def main(argv: list[str] | None = None) -> None:
         if Q.queue(batch, args.data_root, args.replace):
             start = time.time()
         Q.run(names, 1, args.timeout)
-    results = collect(Q.exp_show(), names)
+    # every commit's runs: the board was run on an older commit than the one that reports it
+    results = collect(Q.exp_show(all_commits=True), names)
     if not results:
         raise StageError("no finished scoreboard run: run without --report-only")
     timing = paths.REPORTS / "seeds_wall_times.json"  # measured once, kept for --report-only
     kept = read_json(timing) if timing.is_file() else {}
-    walls, where = dict(kept.get("seconds", {})), kept.get("machine", "")
-    measured = wall_times(results, names, start)
+    measured = measured_now(results, names, start)
+    where = ""
     if measured:  # the runs of this call: their machine and finishing day
         last = max(results[n]["timestamp"] for n in measured)
-        walls.update(measured)
         where = f"{machine()}, {str(last)[:10]}"
-    write_json(timing, {"machine": where, "seconds": walls})
+    else:  # nothing ran now: times the file lacks come from the runs' gaps, machine unknown
+        known = kept.get("seconds", {})
+        gaps = wall_times(results, names, None)
+        measured = {r: sec for r, sec in gaps.items() if r not in known}
+    merged = merge_timing(kept, measured, where)
+    if where:  # only a call that ran something writes the measurements
+        write_json(timing, merged)
     out = paths.REPORTS / "seeds.md"
-    write_text_atomic(out, render(results, walls, args.names, where))
+    write_text_atomic(out, render(results, merged["seconds"], args.names, merged["machines"]))
     print(out.read_text(), end="")
 
 
