@@ -547,18 +547,20 @@ def test_repeat_variant_runs_are_named_by_tag_and_queue_their_overrides(monkeypa
         R.check_keys(["train_classifier.epochs"])
     # the report says what changed and how to run it again
     show = [{"rev": "a" * 40, "name": "main", "data": {}, "error": None, "experiments": [
+        _run_exp("ours-kermany-best-64px-seed2", 0.82, 0.90, 0.70, "2026-01-01T00:30:00", 0.02),
         _run_exp("ours-kermany-best-64px-seed1", 0.80, 0.90, 0.70, "2026-01-01T00:10:00", 0.02),
         _run_exp("ours-kermany-best-seed1", 0.10, 0.10, 0.10, "2026-01-01T00:20:00", 0.02),
     ]}]  # fmt: skip
     monkeypatch.setattr(Q, "exp_show", lambda *a, **k: show)
     monkeypatch.setattr(R.paths, "REPORTS", tmp_path)
-    R.main(
-        ["ours-kermany-best", "--seeds", "1", "--report-only", "--tag", "64px", "--set", over[0]]
-    )
+    argv = ["ours-kermany-best", "--seeds", "1", "2", "--report-only", "--tag", "64px"]
+    R.main([*argv, "--set", over[0]])
     text = (tmp_path / "repeats" / "ours-kermany-best-64px.md").read_text()
     assert text.startswith("# `ours-kermany-best-64px` over training seeds")
     assert "--set augment.classification.image_size=64 --tag 64px" in text
     assert "`ours-kermany-best-64px-seed1` | 0.8000" in text and "0.1000" not in text
+    # rows in seed order, whatever order the runs finished in
+    assert text.index("64px-seed1`") < text.index("64px-seed2`")
 
 
 def test_scoreboard_report_only_keeps_the_measured_times_and_their_machine(monkeypatch, tmp_path):

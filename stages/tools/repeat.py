@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report_only:
         Q.queue(batch, args.data_root, args.replace)
         Q.run(names, args.workers, args.timeout)
-    results = collect(Q.exp_show(all_commits=True), names)  # also runs of older commits
+    found = collect(Q.exp_show(all_commits=True), names)  # also runs of older commits
+    results = {n: found[n] for n in names if n in found}  # in seed order, not finishing order
     missing = [n for n in names if n not in results]
     if missing:
         raise StageError(f"no finished run of {', '.join(missing)}: run without --report-only")
