@@ -585,6 +585,17 @@ def test_scoreboard_report_only_keeps_the_measured_times_and_their_machine(monke
                     "seconds": {"board-seed002-to-be": 600}}  # fmt: skip
 
 
+def _board_results(as_is_done: str, to_be_done: str) -> dict:
+    """The scoreboard's collected results of 002 AS-IS and TO-BE finishing at those times."""
+    from stages.tools import scoreboard as S
+
+    show = [{"rev": "a" * 40, "name": "main", "data": {}, "error": None, "experiments": [
+        _run_exp("board-seed002-as-is", 0.70, 0.80, 0.50, as_is_done),
+        _run_exp("board-seed002-to-be", 0.85, 0.93, 0.70, to_be_done),
+    ]}]  # fmt: skip
+    return S.collect(show, ["board-seed002-to-be", "board-seed002-as-is"])
+
+
 def test_scoreboard_partial_rerun_keeps_each_runs_machine():
     """--names re-runs one system on another CPU: the older time keeps its machine, the report
     marks which time came from where; one machine for all prints as before."""
@@ -601,11 +612,7 @@ def test_scoreboard_partial_rerun_keeps_each_runs_machine():
     assert merged["machine"] == "Intel Xeon, 2026-02-02"
     assert S.merge_timing(merged, {}, "")["machines"] == merged["machines"]  # report-only
     names = ["seed002-to-be", "seed002-as-is"]
-    show = [{"rev": "a" * 40, "name": "main", "data": {}, "error": None, "experiments": [
-        _run_exp("board-seed002-as-is", 0.70, 0.80, 0.50, "2026-02-02T01:30:00"),
-        _run_exp("board-seed002-to-be", 0.85, 0.93, 0.70, "2026-01-01T01:10:00"),
-    ]}]  # fmt: skip
-    results = S.collect(show, [f"board-{n}" for n in names])
+    results = _board_results("2026-02-02T01:30:00", "2026-01-01T01:10:00")
     text = S.render(results, merged["seconds"], names, merged["machines"])
     assert "10.0 min [a] |" in text and "4.0 min [b] |" in text
     assert "Total wall time: 14 min ([a] AMD EPYC, 2026-01-01; [b] Intel Xeon, 2026-02-02)." in text
@@ -626,11 +633,7 @@ def test_scoreboard_table_and_wall_times():
     from stages.tools import scoreboard as S
 
     names = ["seed002-to-be", "seed002-as-is"]
-    show = [{"rev": "a" * 40, "name": "main", "data": {}, "error": None, "experiments": [
-        _run_exp("board-seed002-as-is", 0.70, 0.80, 0.50, "2026-01-01T01:30:00"),
-        _run_exp("board-seed002-to-be", 0.85, 0.93, 0.70, "2026-01-01T01:10:00"),
-    ]}]  # fmt: skip
-    results = S.collect(show, [f"board-{n}" for n in names])
+    results = _board_results("2026-01-01T01:30:00", "2026-01-01T01:10:00")
     from datetime import datetime
 
     start = datetime.fromisoformat("2026-01-01T01:00:00").timestamp()
