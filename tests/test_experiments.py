@@ -202,6 +202,7 @@ def test_queue_resumes_requeues_failed_and_replaces(monkeypatch, tmp_path):
 
     monkeypatch.setattr(Q, "_dvc", fake)
     monkeypatch.setattr(Q, "has_commit", lambda: True)
+    monkeypatch.setattr(Q, "params_changed", lambda: False)
     names = ["seed002-to-be", "seed002-nogen-dropout", "seed002-sigmoid-bce-rmsprop",
              "seed002-gen-dropout"]  # fmt: skip
     # success and queued are kept, failed is removed and queued again, unknown is queued
@@ -217,6 +218,31 @@ def test_queue_resumes_requeues_failed_and_replaces(monkeypatch, tmp_path):
     monkeypatch.setattr(Q, "has_commit", lambda: False)
     with pytest.raises(StageError, match="commit"):
         A.queue(names, str(tmp_path))
+    monkeypatch.setattr(Q, "has_commit", lambda: True)
+    monkeypatch.setattr(Q, "params_changed", lambda: True)
+    calls.clear()
+    with pytest.raises(StageError, match="params.yaml differs from the last commit"):
+        A.queue(names, str(tmp_path))
+    assert not [c for c in calls if c[:2] == ["exp", "run"]]  # nothing queued
+
+
+def test_params_changed_sees_an_edited_or_checked_out_params_file(tmp_path, monkeypatch):
+    """What --ensemble leaves (another commit's params.yaml, staged) counts as changed."""
+    monkeypatch.chdir(tmp_path)
+    for args in (["init", "-q"], ["config", "user.name", "t"], ["config", "user.email", "t@t"]):
+        _git(tmp_path, *args)
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    _git(tmp_path, "add", "params.yaml")
+    _git(tmp_path, "commit", "-q", "-m", "one")
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    _git(tmp_path, "commit", "-q", "-am", "two")
+    assert not Q.params_changed()
+    _git(tmp_path, "checkout", "HEAD~1", "--", "params.yaml")  # staged, like --ensemble
+    assert Q.params_changed()
+    _git(tmp_path, "checkout", "HEAD", "--", "params.yaml")
+    assert not Q.params_changed()
+    (tmp_path / "params.yaml").write_text("a: 3\n")
+    assert Q.params_changed()
 
 
 # ----------------------------------------------------------------------------- run / status

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages.common.config import PARAMS_FILE
 from stages.common.utils import StageError
 from stages.tools import experiments as X
 
@@ -156,6 +157,14 @@ def has_commit() -> bool:
     return head.returncode == 0
 
 
+def params_changed() -> bool:
+    """True when the workspace params.yaml differs from HEAD's. A queued run takes the workspace
+    params and applies its overrides on top, so a key the recipe does not set would silently
+    come from whatever the workspace holds (``--ensemble`` leaves the first seed's params there)."""
+    diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", PARAMS_FILE])
+    return diff.returncode != 0
+
+
 def queue(runs: Sequence[Run], data_root: str, replace: bool = False) -> list[str]:
     """Queue each run once; returns the names queued.
 
@@ -167,6 +176,12 @@ def queue(runs: Sequence[Run], data_root: str, replace: bool = False) -> list[st
         X.get(r.experiment)  # unknown names fail before anything is queued
     if not has_commit():
         raise StageError("no git commit yet: commit the project first (queued runs use a commit)")
+    if params_changed():
+        raise StageError(
+            f"{PARAMS_FILE} differs from the last commit (an --ensemble run leaves the first "
+            "seed's params there): a recipe runs on the committed params plus its own overrides. "
+            f"Restore it (git checkout HEAD -- {PARAMS_FILE} dvc.lock) or commit it, then run again"
+        )
     root = str(Path(data_root).resolve())
     missing = sorted({p for r in runs for p in missing_inputs(r.experiment, root)})
     if missing:
