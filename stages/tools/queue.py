@@ -118,14 +118,19 @@ def number(value: Any) -> float | None:
     return float(value) if ok else None
 
 
+def override_key(override: str) -> str:
+    """The params key of a ``-S`` override: ``+a.b=1`` / ``~a.b`` / ``a.b=1`` -> ``a.b``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def merge_overrides(base: Sequence[str], extra: Sequence[str]) -> list[str]:
     """``base`` with ``extra`` applied: an extra for a key already there replaces it in place
     (DVC keeps only the last -S of a key), new keys are appended."""
-    merged = {o.split("=", 1)[0].lstrip("+~"): o for o in base}
+    merged = {override_key(o): o for o in base}
     for o in extra:
         if "=" not in o:
             raise StageError(f"--set {o!r}: expected key=value")
-        merged[o.split("=", 1)[0].lstrip("+~")] = o
+        merged[override_key(o)] = o
     return list(merged.values())
 
 

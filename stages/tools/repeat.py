@@ -65,7 +65,7 @@ def runs(
     if tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]*", tag):
         raise StageError(f"--tag {tag!r}: use letters, digits, '_' and '.' (it names DVC runs)")
     for o in extra:
-        if o.split("=", 1)[0].lstrip("+~") == key:
+        if Q.override_key(o) == key:
             raise StageError(f"--set {o!r}: the seed is set by --seeds")
     return [Q.Run(f"{variant(name, tag)}-seed{s}", name, (*extra, f"{key}={s}")) for s in seeds]
 
@@ -93,7 +93,7 @@ def check_keys(overrides: Sequence[str], params_file: str = "params.yaml") -> No
             raise StageError(f"--set {o!r}: expected key=value")
         if o.startswith("+"):
             continue  # DVC's "+key=value" adds a new key
-        key = o.split("=", 1)[0].lstrip("~")
+        key = Q.override_key(o)
         try:
             get_section(params, key)
         except (KeyError, TypeError, ValueError) as exc:
