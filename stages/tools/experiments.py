@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from stages.common.config import load_yaml
+from stages.common.pretrained import SOURCES
 
 DEFAULT_DATA_ROOT = "../shared/data"
 ROOT = "{data_root}"  # placeholder in string values, replaced by the data root
@@ -475,14 +476,23 @@ def command(name: str, data_root: str = DEFAULT_DATA_ROOT, queue: bool = False) 
     return shlex.join([*argv, get(name).target])
 
 
+def pretrained(set_params: Sequence[tuple[str, Any]]) -> list[str]:
+    """Networks whose ImageNet weights ``python -m stages.weights`` must fetch before a
+    run with these overrides trains (keras.applications' own files cannot be fetched here)."""
+    given = dict(set_params)
+    arch = given.get("train_classifier.arch")
+    return [arch] if given.get("train_classifier.weights") == "imagenet" and arch in SOURCES else []
+
+
 def commands(name: str, data_root: str = DEFAULT_DATA_ROOT, queue: bool = False) -> list[str]:
     """The shell lines that reproduce ``name``, in order, from the repository root."""
     exp = get(name)
+    fetch = [shlex.join(["python", "-m", "stages.weights", a]) for a in pretrained(exp.set_params)]
     if not exp.seeds:
-        return [command(name, data_root, queue)]
+        return [*fetch, command(name, data_root, queue)]
     argv = ["python", "-m", "stages.repeat", name, "--seeds", *map(str, exp.seeds)]
     argv += ["--data-root", data_root, *(["--ensemble"] if exp.ensemble else [])]
-    return [shlex.join(argv)]
+    return [*fetch, shlex.join(argv)]
 
 
 def apply_overrides(params: dict, overrides: Sequence[str]) -> dict:

@@ -32,6 +32,7 @@ from stages.common import paths
 from stages.common.utils import StageError, run_cli, write_bytes_atomic, write_text_atomic
 from stages.tools import experiments as X
 from stages.tools import queue as Q
+from stages.tools import weights as W
 
 log = logging.getLogger("stages.tools.repeat")
 FIGURES = ("accuracy", "roc_auc", "specificity", "recall", "n_test")
@@ -226,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     batch = runs(args.name, args.seeds, args.set, args.tag)
     names = [r.name for r in batch]
     if not args.report_only:
+        sets = [tuple(o.split("=", 1)) for o in args.set]
+        for arch in X.pretrained([*X.get(args.name).set_params, *sets]):
+            W.fetch(arch)  # before queuing: every seed's run reads the same file
         Q.queue(batch, args.data_root, args.replace)
         Q.run(names, args.workers, args.timeout)
     found = collect(Q.exp_show(all_commits=True), names)  # also runs of older commits
