@@ -538,7 +538,8 @@ def test_repeat_reports_each_seed_mean_sd_and_the_ensemble(monkeypatch, tmp_path
     assert R.experiment_revs(show)["ours-kermany-best-seed3"].startswith("6f7572")
     # the printed recipe is the one tool command
     assert X.commands("ours-kermany-best", "/d") == [
-        "python -m stages.repeat ours-kermany-best --seeds 1 2 3 --data-root /d --ensemble"
+        "python -m stages.weights efficientnet_lite0",  # its ImageNet weights, fetched once
+        "python -m stages.repeat ours-kermany-best --seeds 1 2 3 --data-root /d --ensemble",
     ]
 
 
