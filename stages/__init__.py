@@ -45,6 +45,7 @@ COMMANDS = {
     "repeat": "stages.tools.repeat",
     "scoreboard": "stages.tools.scoreboard",
     "weights": "stages.tools.weights",
+    "shift": "stages.tools.shift",
 }
 _TF_ROOTS = ("tensorflow", "keras", "tf_keras")
 

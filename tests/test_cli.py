@@ -31,6 +31,7 @@ COMMANDS = [
     "stages.scoreboard",
     "stages.param_table",
     "stages.remote",
+    "stages.shift",
 ]
 PROBE = """
 import json, runpy, sys
