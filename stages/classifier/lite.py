@@ -4,8 +4,8 @@ Inputs: an input shape; for ``load_state``, the arrays of the lukemelas-style st
 (``_conv_stem.weight``, ``_blocks.N._depthwise_conv.weight``...) that
 ``python -m stages.weights`` saves as ``.npz``. Outputs: ``efficientnet_lite0`` /
 ``efficientnet_lite2`` return the base without its ImageNet classifier (the 1280-channel
-feature map); ``load_state`` sets its weights and refuses a file of another network. Used by ``stages.classifier.models``; no
-run command of its own.
+feature map); ``load_state`` sets its weights and refuses a file of another network. Used by
+``stages.classifier.models``; no run command of its own.
 
 Lite0 (Tan & Le's mobile variant of EfficientNet-B0) drops squeeze-excite and swish for ReLU6:
 ~3.4 M parameters and 0.4 GFLOPs at 224 px, the cheapest ImageNet-pretrained base we could
@@ -145,7 +145,8 @@ def read_state(path: str) -> dict[str, np.ndarray]:
 def load_state(base: keras.Model, state: dict[str, np.ndarray], origin: str) -> None:
     """Copy a Lite state dict into ``base`` (its name says the variant): conv kernels OIHW ->
     HWIO (depthwise O1HW -> HWO1), BatchNorm (weight, bias, running_mean, running_var) ->
-    (gamma, beta, mean, var). Every key must be used, so a bigger variant's file is refused too."""
+    (gamma, beta, mean, var). Every array but the ImageNet classifier's (``_fc.*``) must be
+    used, so a bigger variant's file is refused too."""
     names = _torch_names(base.name)
     used = {f"{prefix}.{k}" for prefix in names.values()
             for k in ("weight", "bias", "running_mean", "running_var")}  # fmt: skip

@@ -87,7 +87,7 @@ def to_markdown(rows: list[tuple[str, str, int, np.ndarray]], cache_dir: Path) -
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(
         prog="python -m stages.shift",
-        description="Per-class image statistics of the augment cache, per split (shortcuts, shift).",
+        description="Per-class image statistics of the augment cache, split by split.",
     )
     ap.add_argument("--cache", type=Path, default=paths.CLASSIFICATION.augment)
     ap.add_argument("--out", type=Path, help="also write the table here (Markdown)")
