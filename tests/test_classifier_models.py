@@ -26,9 +26,9 @@ from stages.classifier.predict import predict_proba, to_probabilities  # noqa: E
 from stages.common.utils import StageError  # noqa: E402
 
 S = 48
-HEAVY = {"resnet50v2", "densenet121", "efficientnetb0"}  # minutes to trace a train step here
+HEAVY = {"resnet50v2", "densenet121", "efficientnetb0"}  # the biggest bases: marked slow
 # One step of these runs eagerly: tracing a train step of a 100-300-layer base costs 35-75 s on a
-# slower CPU (AMD EPYC, 2 cores) and 4-8 s eagerly; the step's math is the same. Graph-mode
+# slower CPU (AMD EPYC, 2 cores) and 3-7 s eagerly; the step's math is the same. Graph-mode
 # training is still exercised here for our own archs and efficientnet_lite0 (the recipe's base),
 # and end to end by tests/test_train_classifier.py.
 EAGER = HEAVY | {"efficientnet_lite2"}
