@@ -86,6 +86,7 @@ def test_multiclass_heads_are_accepted():
         ({"early_stopping": {"monitor": "val_auc", "mode": "min"}}, "worst epoch"),
         ({"optimiser": "adam"}, "unknown key"),
         ({"learning_rate": 0}, "learning_rate"),
+        ({"input_blur": -1}, "input_blur is a sigma"),
     ],
 )
 def test_config_refuses_bad_settings(over, message):
@@ -177,6 +178,52 @@ def test_imagenet_weights_fail_fast_offline(tmp_path, monkeypatch):
     assert resolve_weights("vgg16", "imagenet") == str(cached)
     with pytest.raises(StageError, match="neither none, imagenet nor an existing file"):
         resolve_weights("vgg16", str(tmp_path / "missing.h5"))
+
+
+def _gaussian_reference(images: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """NumPy reference: 2-D convolution with outer(kernel, kernel), edge-replicated borders."""
+    r = len(kernel) // 2
+    padded = np.pad(images, ((0, 0), (r, r), (r, r)), mode="edge").astype(np.float64)
+    k2 = np.outer(kernel, kernel)
+    out = np.zeros(images.shape, np.float64)
+    for dy in range(len(kernel)):
+        for dx in range(len(kernel)):
+            out += k2[dy, dx] * padded[:, dy : dy + images.shape[1], dx : dx + images.shape[2]]
+    return out
+
+
+def test_input_blur_is_a_fixed_gaussian_saved_with_the_model(tmp_path):
+    from stages.classifier.models import gaussian_kernel
+
+    kernel = gaussian_kernel(1.5)
+    assert len(kernel) == 11 and np.isclose(kernel.sum(), 1) and kernel.argmax() == 5
+    model = build_model(make_cfg(arch="resnet_small", input_blur=1.5), S)
+    lowpass = keras.Model(model.input, model.get_layer("lowpass").output)
+    x, y = _tiny_batch()
+    x[0] = 17.0  # a flat image stays flat, borders included (edge padding, not zeros)
+    out = lowpass.predict(x, verbose=0)[..., 0]
+    assert out.shape == (4, S, S)
+    np.testing.assert_allclose(out, _gaussian_reference(x[..., 0], kernel), atol=1e-3)
+    np.testing.assert_allclose(out[0], 17.0, atol=1e-4)
+    assert out[1].std() < 0.5 * x[1].std()  # white noise loses most of its variance
+    # Not trained: a step changes the network, never the filter.
+    model.compile(optimizer="adam", loss="binary_crossentropy", jit_compile=False)
+    before = model.get_layer("lowpass").get_weights()[0].copy()
+    model.train_on_batch(x, y)
+    np.testing.assert_array_equal(model.get_layer("lowpass").get_weights()[0], before)
+    # Saved in the .keras file with plain layers: loads in safe mode, same outputs.
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, compile=False, safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    assert "lowpass" not in [
+        lyr.name for lyr in build_model(make_cfg(arch="resnet_small"), S).layers
+    ]
+
+
+def test_input_blur_wider_than_the_image_is_refused():
+    with pytest.raises(StageError, match="input_blur 8.0 needs images larger than 48 px"):
+        build_model(make_cfg(arch="resnet_small", input_blur=8.0), 24)
 
 
 def test_too_small_images_are_refused_clearly():

@@ -128,6 +128,9 @@ class TrainClassifierConfig:
     # "precise BN": before each validation, BatchNorm statistics re-estimated over this many
     # training batches with the current weights (0 = off; no effect on BN-free archs like to_be)
     bn_recalibration: int = 50
+    # Fixed Gaussian low-pass of the input, sigma in px (0 = off), inside the model so serving
+    # filters alike: fine texture (train's normal films are sharper) stops being a class cue.
+    input_blur: float = 0.0
     seed: int = 42
     threads: int = 0  # 0 = all cores
 
@@ -145,6 +148,10 @@ class TrainClassifierConfig:
         )
         check(0 <= self.mixup <= 2, f"mixup must be in [0, 2] (0 = off), got {self.mixup}")
         check(self.bn_recalibration >= 0, "bn_recalibration must be >= 0 (0 = off)")
+        check(
+            0 <= self.input_blur <= 8,
+            f"input_blur is a sigma in px: 0 (off) to 8, got {self.input_blur}",
+        )
         slots = DROPOUT_SLOTS[self.arch]
         if self.dropout is not None:
             check(

@@ -15,10 +15,12 @@ Kaggle code (two conv layers per block, separable convs in blocks 2-5, Dense 512
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers
 
 from stages.classifier import lite
@@ -83,10 +85,11 @@ def build_model(cfg: TrainClassifierConfig, image_size: int) -> keras.Model:
     """The model for ``cfg.arch`` on (image_size, image_size, 1) inputs, not compiled."""
     rates = cfg.dropout_rates
     inputs = keras.Input((image_size, image_size, 1), name="image")
+    x = _lowpass(inputs, cfg.input_blur, image_size) if cfg.input_blur else inputs
     if cfg.arch in APPLICATION_ARCHS:
-        x = _application(cfg, inputs, image_size)
+        x = _application(cfg, x, image_size)
     else:
-        x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+        x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
         try:
             x = _OWN[cfg.arch](x, rates)
         except ValueError as exc:  # a valid-padded conv ran out of pixels
@@ -96,6 +99,37 @@ def build_model(cfg: TrainClassifierConfig, image_size: int) -> keras.Model:
     x = _dropout(x, rates[-1]) if cfg.arch in _POOLED else x
     outputs = layers.Dense(cfg.head.units, activation=cfg.head.activation, name="head")(x)
     return keras.Model(inputs, outputs, name=cfg.arch)
+
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """Normalised 1-D Gaussian of standard deviation ``sigma`` px, radius ceil(3 sigma)."""
+    radius = max(1, math.ceil(3 * sigma))
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (t / sigma) ** 2)
+    return (k / k.sum()).astype(np.float32)
+
+
+def _lowpass(x, sigma: float, size: int):
+    """Fixed (untrained) Gaussian low-pass of the grey input, part of the saved model so that
+    evaluate, predict and serving filter exactly as training did. Borders are edge-replicated
+    with plain Cropping2D/Concatenate layers (a zero pad would darken the frame; no custom layer,
+    so any Keras loads the file in safe mode)."""
+    k = gaussian_kernel(sigma)
+    r = len(k) // 2
+    if r >= size:
+        raise StageError(f"input_blur {sigma} needs images larger than {2 * r} px, got {size}")
+
+    for axis in (1, 2):  # rows (height), then columns (the width is still ``size``)
+        first, last = ((0, size - 1), (0, 0)), ((size - 1, 0), (0, 0))
+        if axis == 2:
+            first, last = first[::-1], last[::-1]
+        x = layers.Concatenate(axis=axis)(
+            [layers.Cropping2D(first)(x)] * r + [x] + [layers.Cropping2D(last)(x)] * r
+        )
+    conv = layers.DepthwiseConv2D(len(k), use_bias=False, trainable=False, name="lowpass")
+    x = conv(x)
+    conv.set_weights([np.outer(k, k)[:, :, None, None]])
+    return x
 
 
 def _dropout(x, rate: float):
