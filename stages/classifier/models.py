@@ -116,7 +116,7 @@ def _lowpass(x, sigma: float, size: int):
     so any Keras loads the file in safe mode)."""
     k = gaussian_kernel(sigma)
     r = len(k) // 2
-    if r >= size:
+    if 2 * r >= size:  # the kernel (2r + 1 px) must fit inside the image
         raise StageError(f"input_blur {sigma} needs images larger than {2 * r} px, got {size}")
 
     for axis in (1, 2):  # rows (height), then columns (the width is still ``size``)
