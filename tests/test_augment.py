@@ -577,3 +577,29 @@ def test_blur_spans_sharp_to_fully_smoothed():
     assert (s >= lo - 1e-3).all() and (s <= hi + 1e-3).all()
     assert s.min() < lo.max() + 0.3 * (hi - lo).max() and s.max() > hi.min() - 0.3 * (hi - lo).max()
     assert len(np.unique(np.round(s, 3))) > 20  # a fresh weight per image and step
+
+
+def test_aspect_scales_the_width_alone_both_ways():
+    # aspect exists against an aspect-ratio shortcut (Kermany's 224 px copy squeezed wider
+    # films more): each image's width must scale by exp(U(-x, x)) while its height stays put.
+    import tensorflow as tf
+
+    from stages.classifier.augment import build_augmenter
+    from stages.classifier.config import ClassificationPolicy
+
+    x = np.zeros((16, 64, 64, 1), np.float32)
+    x[:, 17:47, 22:42] = 255.0  # a 20 px wide, 30 px high bright box, centred
+    keys = ("rotation", "zoom", "shear", "shift", "brightness", "contrast")
+    policy = parse(ClassificationPolicy, {**dict.fromkeys(keys, 0), "hflip": False, "aspect": 0.4})
+    assert policy.geometric and policy.active
+    a = build_augmenter(policy, 1)(tf.constant(x), 3).numpy()[..., 0]
+    np.testing.assert_array_equal(a, build_augmenter(policy, 1)(tf.constant(x), 3).numpy()[..., 0])
+    widths = (a[:, 32] > 127.5).sum(axis=1)  # the middle row
+    heights = (a[:, :, 32] > 127.5).sum(axis=1)  # the middle column
+    np.testing.assert_array_equal(heights, 30)
+    assert widths.min() >= 20 * np.exp(-0.4) - 1 and widths.max() <= 20 * np.exp(0.4) + 1
+    assert widths.min() < 18 and widths.max() > 22  # squeezed and stretched within one batch
+    off = parse(ClassificationPolicy, {**dict.fromkeys(keys, 0), "hflip": False, "aspect": 0.0})
+    assert not off.active
+    with pytest.raises(ConfigError, match="aspect must be in"):
+        parse(ClassificationPolicy, {"aspect": 0.6})

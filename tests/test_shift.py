@@ -55,11 +55,25 @@ def test_the_table_separates_what_separates_the_classes(tmp_path, capsys):
 
 def test_image_stats_match_numpy_on_one_image():
     img = np.add.outer(np.arange(S), 3 * np.arange(S)).astype(np.uint8)[None]
-    mean, sd, p1, p99, sharp = shift.image_stats(img)[0]
+    mean, sd, p1, p99, sharp, aniso = shift.image_stats(img)[0]
     x = img[0].astype(np.float64)
     assert mean == pytest.approx(x.mean()) and sd == pytest.approx(x.std())
     assert (p1, p99) == pytest.approx(tuple(np.percentile(x, [1, 99])))
     assert sharp == pytest.approx(3.0)  # neighbours along a row differ by three grey levels
+    assert aniso == pytest.approx(np.log(3.0), rel=1e-5)  # and along a column by one
+    assert shift.image_stats(np.full((1, S, S), 7, np.uint8))[0, 5] == 0.0  # flat: no NaN
+
+
+def test_anisotropy_sees_a_film_squeezed_sideways():
+    # Kermany's 224 px copy squeezed wider films more; a squeeze must raise the anisotropy.
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    film = uniform_filter(rng.normal(128, 40, (96, 144)), 5).clip(0, 255).astype(np.uint8)
+    square = np.asarray(Image.fromarray(film[:, 24:120]).resize((48, 48), Image.BILINEAR))
+    squeezed = np.asarray(Image.fromarray(film).resize((48, 48), Image.BILINEAR))
+    a_square, a_squeezed = shift.image_stats(np.stack([square, squeezed]))[:, 5]
+    assert abs(a_square) < 0.15 and a_squeezed > a_square + 0.2
 
 
 def test_a_missing_cache_fails_clearly_and_writes_nothing(tmp_path):

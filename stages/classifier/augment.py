@@ -7,9 +7,10 @@ comes from ``augment.classification.policy`` in params.yaml. No run command of i
 Why not Keras RandomRotation/RandomZoom/RandomShear/RandomTranslation layers: each is a separate
 bilinear warp (four resamplings blur the image and cost four passes), and their SeedGenerator is
 a stateful variable, so a parallel ``map`` draws in a non-deterministic order. Here one random
-affine per image (rotation x shear x zoom x flip + shift) is composed and applied in a single
-XLA-compiled bilinear warp (same numbers as ImageProjectiveTransformV3, ~5x faster on CPU), with
-stateless RNG keyed by (seed, batch key): bit-identical results for any ``num_parallel_calls``.
+affine per image (rotation x shear x zoom x aspect x flip + shift) is composed and applied in a
+single XLA-compiled bilinear warp (same numbers as ImageProjectiveTransformV3, ~5x faster on
+CPU), with stateless RNG keyed by (seed, batch key): bit-identical results for any
+``num_parallel_calls``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def _affine(policy: ClassificationPolicy, seed: tf.Tensor, n, h, w) -> tf.Tensor
     theta = _uniform(seed, 0, n, math.radians(policy.rotation))
     shear = _uniform(seed, 1, n, policy.shear)
     zoom = _uniform(seed, 2, n, policy.zoom, 1.0)
+    # A new fold-in key, so every other draw is unchanged when aspect is switched on or off.
+    aspect = tf.exp(_uniform(seed, 16, n, policy.aspect)) if policy.aspect else tf.ones([n])
     hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
     tx = _uniform(seed, 3, n, policy.shift) * wf
     ty = _uniform(seed, 4, n, policy.shift) * hf
@@ -44,10 +47,10 @@ def _affine(policy: ClassificationPolicy, seed: tf.Tensor, n, h, w) -> tf.Tensor
         coin = tf.random.stateless_uniform([n], tf.random.experimental.stateless_fold_in(seed, 5))
         flip = tf.where(coin < 0.5, -1.0, 1.0)
     cos, sin = tf.cos(theta), tf.sin(theta)
-    # A = R(theta) @ [[1, shear], [0, 1]] @ diag(zoom * flip, zoom)
-    a00 = cos * zoom * flip
+    # A = R(theta) @ [[1, shear], [0, 1]] @ diag(zoom * aspect * flip, zoom)
+    a00 = cos * zoom * aspect * flip
     a01 = (cos * shear - sin) * zoom
-    a10 = sin * zoom * flip
+    a10 = sin * zoom * aspect * flip
     a11 = (sin * shear + cos) * zoom
     cx, cy = (wf - 1.0) / 2.0, (hf - 1.0) / 2.0  # TF samples pixel centres at integer coords
     b0 = cx - a00 * cx - a01 * cy + tx

@@ -279,6 +279,9 @@ class ClassificationPolicy:
     exponent exp(U(-g, g)) on the [0, 1] intensities; blur: a 3x3 Gaussian blend of weight
     U(0, x); noise: Gaussian noise of sd U(0, x) x 255; erase: with probability 0.5 one square of
     U(0.1, x) of the area filled with the image mean (random erasing, against shortcut marks).
+    aspect: horizontal scale exp(U(-x, x)) on top of zoom (the width alone stretched or squeezed):
+    against an aspect-ratio shortcut, e.g. Kermany's 224 px copy squeezed every film to a square,
+    and its pneumonia films were wider originals than its normal ones.
     """
 
     rotation: float = 10.0
@@ -296,6 +299,7 @@ class ClassificationPolicy:
     blur: float = 0.0
     noise: float = 0.0
     erase: float = 0.0
+    aspect: float = 0.0
 
     def __post_init__(self) -> None:
         check(
@@ -309,6 +313,7 @@ class ClassificationPolicy:
             f"erase must be 0 or in (0.1, 0.5], got {self.erase}",
         )
         check(0 <= self.zoom < 1, f"zoom must be in [0, 1), got {self.zoom}")
+        check(0 <= self.aspect <= 0.5, f"aspect must be in [0, 0.5], got {self.aspect}")
         check(0 <= self.shear <= 1, f"shear must be in [0, 1], got {self.shear}")
         check(0 <= self.shift <= 0.5, f"shift must be in [0, 0.5], got {self.shift}")
         check(0 <= self.brightness <= 1, f"brightness must be in [0, 1], got {self.brightness}")
@@ -316,7 +321,7 @@ class ClassificationPolicy:
 
     @property
     def geometric(self) -> bool:
-        return any((self.rotation, self.zoom, self.shear, self.shift))
+        return any((self.rotation, self.zoom, self.shear, self.shift, self.aspect))
 
     @property
     def active(self) -> bool:

@@ -112,8 +112,9 @@ class ClassificationSource(SourceExtras):
     classes: dict[str, str] | None = optional(None)
     patient_regex: str | None = optional(None)
     limit: int | None = optional(None)
-    # Store every image of this source resized to N x N (stretch) first, e.g. 28 to render an
-    # external test set the way MedMNIST rendered PneumoniaMNIST from the same originals.
+    # Store every image of this source resized to N x N (stretch) first, e.g. 28 to score a
+    # PneumoniaMNIST model on other films. MedMNIST cropped each original to its central square
+    # first; a copy already stretched to a square (kermany224) no longer shows where that was.
     render_size: int | None = optional(None)
 
     def __post_init__(self) -> None:

@@ -95,7 +95,7 @@ def _ingest(item: Item, images_dir: Path) -> tuple[int, int, str] | dict:
         return {"path": rec.where, "reason": "unsupported", "detail": str(exc)}
     dest = images_dir / item.out_rel
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if item.render_size:  # e.g. 28 px, as MedMNIST rendered its files from the originals
+    if item.render_size:  # e.g. 28 px like MedMNIST's files (whole film: see render_size)
         arr = resize_gray(arr, item.render_size, "stretch")[0]
         write_png(arr, dest)
     elif rec.src is not None and _is_gray8_png(rec.src):

@@ -106,7 +106,7 @@ def official_test(name: str) -> bool:
 def _policy(fill: str = "nearest", hflip: bool = False, **ranges: float) -> tuple:
     """Every augment.classification.policy key pinned: the ones not given are off."""
     keys = ("rotation", "zoom", "shear", "shift", "brightness", "contrast", "gamma", "blur",
-            "noise", "erase")  # fmt: skip
+            "noise", "erase", "aspect")  # fmt: skip
     vals = {k: float(ranges.pop(k, 0.0)) for k in keys}
     if ranges:
         raise TypeError(f"unknown policy keys {sorted(ranges)}")
