@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from stages.classifier.config import ClassificationPolicy
 from stages.common.config import load_yaml
 from stages.common.pretrained import SOURCES
 
@@ -105,8 +106,9 @@ def official_test(name: str) -> bool:
 
 def _policy(fill: str = "nearest", hflip: bool = False, **ranges: float) -> tuple:
     """Every augment.classification.policy key pinned: the ones not given are off."""
-    keys = ("rotation", "zoom", "shear", "shift", "brightness", "contrast", "gamma", "blur",
-            "noise", "erase", "aspect")  # fmt: skip
+    # The ranges are the policy's float fields (hflip and fill_mode are passed on their own), so a
+    # new range in ClassificationPolicy is pinned here without a second list to keep in step.
+    keys = [f.name for f in dataclasses.fields(ClassificationPolicy) if f.type == "float"]
     vals = {k: float(ranges.pop(k, 0.0)) for k in keys}
     if ranges:
         raise TypeError(f"unknown policy keys {sorted(ranges)}")
