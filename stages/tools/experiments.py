@@ -108,7 +108,7 @@ def _policy(fill: str = "nearest", hflip: bool = False, **ranges: float) -> tupl
     """Every augment.classification.policy key pinned: the ones not given are off."""
     # The ranges are the policy's float fields (hflip and fill_mode are passed on their own), so a
     # new range in ClassificationPolicy is pinned here without a second list to keep in step.
-    keys = [f.name for f in dataclasses.fields(ClassificationPolicy) if f.type == "float"]
+    keys = [f.name for f in dataclasses.fields(ClassificationPolicy) if f.type in (float, "float")]
     vals = {k: float(ranges.pop(k, 0.0)) for k in keys}
     if ranges:
         raise TypeError(f"unknown policy keys {sorted(ranges)}")
