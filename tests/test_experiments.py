@@ -528,8 +528,14 @@ def test_repeat_reports_each_seed_mean_sd_and_the_ensemble(monkeypatch, tmp_path
     m, sd = R.mean_sd([0.80, 0.90, 0.85])
     assert m == pytest.approx(0.85) and sd == pytest.approx(0.05)
     text = R.render("ours-kermany-best", results, {"accuracy": 0.88, "roc_auc": 0.95,
-                    "specificity": 0.85, "recall": 0.9, "n_test": 312})  # fmt: skip
+                    "specificity": 0.85, "recall": 0.9, "n_test": 312}, seeds=[1, 2, 3])  # fmt: skip
     assert "| mean +- sd (3 seeds) | 0.850 +- 0.050 | 0.920 +- 0.020 | 0.800 +- 0.100 |" in text
+    # the report names the command that wrote it, seeds and ensemble included
+    assert "`python -m stages.repeat ours-kermany-best --seeds 1 2 3 --ensemble`" in text
+    one = R.render("ours-kermany-best", {k: results[k] for k in ["ours-kermany-best-seed2"]},
+                   None, seeds=[2])  # fmt: skip
+    assert "`python -m stages.repeat ours-kermany-best --seeds 2`" in one
+    assert "mean +- sd" not in one and "| `ours-kermany-best-seed2` |" in one
     # the hold-out beside the test: val accuracy (test + 0.1 here), val AUC, the largest drop
     row = next(line for line in text.splitlines() if line.startswith("| `ours-kermany-best-seed3`"))
     assert row.endswith("| 0.9500 | 0.9900 | 0.0900 |"), row

@@ -112,9 +112,15 @@ def render(
     ensemble: dict | None,
     extra: Sequence[str] = (),
     tag: str | None = None,
+    seeds: Sequence[int] = (),
 ) -> str:
     exp = X.get(name)
-    options = "".join(f" --set {o}" for o in extra) + (f" --tag {tag}" if tag else "")
+    options = (
+        (f" --seeds {' '.join(map(str, seeds))}" if seeds else "")
+        + (" --ensemble" if ensemble else "")
+        + "".join(f" --set {o}" for o in extra)
+        + (f" --tag {tag}" if tag else "")
+    )
     changed = f", changed by `{' '.join(extra)}`" if extra else ""
     lines = [
         f"# `{variant(name, tag)}` over training seeds",
@@ -135,7 +141,7 @@ def render(
         cells = [_fmt(figs.get(k)) for k in (*FIGURES, *HOLDOUT)]
         lines.append(f"| `{run}` | " + " | ".join(cells) + " |")
     done = [f for f in results.values() if all(f.get(k) is not None for k in FIGURES[:-1])]
-    if done:
+    if len(done) > 1:  # a mean +- sd of one run says nothing
         cells = []
         for k in (*FIGURES[:-1], None, *HOLDOUT):
             values = [f[k] for f in done if f.get(k) is not None] if k else []
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         raise StageError(f"no finished run of {', '.join(missing)}: run without --report-only")
     ens = ensemble(names) if args.ensemble else None
     out = paths.REPORTS / "repeats" / f"{variant(args.name, args.tag)}.md"
-    write_text_atomic(out, render(args.name, results, ens, args.set, args.tag))
+    write_text_atomic(out, render(args.name, results, ens, args.set, args.tag, args.seeds))
     print(out.read_text(), end="")
 
 
