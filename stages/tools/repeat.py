@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shlex
 import statistics
 import subprocess
 from collections.abc import Sequence
@@ -115,17 +116,21 @@ def render(
     seeds: Sequence[int] = (),
 ) -> str:
     exp = X.get(name)
-    options = (
-        (f" --seeds {' '.join(map(str, seeds))}" if seeds else "")
-        + (" --ensemble" if ensemble else "")
-        + "".join(f" --set {o}" for o in extra)
-        + (f" --tag {tag}" if tag else "")
-    )
+    # the command as run, quoted as experiments.commands quotes it (a --set value may hold spaces)
+    argv = [
+        "python",
+        "-m",
+        "stages.repeat",
+        name,
+        *(["--seeds", *map(str, seeds)] if seeds else []),
+    ]
+    argv += [*(["--ensemble"] if ensemble else []), *(a for o in extra for a in ("--set", o))]
+    argv += ["--tag", tag] if tag else []
     changed = f", changed by `{' '.join(extra)}`" if extra else ""
     lines = [
         f"# `{variant(name, tag)}` over training seeds",
         "",
-        f"{exp.title}{changed}. Written by `python -m stages.repeat {name}{options}` from",
+        f"{exp.title}{changed}. Written by `{shlex.join(argv)}` from",
         "`dvc exp show --json`;",
         "test = the recipe's test split at the threshold chosen on validation (for",
         "`ours-kermany-best`: Kermany's official test, public half (312)).",
