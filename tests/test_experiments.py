@@ -547,6 +547,11 @@ def test_repeat_reports_each_seed_mean_sd_and_the_ensemble(monkeypatch, tmp_path
         "python -m stages.weights efficientnet_lite0",  # its ImageNet weights, fetched once
         "python -m stages.repeat ours-kermany-best --seeds 1 2 3 --data-root /d --ensemble",
     ]
+    # both PneumoniaMNIST recipes, the proxy included, print the same three seeds' ensemble
+    for name in ("ours-pneumoniamnist", "ours-pneumoniamnist-public-half"):
+        assert X.commands(name, "/d") == [
+            f"python -m stages.repeat {name} --seeds 1 2 3 --data-root /d --ensemble"
+        ]
 
 
 def test_repeat_variant_runs_are_named_by_tag_and_queue_their_overrides(monkeypatch, tmp_path):
