@@ -500,15 +500,31 @@ def pretrained(set_params: Sequence[tuple[str, Any]]) -> list[str]:
     return [arch] if given.get("train_classifier.weights") == "imagenet" and arch in SOURCES else []
 
 
+def repeat_command(
+    name: str,
+    seeds: Sequence[int] = (),
+    data_root: str | None = None,
+    ensemble: bool = False,
+    sets: Sequence[str] = (),
+    tag: str | None = None,
+) -> str:
+    """The ``python -m stages.repeat`` line, quoted: what ``commands`` prints and what a
+    repeat report names as its writer (one grammar for both)."""
+    argv = ["python", "-m", "stages.repeat", name]
+    argv += ["--seeds", *map(str, seeds)] if seeds else []
+    argv += ["--data-root", data_root] if data_root else []
+    argv += ["--ensemble"] if ensemble else []
+    argv += [a for o in sets for a in ("--set", o)] + (["--tag", tag] if tag else [])
+    return shlex.join(argv)
+
+
 def commands(name: str, data_root: str = DEFAULT_DATA_ROOT, queue: bool = False) -> list[str]:
     """The shell lines that reproduce ``name``, in order, from the repository root."""
     exp = get(name)
     fetch = [shlex.join(["python", "-m", "stages.weights", a]) for a in pretrained(exp.set_params)]
     if not exp.seeds:
         return [*fetch, command(name, data_root, queue)]
-    argv = ["python", "-m", "stages.repeat", name, "--seeds", *map(str, exp.seeds)]
-    argv += ["--data-root", data_root, *(["--ensemble"] if exp.ensemble else [])]
-    return [*fetch, shlex.join(argv)]
+    return [*fetch, repeat_command(name, exp.seeds, data_root, exp.ensemble)]
 
 
 def apply_overrides(params: dict, overrides: Sequence[str]) -> dict:

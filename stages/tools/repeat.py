@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import shlex
 import statistics
 import subprocess
 from collections.abc import Sequence
@@ -116,21 +115,13 @@ def render(
     seeds: Sequence[int] = (),
 ) -> str:
     exp = X.get(name)
-    # the command as run, quoted as experiments.commands quotes it (a --set value may hold spaces)
-    argv = [
-        "python",
-        "-m",
-        "stages.repeat",
-        name,
-        *(["--seeds", *map(str, seeds)] if seeds else []),
-    ]
-    argv += [*(["--ensemble"] if ensemble else []), *(a for o in extra for a in ("--set", o))]
-    argv += ["--tag", tag] if tag else []
+    # the command as run (a --set value may hold spaces: quoted)
+    written_by = X.repeat_command(name, seeds, ensemble=bool(ensemble), sets=extra, tag=tag)
     changed = f", changed by `{' '.join(extra)}`" if extra else ""
     lines = [
         f"# `{variant(name, tag)}` over training seeds",
         "",
-        f"{exp.title}{changed}. Written by `{shlex.join(argv)}` from",
+        f"{exp.title}{changed}. Written by `{written_by}` from",
         "`dvc exp show --json`;",
         "test = the recipe's test split at the threshold chosen on validation (for",
         "`ours-kermany-best`: Kermany's official test, public half (312)).",
