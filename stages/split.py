@@ -131,7 +131,8 @@ def split_official(df: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.Series, dict]
         found = sorted(set(src) - {""}) or ["none"]
         raise StageError(
             "split mode 'official' needs a source with its own test split, but the manifest has "
-            f"none (source_split values: {', '.join(found)}); use mode: random"
+            f"none (source_split values: {', '.join(found)}): add a test source (a "
+            "data.<task>.sources entry with split: test) or use mode: random"
         )
     split = pd.Series("", index=df.index, dtype=object)
     split[is_test] = "test"

@@ -191,6 +191,42 @@ def test_titles_are_unique_and_name_the_configured_size():
             assert params[key] == int(size), f"{e.name}: title says {size} px, params {params[key]}"
 
 
+def test_failed_run_shows_the_error_not_the_progress_bar_frames(monkeypatch):
+    """A captured log has one line per tqdm frame; the failure message keeps the last frame
+    of each bar, so the error line is in the tail and the bar appears once."""
+    frames = [f"intake: {p:3d}%|{'#' * (p // 10)}| {p * 52}/5232" for p in range(0, 101, 5)]
+    log = "\n".join(
+        [
+            "Reproducing experiment 'x'",
+            *frames,
+            "error: split mode 'official' needs a test split",
+            "saving: 100%|#| 3/3",
+            "ERROR: failed to reproduce 'split'",
+        ]
+    )
+    assert Q.log_tail(log, 5) == [
+        "Reproducing experiment 'x'", frames[-1], "error: split mode 'official' needs a test split",
+        "saving: 100%|#| 3/3", "ERROR: failed to reproduce 'split'",
+    ]  # fmt: skip
+    assert Q.log_tail(log, 2) == ["saving: 100%|#| 3/3", "ERROR: failed to reproduce 'split'"]
+    two_bars = "a:  10%|#| 1/10\nb:  50%|#| 1/2\na:  20%|#| 2/10"  # other bars are not merged
+    assert Q.log_tail(two_bars, 9) == two_bars.splitlines()
+
+    def fake(args, check=True):
+        return subprocess.CompletedProcess(
+            args, 0, log if args[:2] == ["queue", "logs"] else "", ""
+        )
+
+    monkeypatch.setattr(Q, "_dvc", fake)
+    monkeypatch.setattr(Q, "wait", lambda names, *a: {n: "failed" for n in names})
+    with pytest.raises(StageError) as err:
+        Q.run(["seed1"], workers=1, timeout=1)
+    msg = str(err.value)
+    assert msg.startswith("1 experiment(s) failed: seed1\n")
+    assert "needs a test split" in msg and frames[-1] in msg
+    assert frames[-2] not in msg and msg.count("intake:") == 1
+
+
 def test_queue_resumes_requeues_failed_and_replaces(monkeypatch, tmp_path):
     (tmp_path / "kermany224").mkdir()
     (tmp_path / "kermany_test_public").mkdir()

@@ -158,7 +158,9 @@ def test_official_keeps_test_folder_exactly(tmp_path):
 
 def test_official_without_test_source_is_clear_error(tmp_path):
     fake_manifest(tmp_path / "raw", n_patients=10)
-    with pytest.raises(StageError, match="own test split.*use mode: random"):
+    with pytest.raises(
+        StageError, match="own test split.*sources entry with split: test.*use mode: random"
+    ):
         run(SplitConfig(mode="official"), tmp_path)
     assert not (tmp_path / "out").exists()
 

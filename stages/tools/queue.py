@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ log = logging.getLogger("stages.tools.queue")
 PENDING = ("queued", "running")
 _RANK = {"running": 0, "queued": 0, "failed": 1}  # which status of a name parse_status keeps
 LOG_TAIL = 25  # lines of `dvc queue logs` shown per failed experiment
+_PROGRESS = re.compile(r"^(?P<desc>.*?)\s*\d{1,3}%\|")  # a tqdm frame: "intake:  96%|███▌| ..."
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,23 @@ class Run:
     name: str
     experiment: str
     extra: tuple[str, ...] = ()
+
+
+def log_tail(text: str, lines: int) -> list[str]:
+    """The last ``lines`` lines of a captured log, each progress bar kept as its last frame only.
+
+    tqdm redraws a bar with carriage returns, which a captured log turns into one line per
+    frame: a failed run's tail would show a bar twenty times and hide the error above it.
+    """
+    out: list[str] = []
+    for line in text.strip().splitlines():
+        frame = _PROGRESS.match(line)
+        prev = _PROGRESS.match(out[-1]) if out and frame else None
+        if prev and prev["desc"] == frame["desc"]:
+            out[-1] = line
+        else:
+            out.append(line)
+    return out[-lines:]
 
 
 def _env() -> dict[str, str]:
@@ -62,7 +81,7 @@ def _dvc(args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess
         out.seek(0)
         text = out.read()
     if check and proc.returncode != 0:
-        tail = "\n".join(text.strip().splitlines()[-15:])
+        tail = "\n".join(log_tail(text, 15))
         raise StageError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n{tail}")
     return subprocess.CompletedProcess(argv, proc.returncode, text, "")
 
@@ -266,7 +285,7 @@ def run(names: Sequence[str], workers: int, timeout: float, poll: float = 30.0) 
         logs = []
         for name in failed:
             out = _dvc(["queue", "logs", name], check=False)
-            tail = out.stdout.strip().splitlines()[-LOG_TAIL:]
+            tail = log_tail(out.stdout, LOG_TAIL)
             logs.append(f"--- {name}: last lines of `dvc queue logs {name}`\n" + "\n".join(tail))
         raise StageError(
             f"{len(failed)} experiment(s) failed: {', '.join(failed)}\n" + "\n".join(logs)
