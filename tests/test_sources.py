@@ -306,6 +306,12 @@ def test_nih_bbox_real(shared_data, tmp_path):
     assert all(b.x2 > b.x1 and b.y2 > b.y1 for b in boxes)
     assert len(c.notes.missing_images) == 880 - 44
     assert all(r.patient_id.startswith("nih:") for r in recs)
+    with pytest.raises(
+        StageError, match=r"BBox_List_2017\.csv rows of .*not found below.*missing_images: skip"
+    ):
+        nih_bbox.load(
+            shared_data / "nih14_bbox", DetectionSource("nih_bbox"), ctx(tmp_path, "n", "nih")
+        )
 
 
 def test_nih_csv_irregular_header_and_nested_images(tmp_path):

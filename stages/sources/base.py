@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.common.utils import StageError
+
 # Folders that archives and desktops add next to the data; never data themselves.
 JUNK_DIRS = frozenset({"__MACOSX", ".git", ".ipynb_checkpoints", "@eaDir"})
 
@@ -75,6 +77,16 @@ class Notes:
     ignored: list[str] = field(default_factory=list)  # junk folders, unannotated files
     limited_out: int = 0
     categories: set[str] = field(default_factory=set)  # detection: every class in the annotations
+
+    def missing_image(self, policy: str, name: str, where: str, base: Path) -> None:
+        """An image the annotations name is not below ``base``: stop (``missing_images:
+        error``) or list it in the report (``skip``)."""
+        if policy == "error":
+            raise StageError(
+                f"{where}: image {name} not found below {base}; add the image, or set "
+                "missing_images: skip on this source to leave such records out"
+            )
+        self.missing_images.append({"file": name, "record": where})
 
     def as_dict(self) -> dict:
         return {

@@ -120,12 +120,7 @@ def load(root: Path, src, ctx: Context) -> list[Record]:
             ctx.notes.categories.update(b.category for b in boxes)
             found = index.get(Path(name).name)
             if not found:
-                if src.missing_images == "error":
-                    raise StageError(
-                        f"{where}: image {name} not found below {base}; add the image, or set "
-                        "missing_images: skip on this source to leave such records out"
-                    )
-                ctx.notes.missing_images.append({"file": name, "record": where})
+                ctx.notes.missing_image(src.missing_images, name, where, base)
                 continue
             path = pick(found, split)
             used.add(path)

@@ -74,12 +74,7 @@ def load(root: Path, src, ctx: Context) -> list[Record]:
         found = index.get(name)
         where = f"{csv_path.name} rows of {name}"
         if not found:
-            if src.missing_images == "error":
-                raise StageError(
-                    f"{where}: image {name} not found below {base}; add the image, or set "
-                    "missing_images: skip on this source to leave such records out"
-                )
-            ctx.notes.missing_images.append({"file": name, "record": where})
+            ctx.notes.missing_image(src.missing_images, name, where, base)
             continue
         path = min(found, key=lambda p: (len(p.parts), str(p)))
         used.add(path)
