@@ -112,10 +112,13 @@ def build_kermany_cache(
     Returns the seconds of each stage. ``limit`` keeps that many images (quick runs).
     """
     from stages import augment, download, split
+    from stages.classifier.config import ClassificationAugmentConfig
     from stages.sources.config import ClassificationData
 
     data_cfg = parse(
-        ClassificationData, {"source": "kermany", "path": str(KERMANY), "limit": limit}, "bench"
+        ClassificationData,
+        {"source": "kermany", "root": str(KERMANY.parent), "path": KERMANY.name, "limit": limit},
+        "bench",
     )
     raw, split_dir = work_dir / "raw", work_dir / "split"
     seconds: dict[str, float] = {}
@@ -125,7 +128,7 @@ def build_kermany_cache(
     with stopwatch() as t:
         split.run(split.SplitConfig(), "classification", raw, split_dir, work_dir / "split.json")
     seconds["split"] = t["seconds"]
-    aug_cfg = augment.ClassificationAugmentConfig(
+    aug_cfg = ClassificationAugmentConfig(
         image_size=image_size, resize="stretch", preview_count=0, policy=seed002_policy()
     )
     with stopwatch() as t:

@@ -31,7 +31,15 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PIPELINE_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "stages", ".dvcignore"]
+# data/inputs: the default data roots, which dvc.yaml declares as deps of the download stages
+PIPELINE_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    "stages",
+    ".dvcignore",
+    "data/inputs",
+]
 DATA_TARGETS = ["augment@classification", "augment@detection"]
 
 

@@ -76,9 +76,9 @@ def compiled_model(size: int, seed: int = 0) -> Any:
     return model
 
 
-def fit_timed(data: Any, warmup: int, batch: int, size: int, **fit_kw) -> dict:
-    """Fit one 'epoch' (its length set by ``fit_kw``); images/s over the steps after warm-up."""
-    model = compiled_model(size)
+def fit_timed(model: Any, data: Any, warmup: int, batch: int, epoch_images: int, **fit_kw) -> dict:
+    """Fit ``model`` one 'epoch' (its length set by ``fit_kw``); images/s over the steps after
+    warm-up, and s/epoch for an epoch of ``epoch_images``."""
     timer = step_timer()
     load = load1()
     model.fit(data, epochs=1, verbose=0, callbacks=[timer], **fit_kw)
@@ -93,9 +93,30 @@ def fit_timed(data: Any, warmup: int, batch: int, size: int, **fit_kw) -> dict:
         "timed_steps": timed,
         "s_per_step": round(per_step, 4),
         "images_per_s": round(ips, 1),
-        "s_per_epoch": round(FOLDER_IMAGES / ips, 1),
+        "s_per_epoch": round(epoch_images / ips, 1),
         "load_1min_before": load,
     }
+
+
+EPOCH_COLUMNS = [
+    "feed",
+    "timed_steps",
+    "s_per_step",
+    "images_per_s",
+    "s_per_epoch",
+    "load_1min_before",
+]
+
+
+def epoch_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options of the epoch benchmarks (this one and recipe_epoch.py)."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=None, help="reuse/build the cache here")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 1 pass)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
+    parser.add_argument("--quick", action="store_true", help="3 timed steps, 200-image cache")
+    parser.add_argument("--out", type=Path, default=None, help="write results as JSON")
+    return parser
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,21 +141,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             policy=seed002_policy(),
         )
         n_ours = warmup + (want or steps_epoch)
-        ours = fit_timed(ds, warmup, bs, size, steps_per_epoch=n_ours, shuffle=False)
+        ours = fit_timed(
+            compiled_model(size),
+            ds,
+            warmup,
+            bs,
+            FOLDER_IMAGES,
+            steps_per_epoch=n_ours,
+            shuffle=False,
+        )
         rows.append({"feed": "(a) ours: tf.data + seed-002 aug"} | ours)
 
         it = idg_iterator(size, bs)
         warm_page_cache(Path(it.directory))
         # One pass is len(it) batches (5,216 = 163 x 32); the iterator is not repeated.
         n_idg = min(len(it), warmup + want) if want else len(it)
-        idg = fit_timed(it, warmup, bs, size, steps_per_epoch=n_idg, shuffle=False)
+        idg = fit_timed(
+            compiled_model(size),
+            it,
+            warmup,
+            bs,
+            FOLDER_IMAGES,
+            steps_per_epoch=n_idg,
+            shuffle=False,
+        )
         rows.append({"feed": "(b) ImageDataGenerator + same aug"} | idg)
 
         # The floor: the same cache images as one float32 array in memory, no augmentation.
         # Whole batches only (a partial last batch would skew the per-step time).
         n_floor = bs * min(len(split) // bs, warmup + (want or len(split) // bs))
         x = np.asarray(split.images[split.rows[:n_floor]], dtype=np.float32)[..., None]
-        floor = fit_timed(x, warmup, bs, size, y=targets[:n_floor], batch_size=bs, shuffle=True)
+        floor = fit_timed(
+            compiled_model(size),
+            x,
+            warmup,
+            bs,
+            FOLDER_IMAGES,
+            y=targets[:n_floor],
+            batch_size=bs,
+            shuffle=True,
+        )
         rows.append({"feed": "(c) floor: in-memory fp32 array, no aug"} | floor)
         del x
     results["rows"] = rows
@@ -148,18 +194,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=None, help="reuse/build the cache here")
+    parser = epoch_parser(__doc__)
     parser.add_argument("--image-size", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 1 pass)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
-    parser.add_argument("--quick", action="store_true", help="3 timed steps, 200-image cache")
-    parser.add_argument("--out", type=Path, default=None, help="write results as JSON")
     args = parser.parse_args(argv)
     res = run(args)
-    cols = ["feed", "timed_steps", "s_per_step", "images_per_s", "s_per_epoch", "load_1min_before"]
-    print_table(res["rows"], cols, f"TO-BE training, {args.image_size} px, batch {args.batch_size}")
+    title = f"TO-BE training, {args.image_size} px, batch {args.batch_size}"
+    print_table(res["rows"], EPOCH_COLUMNS, title)
     print(
         f"ours / ImageDataGenerator: {res['ratio_ours_vs_idg_s_per_epoch']}x s/epoch "
         "(target <= 0.5x)\n"
