@@ -6,7 +6,7 @@ Input:  the real Kermany train folder ``../shared/data/kermany224/train`` and it
         ``dvc exp run -S`` applies them (``stages.tools.experiments.apply_overrides``), and its
         pretrained weights must be in ``~/.keras/models`` (``python -m stages.weights <arch>``).
         (a) ours: ``stages.classifier.data.make_dataset`` over the cache with the recipe's
-            augmentation policy (random blur and erasing included) and balanced class weights;
+            augmentation policy (random blur and erasing included), mixup and class weights;
         (b) the same feed without augmentation: what the input pipeline alone costs;
         (c) the floor: the cache's train images as one in-memory float32 array.
         Same model for all (``build_model`` with the recipe's ``train_classifier`` section),
@@ -43,7 +43,9 @@ from stages.classifier.data import (
     load_class_split,
     make_dataset,
 )
+from stages.classifier.models import build_model, resolve_weights
 from stages.common.config import PARAMS_FILE, parse
+from stages.common.utils import StageError
 from stages.tools import experiments as X
 
 
@@ -56,6 +58,10 @@ def recipe(name: str) -> tuple[TrainClassifierConfig, ClassificationPolicy, int]
     params = X.apply_overrides(base, X.overrides_for(name))
     aug = params["augment"]["classification"]
     cfg = parse(TrainClassifierConfig, params["train_classifier"], "train_classifier")
+    try:  # before the cache is built: a missing weights file is a one-line message, not a traceback
+        resolve_weights(cfg.arch, cfg.weights)
+    except StageError as err:
+        raise SystemExit(f"error: {err}") from None
     return cfg, parse(ClassificationPolicy, aug["policy"], "policy"), int(aug["image_size"])
 
 
@@ -63,7 +69,6 @@ def compiled(cfg: TrainClassifierConfig, size: int, steps: int) -> Any:
     """The recipe's model as the stage builds and compiles it, with a fixed initialisation."""
     import keras
 
-    from stages.classifier.models import build_model
     from stages.classifier.train import _compile
 
     keras.utils.set_random_seed(0)
@@ -92,15 +97,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         warm_page_cache(Path(cache))
         split = load_class_split(cache, "train", CLASSES)
         targets = encode_targets(split.labels, "binary", len(CLASSES))
-        weights = balanced_class_weights(split.labels, len(CLASSES))
+        balanced = cfg.class_weight == "balanced"
+        weights = balanced_class_weights(split.labels, len(CLASSES)) if balanced else None
         n_images = len(split)
         results["train_images"] = n_images
-        for label, pol in (
-            ("(a) ours: tf.data + the recipe's aug", policy),
-            ("(b) ours, no aug", None),
+        for label, pol, mixup in (
+            ("(a) ours: tf.data + the recipe's aug", policy, cfg.mixup),
+            ("(b) ours, no aug", None, 0.0),
         ):
             ds, steps_epoch = make_dataset(
-                split, targets, bs, training=True, seed=0, class_weights=weights, policy=pol
+                split,
+                targets,
+                bs,
+                training=True,
+                seed=0,
+                class_weights=weights,
+                policy=pol,
+                mixup=mixup,
             )
             steps = warmup + (want or steps_epoch)
             model = compiled(cfg, size, steps_epoch)

@@ -9,6 +9,7 @@ broke once without any test noticing.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,19 @@ def test_recipe_epoch_smoke_run_writes_three_feeds(tmp_path):
     assert all(r["timed_steps"] == 3 and r["images_per_s"] > 0 for r in res["rows"])
     assert res["ratio_aug_vs_floor_s_per_epoch"] > 0 and res["ratio_noaug_vs_floor_s_per_epoch"] > 0
     assert "seed002-to-be: to_be" in proc.stdout
+
+
+def test_recipe_epoch_without_the_weights_file_stops_before_any_work(tmp_path):
+    """ours-kermany-best needs the ImageNet weights file: one line naming the fetch command,
+    before the Kermany cache is built or anything is written."""
+    out = tmp_path / "r.json"
+    env = {**os.environ, "HOME": str(tmp_path), "KERAS_HOME": str(tmp_path / "keras")}
+    proc = subprocess.run(
+        [sys.executable, "bench/recipe_epoch.py", "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: weights: imagenet needs ")
+    assert "python -m stages.weights efficientnet_lite0" in proc.stderr
+    assert "Traceback" not in proc.stderr and "building the augment cache" not in proc.stdout
+    assert not out.exists()
