@@ -29,11 +29,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from _common import kermany_cache, machine, print_table, save
 from input_pipeline import CLASSES, warm_page_cache
-from train_epoch import EPOCH_COLUMNS, epoch_parser, fit_timed
+from train_epoch import EPOCH_COLUMNS, epoch_parser, fit_timed, floor_timed
 
 from stages.classifier.augment import ClassificationPolicy
 from stages.classifier.config import TrainClassifierConfig
@@ -120,15 +119,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(
                 {"feed": label} | fit_timed(model, ds, warmup, bs, n_images, steps_per_epoch=steps)
             )
-        # The floor: the same images as one float32 array in memory. Whole batches only.
-        n_floor = bs * min(n_images // bs, warmup + (want or n_images // bs))
-        x = np.asarray(split.images[split.rows[:n_floor]], dtype=np.float32)[..., None]
         model = compiled(cfg, size, n_images // bs)
-        floor = fit_timed(
-            model, x, warmup, bs, n_images, y=targets[:n_floor], batch_size=bs, shuffle=True
-        )
+        floor = floor_timed(model, split, targets, bs, warmup, want, n_images)
         rows.append({"feed": "(c) floor: in-memory fp32 array, no aug"} | floor)
-        del x
     results["rows"] = rows
     for key, row in (("aug", rows[0]), ("noaug", rows[1])):
         results[f"ratio_{key}_vs_floor_s_per_epoch"] = round(

@@ -119,6 +119,22 @@ def epoch_parser(doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def floor_timed(
+    model: Any,
+    split: Any,
+    targets: np.ndarray,
+    bs: int,
+    warmup: int,
+    want: int | None,
+    epoch_images: int,
+) -> dict:
+    """The floor: the split's images as one float32 array in memory, no augmentation. Whole
+    batches only (a partial last batch would skew the per-step time)."""
+    n = bs * min(len(split) // bs, warmup + (want or len(split) // bs))
+    x = np.asarray(split.images[split.rows[:n]], dtype=np.float32)[..., None]
+    return fit_timed(model, x, warmup, bs, epoch_images, y=targets[:n], batch_size=bs, shuffle=True)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     bs, warmup = args.batch_size, 2 if args.quick else args.warmup
     want = 3 if args.quick else args.steps
@@ -167,22 +183,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         rows.append({"feed": "(b) ImageDataGenerator + same aug"} | idg)
 
-        # The floor: the same cache images as one float32 array in memory, no augmentation.
-        # Whole batches only (a partial last batch would skew the per-step time).
-        n_floor = bs * min(len(split) // bs, warmup + (want or len(split) // bs))
-        x = np.asarray(split.images[split.rows[:n_floor]], dtype=np.float32)[..., None]
-        floor = fit_timed(
-            compiled_model(size),
-            x,
-            warmup,
-            bs,
-            FOLDER_IMAGES,
-            y=targets[:n_floor],
-            batch_size=bs,
-            shuffle=True,
-        )
+        floor = floor_timed(compiled_model(size), split, targets, bs, warmup, want, FOLDER_IMAGES)
         rows.append({"feed": "(c) floor: in-memory fp32 array, no aug"} | floor)
-        del x
     results["rows"] = rows
     results["ratio_ours_vs_idg_s_per_epoch"] = round(ours["s_per_epoch"] / idg["s_per_epoch"], 3)
     results["ratio_ours_vs_floor_s_per_epoch"] = round(
