@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 from _common import kermany_cache, machine, print_table, save
 from input_pipeline import CLASSES, warm_page_cache
-from train_epoch import EPOCH_COLUMNS, epoch_parser, fit_timed, floor_timed
+from train_epoch import EPOCH_COLUMNS, epoch_parser, floor_timed, pipeline_timed
 
 from stages.classifier.augment import ClassificationPolicy
 from stages.classifier.config import TrainClassifierConfig
@@ -40,7 +40,6 @@ from stages.classifier.data import (
     balanced_class_weights,
     encode_targets,
     load_class_split,
-    make_dataset,
 )
 from stages.classifier.models import build_model, resolve_weights
 from stages.common.config import PARAMS_FILE, parse
@@ -104,21 +103,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ("(a) ours: tf.data + the recipe's aug", policy, cfg.mixup),
             ("(b) ours, no aug", None, 0.0),
         ):
-            ds, steps_epoch = make_dataset(
-                split,
-                targets,
-                bs,
-                training=True,
-                seed=0,
-                class_weights=weights,
-                policy=pol,
-                mixup=mixup,
+            model = compiled(cfg, size, n_images // bs)  # the steps of an epoch: whole batches
+            res = pipeline_timed(
+                model, split, targets, weights, pol, mixup, bs, warmup, want, n_images
             )
-            steps = warmup + (want or steps_epoch)
-            model = compiled(cfg, size, steps_epoch)
-            rows.append(
-                {"feed": label} | fit_timed(model, ds, warmup, bs, n_images, steps_per_epoch=steps)
-            )
+            rows.append({"feed": label} | res)
         model = compiled(cfg, size, n_images // bs)
         floor = floor_timed(model, split, targets, bs, warmup, want, n_images)
         rows.append({"feed": "(c) floor: in-memory fp32 array, no aug"} | floor)

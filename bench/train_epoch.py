@@ -119,6 +119,19 @@ def epoch_parser(doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def pipeline_timed(
+    model: Any, split: Any, targets: np.ndarray, weights: np.ndarray | None, policy: Any,
+    mixup: float, bs: int, warmup: int, want: int | None, epoch_images: int,
+) -> dict:  # fmt: skip
+    """Our feed: ``make_dataset`` over the cache (``policy`` None: no augmentation), as the
+    train-classifier stage builds it; ``want`` timed steps, or one pass when None."""
+    ds, steps_epoch = make_dataset(
+        split, targets, bs, training=True, seed=0, class_weights=weights, policy=policy, mixup=mixup
+    )
+    steps = warmup + (want or steps_epoch)
+    return fit_timed(model, ds, warmup, bs, epoch_images, steps_per_epoch=steps, shuffle=False)
+
+
 def floor_timed(
     model: Any,
     split: Any,
@@ -147,25 +160,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         targets = encode_targets(split.labels, "binary", len(CLASSES))
         weights = balanced_class_weights(split.labels, len(CLASSES))
         size = split.image_size
-        ds, steps_epoch = make_dataset(
-            split,
-            targets,
-            bs,
-            training=True,
-            seed=0,
-            class_weights=weights,
-            policy=seed002_policy(),
-        )
-        n_ours = warmup + (want or steps_epoch)
-        ours = fit_timed(
-            compiled_model(size),
-            ds,
-            warmup,
-            bs,
-            FOLDER_IMAGES,
-            steps_per_epoch=n_ours,
-            shuffle=False,
-        )
+        ours = pipeline_timed(
+            compiled_model(size), split, targets, weights, seed002_policy(), 0.0,
+            bs, warmup, want, FOLDER_IMAGES,
+        )  # fmt: skip
         rows.append({"feed": "(a) ours: tf.data + seed-002 aug"} | ours)
 
         it = idg_iterator(size, bs)
