@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 import stages  # noqa: F401  (torch before TensorFlow: the other order segfaults)
+from stages.common import cache
 from stages.common.config import parse
 from stages.common.utils import read_json, write_json
 
@@ -98,8 +99,11 @@ def save(out: Path | None, results: dict[str, Any]) -> None:
 
 
 def _cache_ok(cache_dir: Path, image_size: int) -> bool:
-    meta = cache_dir / "meta.json"
-    if not meta.is_file() or not (cache_dir / "train" / "images.npy").is_file():
+    meta = cache.fit_path(cache_dir) / cache.META_FILE
+    if (
+        not meta.is_file()
+        or not (cache.split_path(cache_dir, "train") / cache.IMAGES_FILE).is_file()
+    ):
         return False
     return int(read_json(meta)["image_size"]) == image_size
 

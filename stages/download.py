@@ -1,7 +1,7 @@
 """Download stage: get the configured data sources of one task and normalise them.
 
 Inputs: params ``data.<task>`` (one ``source``/``path`` or a ``sources`` list; see
-``stages.sources.config``), the source locations: a folder or archive below ``data.<task>.root``
+``stages.sources.config``), the source locations: a folder or archive below ``data.root``
 (a dependency of this stage in dvc.yaml: an added, removed or changed image re-runs it; nothing
 is copied into the repository) or an http(s) URL, downloaded into ``data/downloads/<url key>/``
 (git-ignored; a changed URL or checksum fetches again). Outputs, written atomically under
@@ -33,7 +33,7 @@ from stages.common import fetch, paths
 from stages.common.utils import StageError, atomic_dir, run_cli, task_arg_parser, write_json
 from stages.sources import loader
 from stages.sources.base import Box, Context, Notes, apply_limit
-from stages.sources.config import DataConfig, load_data_config
+from stages.sources.config import ROOT_KEY, DataConfig, load_data_config
 from stages.sources.intake import MANIFEST_COLUMNS, IntakeResult, Item, ingest_all, output_names
 from stages.sources.synthetic import generate_classification, generate_detection
 
@@ -89,7 +89,7 @@ def _resolve(src, task: str, cfg: DataConfig, work_dir: Path, param: str, stack)
         what=WHAT[src.name],
         param=param,
         root=Path(cfg.root),
-        root_param=f"data.{task}.root",
+        root_param=ROOT_KEY,
         default_url=default[0] if default else None,
         sha256=src.sha256,
         md5=src.md5 or (default[1] if default else None),

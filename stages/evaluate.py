@@ -37,7 +37,7 @@ def evaluate(
         model_paths=models or [p.model],
         metrics_path=p.metrics,
         report_dir=p.report_dir,
-        train_metrics_path=p.train_metrics,
+        training_path=p.training,
     )
 
 

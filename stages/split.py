@@ -4,8 +4,9 @@ Inputs: ``data/raw/<task>/manifest.csv`` (+ ``annotations.json`` for detection) 
 ``split.<task>`` (mode random | official, ratios, seed, min_val_fraction). Outputs:
 ``data/split/<task>/{train,val,test}.csv`` (manifest columns + ``split``, sorted by path;
 byte-identical for the same inputs and seed), detection also ``{train,val,test}.json`` (COCO
-subsets with the full category list, ids renumbered), ``summary.json`` (counts per label, patients
-per split, leak checks, boxes per class) and ``metrics/split_<task>.json`` (its headline).
+subsets with the full category list, ids renumbered), and ``reports/split/<task>.json`` (counts
+per split and label, patients per split, leak checks, boxes per class: git-tracked, so a review
+can compare the data of two revisions without the DVC cache).
 
 - random: stratified by label, grouped by patient; images with the same pixels (sha256) are merged
   into one group with their patients (union-find), so neither a patient nor a duplicate image can
@@ -24,16 +25,15 @@ Run: ``python -m stages.split --task classification|detection [--params params.y
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 from stages.common import paths
-from stages.common.config import check, load_section
+from stages.common.config import load_section
 from stages.common.paths import SPLITS
+from stages.common.split_config import SplitConfig
 from stages.common.utils import (
     StageError,
     atomic_dir,
@@ -44,21 +44,6 @@ from stages.common.utils import (
 )
 
 log = logging.getLogger("stages.split")
-SUMMARY_FILE = "summary.json"  # every count of the split, beside the csv files
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    mode: Literal["random", "official"] = "random"
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / val / test
-    seed: int = 42
-    min_val_fraction: float = 0.05  # official: source val kept if >= this x train images
-
-    def __post_init__(self) -> None:
-        check(all(r >= 0 for r in self.ratios), f"ratios: must be >= 0, got {list(self.ratios)}")
-        check(abs(sum(self.ratios) - 1) < 1e-6, f"ratios: must sum to 1, got {sum(self.ratios)}")
-        check(self.ratios[0] > 0, "ratios: the train share must be > 0")
-        check(0 <= self.min_val_fraction < 1, "min_val_fraction: must be in [0, 1)")
 
 
 def duplicate_groups(df: pd.DataFrame) -> np.ndarray:
@@ -200,20 +185,9 @@ def coco_subset(coco: dict, paths: list[str]) -> dict:
     return {"images": images, "annotations": annotations, "categories": coco["categories"]}
 
 
-def headline(summary: dict) -> dict:
-    """metrics/split_<task>.json: image counts and the leak checks, flat (the per-class and
-    per-patient tables are in data/split/<task>/summary.json)."""
-    out = {f"n_{s}": summary["counts"][s]["total"] for s in SPLITS}
-    out["patients_shared_across_splits"] = summary["patients_shared_across_splits"]
-    out["duplicate_hashes_shared_across_splits"] = summary["duplicate_hashes_shared_across_splits"]
-    if "dropped_overlapping_test" in summary:
-        out["dropped_overlapping_test"] = summary["dropped_overlapping_test"]
-    return out
-
-
-def run(cfg: SplitConfig, task: str, in_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
-    """Split ``in_dir``'s manifest into ``out_dir``; returns the full summary (also written to
-    ``out_dir/summary.json``; ``metrics_path`` gets its headline)."""
+def run(cfg: SplitConfig, task: str, in_dir: Path, out_dir: Path, report_path: Path) -> dict:
+    """Split ``in_dir``'s manifest into ``out_dir``; returns the summary (also written to
+    ``report_path``)."""
     manifest = in_dir / "manifest.csv"
     if not manifest.is_file():
         raise StageError(f"{manifest} not found; run the download stage first")
@@ -255,8 +229,7 @@ def run(cfg: SplitConfig, task: str, in_dir: Path, out_dir: Path, metrics_path: 
                 metrics.setdefault("boxes", {})[s] = {
                     n: int((per_class == n).sum()) for n in names.values()
                 }
-        write_json(tmp / SUMMARY_FILE, metrics)
-    write_json(metrics_path, headline(metrics))
+    write_json(report_path, metrics)
     log.info(
         "split %s (%s): %s; patients/duplicates shared across splits: 0/0",
         task,
@@ -270,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     args = task_arg_parser("Split one task's manifest into train/val/test.").parse_args(argv)
     cfg = load_section(SplitConfig, f"split.{args.task}", args.params)
     p = paths.task_paths(args.task)
-    run(cfg, args.task, p.raw, p.split, p.split_metrics)
+    run(cfg, args.task, p.raw, p.split, p.split_report)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,39 @@ def repo_root() -> Path:
     return REPO
 
 
+def full_params(path: Path = REPO / "params.yaml") -> dict:
+    """params.yaml with every key its schemas leave to the defaults written out: what the stages
+    run with, as a params file a test can change any key of and write back."""
+    from stages.check_params import resolve
+
+    params = read_params(path)
+    for dotted, values in resolve(params).items():
+        node = params
+        for part in dotted.split("."):
+            node = node.setdefault(part, {})
+        if dotted.startswith("data."):
+            values = {k: v for k, v in values.items() if k != "root"}  # data.root holds it
+        _fill(node, values)
+    return params
+
+
+def _fill(node: dict, values: dict) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(node.get(key), dict):
+            _fill(node[key], value)
+        else:
+            node.setdefault(key, value)
+
+
 @pytest.fixture(scope="session")
 def _params_master() -> dict:
-    return read_params(REPO / "params.yaml")
+    return full_params()
 
 
 @pytest.fixture
 def params(_params_master) -> dict:
-    """A private deep copy of the real params.yaml, for a test to shrink and modify."""
+    """A private deep copy of the real params, every default written out, for a test to shrink
+    and modify (and write back as a params file)."""
     return copy.deepcopy(_params_master)
 
 
@@ -44,18 +69,27 @@ def shared_data() -> Path:
 def shrink_params(params: dict) -> dict:
     """Shrink the real params in place to a seconds-long pipeline (tiny images, 1-2 epochs).
 
-    Only sizes and counts change, never the structure, so every stage still parses its section.
+    Only sizes and counts change, so every stage still parses its section.
     """
-    cls = params["data"]["classification"]["synthetic"]
-    cls.update(n_patients=40, images_per_patient=[1, 2], image_size=64)
-    det = params["data"]["detection"]["synthetic"]
-    det.update(n_patients=16, images_per_patient=[1, 2], image_size=96)
-    params["augment"]["classification"].update(image_size=48, preview_count=2)
-    params["augment"]["detection"].update(image_size=96, preview_count=2)
-    params["train_classifier"].update(epochs=1, batch_size=16, threads=2)
-    params["train_detector"].update(epochs=1, batch_size=2, warmup_iters=2, threads=2)
-    params["evaluate"]["classification"].update(bootstrap=20, n_samples_grid=4, n_gradcam=2)
-    params["evaluate"]["detection"].update(n_report_images=1)
+
+    def section(*keys: str) -> dict:
+        node = params
+        for key in keys:
+            node = node.setdefault(key, {})
+        return node
+
+    section("data", "classification", "synthetic").update(
+        n_patients=40, images_per_patient=[1, 2], image_size=64
+    )
+    section("data", "detection", "synthetic").update(
+        n_patients=16, images_per_patient=[1, 2], image_size=96
+    )
+    section("augment", "classification").update(image_size=48, preview_count=2)
+    section("augment", "detection").update(image_size=96, preview_count=2)
+    section("train_classifier").update(epochs=1, batch_size=16, threads=2)
+    section("train_detector").update(epochs=1, batch_size=2, warmup_iters=2, threads=2)
+    section("evaluate", "classification").update(bootstrap=20, n_samples_grid=4, n_gradcam=2)
+    section("evaluate", "detection").update(n_report_images=1)
     return params
 
 

@@ -457,6 +457,8 @@ def test_stage_detection_boxes_in_cache_pixels(in_tmp):
 
 
 def test_stage_is_deterministic(in_tmp):
+    from stages.common.cache import split_path
+
     _write_split_inputs(in_tmp, "detection", {"train": 5, "val": 1, "test": 1})
     blobs = []
     for _ in range(2):
@@ -464,7 +466,7 @@ def test_stage_is_deterministic(in_tmp):
         d = in_tmp / "data/augment/detection"
         blobs.append(
             [
-                (d / s / f).read_bytes()
+                (split_path(d, s) / f).read_bytes()
                 for s in ("train", "val", "test")
                 for f in ("images.npy", "index.csv", "annotations.json")
             ]
@@ -520,7 +522,7 @@ def test_stage_cli_with_repo_params(in_tmp, params):
     (in_tmp / "params.yaml").write_text(yaml.safe_dump(params))
     summary = main(["--task", "detection"])
     assert summary["counts"] == {"train": 3, "val": 1, "test": 1}
-    assert (in_tmp / "data/augment/detection/train/images.npy").is_file()
+    assert (in_tmp / "data/augment/detection/fit/train/images.npy").is_file()
     assert (in_tmp / "reports/augment/detection_preview.png").is_file()
 
 

@@ -155,11 +155,26 @@ def test_roundtrip(tmp_path):
 def test_writer_rejects_mismatches(tmp_path):
     imgs = np.zeros((3, 8, 8), np.uint8)
     with pytest.raises(ValueError, match="2 images for 3"):
-        write_split(tmp_path, "a", imgs[:2], _index(3), 8)
+        write_split(tmp_path, "train", imgs[:2], _index(3), 8)
     with pytest.raises(ValueError, match="more images"):
-        write_split(tmp_path, "b", imgs, _index(2), 8)
+        write_split(tmp_path, "val", imgs, _index(2), 8)
     with pytest.raises(ValueError, match="expected uint8"):
-        write_split(tmp_path, "c", np.zeros((3, 8, 9), np.uint8), _index(3), 8)
+        write_split(tmp_path, "test", np.zeros((3, 8, 9), np.uint8), _index(3), 8)
+    with pytest.raises(ValueError, match="unknown split"):
+        write_split(tmp_path, "holdout", imgs, _index(3), 8)
+
+
+def test_training_inputs_live_in_fit_and_test_apart(tmp_path):
+    """train-<model> depends on fit/ alone (dvc.yaml): meta, policy, train and val are there,
+    the test split is not, so a new test set cannot make training stale."""
+    for split in ("train", "val", "test"):
+        write_split(tmp_path, split, np.zeros((1, 8, 8), np.uint8), _index(1), 8)
+    write_meta(tmp_path, {"task": "classification"})
+    write_policy(tmp_path, {})
+    fit = {p.relative_to(tmp_path).as_posix() for p in (tmp_path / "fit").rglob("*")}
+    assert {"fit/meta.json", "fit/policy.json", "fit/train", "fit/val"} <= fit
+    assert not any(p.startswith("fit/test") for p in fit)
+    assert (tmp_path / "test" / "images.npy").is_file()
 
 
 def test_reader_errors(tmp_path):

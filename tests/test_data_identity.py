@@ -27,7 +27,16 @@ from PIL import Image
 
 from stages.common import fetch
 from tests.conftest import shrink_params
-from tests.dvc_helpers import BIN, commit_all, dvc, git, make_repo, ran_stages, tool_env
+from tests.dvc_helpers import (
+    BIN,
+    commit_all,
+    dvc,
+    git,
+    make_repo,
+    ran_stages,
+    tool_env,
+    tree_digest,
+)
 
 CLS = "download@classification"
 DET = "download@detection"
@@ -103,11 +112,12 @@ def test_local_folder_is_a_dependency_of_its_download_stage(tmp_path):
         write_png(xray / f"kermany/train/PNEUMONIA/person{i}_bacteria_{i}.png", 50 + i)
 
     def data(d: dict) -> None:
-        d["classification"].update(root="../xray", source="kermany", path="kermany")
+        d["root"] = "../xray"
+        d["classification"].update(source="kermany", path="kermany")
 
     repo = tiny_repo(tmp_path, data)
     out = dvc(repo, "repro", CLS, DET)
-    assert ran_stages(out) == {CLS, DET}
+    assert ran_stages(out) == {"check-params", CLS, DET}
     commit_all(repo, "downloaded")
     assert stale(repo) == set() and len(manifest(repo)) == 6
     assert report(repo)["sources"][0]["origin"] == {"kind": "folder", "path": "../xray/kermany"}
@@ -116,21 +126,25 @@ def test_local_folder_is_a_dependency_of_its_download_stage(tmp_path):
     assert not [f for f in tracked if f.endswith((".png", ".dvc"))]
 
     added = write_png(xray / "kermany/train/NORMAL/IM-0009-0001.png", 99)
-    assert stale(repo) == {CLS}  # and not download@detection
-    assert ran_stages(dvc(repo, "repro", CLS, DET)) == {CLS}
+    # both download stages read data.root; the detection one finds its own output unchanged,
+    # so nothing downstream of it re-runs (its chain is not invalidated)
+    det_raw = tree_digest(repo, ["data/raw/detection"])
+    assert stale(repo) == {CLS, DET}
+    assert ran_stages(dvc(repo, "repro", CLS, DET)) == {CLS, DET}
+    assert tree_digest(repo, ["data/raw/detection"]) == det_raw
     assert "IM-0009-0001" in stems(repo) and len(manifest(repo)) == 7
 
     kept = added.read_bytes()
     added.unlink()
-    assert stale(repo) == {CLS}
+    assert stale(repo) == {CLS, DET}
     added.write_bytes(kept)  # the same content back (new mtime): up to date, nothing to re-run
     assert stale(repo) == set()
 
     changed = xray / "kermany/train/PNEUMONIA/person1_bacteria_1.png"
     before = manifest(repo).set_index("path")["sha256"]
     write_png(changed, 200)  # same name, other pixels
-    assert stale(repo) == {CLS}
-    assert ran_stages(dvc(repo, "repro", CLS, DET)) == {CLS}
+    assert stale(repo) == {CLS, DET}
+    assert ran_stages(dvc(repo, "repro", CLS, DET)) == {CLS, DET}
     after = manifest(repo).set_index("path")["sha256"]
     assert list(after.index) == list(before.index)
     assert sorted(Path(p).stem for p in after.index if after[p] != before[p]) == [
@@ -210,14 +224,14 @@ def test_url_source_keyed_by_url_and_checksum(tmp_path, served):
         d["classification"].update(source="kermany", path=url1)
 
     repo = tiny_repo(tmp_path, data)
-    assert ran_stages(dvc(repo, "repro", CLS, DET, env=ENV)) == {CLS, DET}
+    assert ran_stages(dvc(repo, "repro", CLS, DET, env=ENV)) == {"check-params", CLS, DET}
     assert stems(repo) == ["IM-0001-0001", "person1_virus_1"]
     assert report(repo)["sources"][0]["origin"]["url"] == url1
     commit_all(repo, "v1")
 
     set_params(repo, path=url2, sha256=sha2)
     assert stale(repo) == {CLS}  # the URL is a param of download@classification only
-    assert ran_stages(dvc(repo, "repro", CLS, DET, env=ENV)) == {CLS}
+    assert ran_stages(dvc(repo, "repro", CLS, DET, env=ENV)) == {"check-params", CLS}
     assert stems(repo) == ["IM-0002-0001", "IM-0003-0001", "person2_virus_2"]
     origin = report(repo)["sources"][0]["origin"]
     assert origin == {

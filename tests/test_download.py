@@ -243,7 +243,7 @@ def test_path_outside_root_is_one_line_error_naming_root(tmp_path):
         msg = str(info.value)
         param = f"data.{task}.path" if "path" in data else f"data.{task}.sources[0].path"
         assert "\n" not in msg and f"{param} = " in msg and "is outside" in msg
-        assert f"data.{task}.root = {root!r}" in msg
+        assert f"data.root = {root!r}" in msg
     assert not (tmp_path / "raw").exists()
     report = run_cls(tmp_path, source="kermany", path="k")  # relative to the root
     assert report["sources"][0]["origin"] == {"kind": "folder", "path": str(tmp_path / "k")}

@@ -24,33 +24,15 @@ import pytest
 import yaml
 
 import stages  # noqa: F401  (torch before TensorFlow)
-from stages.classifier.config import AUGMENT_CONFIG as CLASSIFICATION_AUGMENT
+from stages.check_params import resolve
 from stages.classifier.config import TrainClassifierConfig
-from stages.classifier.evaluate import EvalClassificationConfig
 from stages.common.config import ConfigError, get_section, parse
 from stages.common.utils import StageError
-from stages.detector.config import AUGMENT_CONFIG as DETECTION_AUGMENT
-from stages.detector.config import TrainDetectorConfig
-from stages.detector.evaluate import EvalDetectionConfig
-from stages.sources.config import ClassificationData, DetectionData
-from stages.split import SplitConfig
 from stages.tools import ablations as A
 from stages.tools import experiments as X
 from stages.tools import queue as Q
 from tests.conftest import REPO, shrink_params
 
-SCHEMAS = {
-    "data.classification": ClassificationData,
-    "data.detection": DetectionData,
-    "split.classification": SplitConfig,
-    "split.detection": SplitConfig,
-    "augment.classification": CLASSIFICATION_AUGMENT,
-    "augment.detection": DETECTION_AUGMENT,
-    "train_classifier": TrainClassifierConfig,
-    "train_detector": TrainDetectorConfig,
-    "evaluate.classification": EvalClassificationConfig,
-    "evaluate.detection": EvalDetectionConfig,
-}
 NAMES = list(X.EXPERIMENTS)
 
 
@@ -66,29 +48,42 @@ def _plain(value):
 @pytest.mark.parametrize("name", NAMES)
 def test_overrides_apply_and_every_stage_parses(name, params):
     before = copy.deepcopy(params)
-    out = X.apply_overrides(params, X.overrides_for(name, "/data"))
+    out = X.apply_overrides(params, X.overrides_for(name, "/data", params))
     assert params == before, "apply_overrides must not modify its input"
-    for section, schema in SCHEMAS.items():
-        parse(schema, get_section(out, section), section)  # ConfigError = a wrong key or value
+    resolve(out)  # every section as its stage parses it: ConfigError = a wrong key or value
     for key, value in X.get(name).set_params:
         expected = _plain(X._resolve(value, "/data"))
         assert get_section(out, key) == expected, f"{key}: DVC would write something else"
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_override_keys_exist_in_params_and_are_unique(name, _params_master):
+def test_override_keys_are_schema_keys_and_change_a_default(name, _params_master):
+    """Each key a recipe sets is a params key (its schema has it) and differs from the default:
+    a recipe lists what defines it, so `dvc exp show` shows just that."""
     keys = [k for k, _ in X.get(name).set_params]
     assert len(keys) == len(set(keys)), f"{name}: a key is set twice (DVC keeps only the last)"
-    for key in keys:
-        get_section(_params_master, key)  # raises ConfigError naming the missing key
+    defaults = resolve(_params_master)
+    flat = {"data.root": _params_master["data"]["root"]}
+    for section, values in defaults.items():
+        stack = [(section, values)]
+        while stack:
+            prefix, node = stack.pop()
+            for k, v in node.items():
+                stack.append((f"{prefix}.{k}", v)) if isinstance(v, dict) else None
+                flat.setdefault(f"{prefix}.{k}", v)
+    for key, value in X.get(name).set_params:
+        assert key in flat, f"{name}: {key} is no params key"
+        assert _plain(value) != flat[key], f"{name}: {key} sets the default {value!r}"
 
 
 def test_a_typo_is_caught(params):
     from dvc.exceptions import InvalidArgumentError
 
-    with pytest.raises(InvalidArgumentError):
+    with pytest.raises(InvalidArgumentError):  # plain key=value: the key must be listed
         X.apply_overrides(params, ["train_classifier.hed.units=2"])
-    bad = X.apply_overrides(params, ["train_classifier.head.units=0"])
+    with pytest.raises(ConfigError, match="hed"):  # ++ adds it; the schema refuses the typo
+        resolve(X.apply_overrides(params, ["++train_classifier.hed.units=2"]))
+    bad = X.apply_overrides(params, ["++train_classifier.head.units=0"])
     with pytest.raises(ConfigError, match="units"):
         parse(TrainClassifierConfig, bad["train_classifier"], "train_classifier")
 

@@ -22,6 +22,7 @@ from tests.imports import REPO, closure_files, direct_imports, module_file, proj
 from tests.stage_graph import stage_entries
 
 STAGE_MODULES = {
+    "check_params",
     "download",
     "split",
     "augment",
@@ -93,6 +94,8 @@ def _dynamic_modules(stage: str, task: str | None) -> list[str]:
         return [f"{TASK_PACKAGES[task]}.augment", f"{TASK_PACKAGES[task]}.config"]
     if stage == "evaluate" and task:
         return [f"{TASK_PACKAGES[task]}.evaluate", f"{TASK_PACKAGES[task]}.config"]
+    if stage == "check_params":
+        return [f"{pkg}.config" for pkg in TASK_PACKAGES.values()]
     return []
 
 
@@ -118,22 +121,45 @@ def test_stage_deps_equal_the_import_closure(entry):
         if not any(p == d or d in p.parents for p in needed)
     ]
     assert not unused, f"{entry.name}: deps in dvc.yaml it never imports: {unused}"
-    other = {"classification": "detection", "detection": "classification"}.get(task or "")
-    if other:  # the chains stay independent: no code of the other task
-        pkg = TASK_PACKAGES[other].replace(".", "/")
-        leaked = [
-            p for p in needed if f"/{pkg}/" in p.as_posix() or f"/sources/{other}/" in p.as_posix()
-        ]
+    for other in set(paths.TASKS) - {task} if task else ():
+        # the chains stay independent: no code of another task is executed or a dep (the
+        # download stages share stages/sources, whose loaders they import by task)
+        pkg = REPO / TASK_PACKAGES[other].replace(".", "/")
+        leaked = [p for p in needed if pkg in p.parents or f"/sources/{other}/" in p.as_posix()]
         assert not leaked, f"{entry.name} executes {other} code: {leaked}"
+        assert not _covered(pkg / "__init__.py", code_deps), f"{entry.name} depends on {pkg}"
+
+
+def test_check_params_runs_first_and_knows_every_section():
+    """Every stage depends on check-params' marker (so DVC runs the check before removing any
+    stage's outputs), and the check parses every section a stage declares."""
+    from stages.check_params import schemas
+
+    entries = {e.name: e for e in stage_entries()}
+    marker = (paths.PARAMS_REPORT / paths.CHECKED_PARAMS_NAME).as_posix()
+    assert marker in entries["check-params"].outs
+    declared = set()
+    for name, entry in entries.items():
+        if name != "check-params":
+            assert marker in entry.deps, f"{name} does not depend on {marker}"
+            declared.update(entry.params)
+    # data.root is parsed with each data.<task> section (stages.sources.config.data_section)
+    assert declared - {"data.root"} == set(schemas()), declared ^ set(schemas())
+    tops = {s.split(".")[0] for s in declared}
+    assert set(entries["check-params"].params) == tops
 
 
 def test_every_stage_output_path_comes_from_the_paths_module():
     """dvc.yaml's outs/metrics equal what stages/common/paths.py says each stage writes."""
     expected: dict[str, set[str]] = {}
+    expected["check-params"] = {
+        (paths.PARAMS_REPORT / paths.RESOLVED_PARAMS_NAME).as_posix(),
+        (paths.PARAMS_REPORT / paths.CHECKED_PARAMS_NAME).as_posix(),
+    }
     for task in paths.TASKS:
         p = paths.task_paths(task)
         expected[f"download@{task}"] = {p.raw.as_posix()}
-        expected[f"split@{task}"] = {p.split.as_posix(), p.split_metrics.as_posix()}
+        expected[f"split@{task}"] = {p.split.as_posix(), p.split_report.as_posix()}
         expected[f"augment@{task}"] = {p.augment.as_posix(), p.preview.as_posix()}
         expected[f"evaluate@{task}"] = {p.report_dir.as_posix(), p.metrics.as_posix()}
     c, d = paths.CLASSIFICATION, paths.DETECTION
@@ -141,13 +167,11 @@ def test_every_stage_output_path_comes_from_the_paths_module():
         paths.CLASSIFIER_MODEL.as_posix(),
         paths.CLASSIFIER_SIDECAR.as_posix(),
         c.live_dir.as_posix(),
-        c.train_metrics.as_posix(),
     }
     expected["train-detector"] = {
         paths.DETECTOR_MODEL.as_posix(),
         paths.DETECTOR_CHECKPOINTS.as_posix(),
         d.live_dir.as_posix(),
-        d.train_metrics.as_posix(),
     }
     got = {e.name: set(e.outs) for e in stage_entries()}
     assert got == expected
@@ -178,21 +202,11 @@ def test_no_module_holds_a_pipeline_path_of_its_own():
 
 
 def _schemas():
-    from stages.classifier import config as cc
+    from stages.check_params import schemas
     from stages.common.config import read_params
-    from stages.detector import config as dc
-    from stages.sources.config import SCHEMAS as DATA
-    from stages.split import SplitConfig
 
     params = read_params(REPO / "params.yaml")
-    out = [(DATA[t], f"data.{t}") for t in paths.TASKS]
-    out += [(SplitConfig, f"split.{t}") for t in paths.TASKS]
-    out += [(cc.AUGMENT_CONFIG, "augment.classification"), (dc.AUGMENT_CONFIG, "augment.detection")]
-    out += [(cc.EVALUATE_CONFIG, "evaluate.classification")]
-    out += [(dc.EVALUATE_CONFIG, "evaluate.detection")]
-    out += [(cc.TrainClassifierConfig, "train_classifier")]
-    out += [(dc.TrainDetectorConfig, "train_detector")]
-    return params, out
+    return params, [(cls, section) for section, cls in schemas().items()]
 
 
 def _defaults(cls) -> dict:
@@ -219,8 +233,8 @@ def _plain(value):
 
 
 def test_schema_defaults_equal_params_yaml():
-    """One home per default: a schema default that differs from params.yaml would surprise
-    whoever builds a config in code (tests, notebooks) instead of from the file."""
+    """One home per default: the schemas hold every default and params.yaml shows the usual
+    knobs with the same values, so a key deleted from params.yaml changes nothing."""
     params, schemas = _schemas()
     from stages.common.config import get_section
 

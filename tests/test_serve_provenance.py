@@ -145,7 +145,7 @@ def test_unknown_model_and_synthetic_data_from_the_model_card(repo):
 def test_cache_index_wins_over_split_and_card(tmp_path):
     task = paths.DETECTION
     for folder, name, source in (
-        (task.augment / "train", "index.csv", "nih_bbox"),
+        (task.augment / "fit" / "train", "index.csv", "nih_bbox"),
         (task.augment / "test", "index.csv", "chestxdet10"),
         (task.split, "train.csv", "synthetic"),
     ):

@@ -382,7 +382,7 @@ def test_config_root_checksums_and_external_split():
         ("test", "f" * 32, None),
     ]
     single = parse(DetectionData, {"source": "nih_bbox", "path": "x.zip", "md5": "0" * 32}, "d")
-    assert single.root == "data/inputs/detection" and single.effective_sources()[0].md5 == "0" * 32
+    assert single.root == "data/inputs" and single.effective_sources()[0].md5 == "0" * 32
     with pytest.raises(ConfigError, match=r"sha256: expected 64 hex digits, got 'abc'"):
         parse(ClassificationData, {"source": "kermany", "sha256": "abc"}, "d")
     with pytest.raises(ConfigError, match=r"md5: expected 32 hex digits"):

@@ -78,15 +78,7 @@ def test_random_ratios_groups_and_no_leaks(tmp_path):
         for s, ratio in zip(SPLITS, (0.8, 0.1, 0.1), strict=True):
             got = m["counts"][s][label]
             assert abs(got - ratio * total) <= 6, (s, label, got, ratio * total)
-    assert json.loads((tmp_path / "out/summary.json").read_text()) == m
-    headline = json.loads((tmp_path / "out.json").read_text())
-    assert headline == {
-        "n_train": m["counts"]["train"]["total"],
-        "n_val": m["counts"]["val"]["total"],
-        "n_test": m["counts"]["test"]["total"],
-        "patients_shared_across_splits": 0,
-        "duplicate_hashes_shared_across_splits": 0,
-    }
+    assert json.loads((tmp_path / "out.json").read_text()) == m
 
 
 def test_random_is_deterministic_and_seeded(tmp_path):
@@ -221,25 +213,17 @@ def test_detection_coco_subsets(tmp_path):
     assert total_boxes == 12 and m["boxes"]["test"] == {"Nodule": 6, "Mass": 0}
 
 
-def test_cli_writes_metrics(params, tmp_path, monkeypatch):
+def test_cli_writes_the_split_report(params, tmp_path, monkeypatch):
     fake_manifest(tmp_path / "data/raw/classification", n_patients=40)
     params["split"]["classification"]["seed"] = 3
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     split.main(["--task", "classification", "--params", "params.yaml"])
-    metrics = json.loads(Path("metrics/split_classification.json").read_text())
-    summary = json.loads(Path("data/split/classification/summary.json").read_text())
+    summary = json.loads(Path("reports/split/classification.json").read_text())
     assert summary["seed"] == 3 and summary["mode"] == "random"
-    assert metrics == split.headline(summary)
-    assert sorted(metrics) == [
-        "duplicate_hashes_shared_across_splits",
-        "n_test",
-        "n_train",
-        "n_val",
-        "patients_shared_across_splits",
-    ]
-    assert metrics["n_train"] + metrics["n_val"] + metrics["n_test"] == summary["total"]
-    assert metrics["patients_shared_across_splits"] == 0
+    assert sum(summary["counts"][s]["total"] for s in SPLITS) == summary["total"]
+    assert summary["patients_shared_across_splits"] == 0
+    assert not Path("metrics").exists()  # the split figures are a report, not a DVC metric
     assert all(Path(f"data/split/classification/{s}.csv").is_file() for s in SPLITS)
 
 
@@ -341,10 +325,10 @@ def test_official_external_test_source_is_the_test_split_and_leaks_are_dropped(t
     assert len(train_val) == 30
     assert m["dropped_overlapping_test"] == 3
     assert m["dropped_overlapping_test_by"] == {"same_patient": 1, "same_pixels": 1, "linked": 1}
-    headline = json.loads((tmp_path / "out.json").read_text())
-    assert headline["dropped_overlapping_test"] == 3 and headline["n_test"] == 6
-    assert headline["patients_shared_across_splits"] == 0
-    assert headline["duplicate_hashes_shared_across_splits"] == 0
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["dropped_overlapping_test"] == 3 and report["counts"]["test"]["total"] == 6
+    assert report["patients_shared_across_splits"] == 0
+    assert report["duplicate_hashes_shared_across_splits"] == 0
 
 
 def test_official_real_kermany_with_public_test_half(shared_data, tmp_path):

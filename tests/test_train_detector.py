@@ -108,7 +108,7 @@ def _run(cfg: TrainDetectorConfig, cache_dir: Path, out: Path) -> dict:
 
 def test_dataset_streams_rows_and_keeps_negatives(tiny):
     ds = DetectionCacheDataset(tiny, "train", CLASSES)
-    images = np.load(tiny / "train" / "images.npy")
+    images = np.load(tiny / "fit" / "train" / "images.npy")
     assert len(ds) == 8
     img, target = ds[3]
     assert img.shape == (1, 64, 64) and img.dtype == torch.float32
@@ -139,7 +139,7 @@ def test_dataset_memory_stays_flat(tmp_path):
 
 
 def test_unknown_category_stops_with_the_record(tiny):
-    path = tiny / "train" / "annotations.json"
+    path = tiny / "fit" / "train" / "annotations.json"
     coco = json.loads(path.read_text())
     coco["annotations"][0]["category_id"] = 7
     path.write_text(json.dumps(coco))

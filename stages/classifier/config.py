@@ -348,6 +348,7 @@ AUGMENT_CONFIG = (
     ClassificationAugmentConfig  # the augment.<task> section (stages.augment loads it by task)
 )
 EVALUATE_CONFIG = EvalClassificationConfig  # the evaluate.<task> section
+TRAIN_CONFIG = TrainClassifierConfig  # the train_classifier section
 
 __all__ = [
     "APPLICATION_ARCHS",

@@ -177,23 +177,19 @@ def source_keys(paths: pd.Series) -> np.ndarray:
     )
 
 
+HEADLINE = ("accuracy", "roc_auc", "specificity", "sensitivity")
+
+
 def headline(doc: dict) -> dict:
-    """The flat figures `dvc exp show` compares (metrics/classifier.json): test split at the
-    validation threshold, with the bootstrap CI bounds. Everything else (the val block, figures
-    at 0.5, confusion matrix, multi-class tables, per-test-set blocks) stays in
-    reports/classifier/evaluation.json. Keys carry no dots (DVC flattens nested keys with them)."""
-    out = {"n_test": doc["n_test"]}
-    for key in ("accuracy", "roc_auc", "specificity", "recall", "precision", "f1", "pr_auc"):
-        out[key] = doc[key]
-    for key in ("accuracy", "roc_auc"):
-        ci = doc.get(f"{key}_ci")
-        if ci:
-            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = ci
-    out["threshold"] = doc["threshold"]
-    out["accuracy_at_0_5"] = doc["at_0_5"]["accuracy"]  # the seeds' convention (argmax / 0.5)
+    """The few figures `dvc exp show` compares (metrics/classifier.json): the test split at the
+    validation threshold. Names unique across the tasks' metric files, so DVC gives each its
+    own short column. Everything else (CIs, the threshold, the validation block, figures at
+    0.5, confusion matrix, multi-class tables) is in reports/classifier/evaluation.json; with
+    several test sets each adds its accuracy and ROC-AUC. Keys carry no dots (DVC flattens
+    nested keys with them)."""
+    out = {key: doc["recall" if key == "sensitivity" else key] for key in HEADLINE}
     if "multiclass_accuracy" in doc:
         out["multiclass_accuracy"] = doc["multiclass_accuracy"]
-        out["macro_roc_auc"] = doc["macro_roc_auc"]
     for name, block in doc.get("test_sets", {}).items():
         key = re.sub(r"\W+", "_", name)
         out[f"test_{key}_accuracy"] = block["accuracy"]
@@ -249,7 +245,7 @@ def run(
     model_paths: list[Path],
     metrics_path: Path,
     report_dir: Path,
-    train_metrics_path: Path | None = None,
+    training_path: Path | None = None,
 ) -> dict:
     """Evaluate the model (or the mean of several: an ensemble) on the cache's val/test splits;
     write the headline metrics and the report folder. Returns the full evaluation document."""
@@ -302,11 +298,11 @@ def run(
         actual = [classes[v] for v in y["test"]]
         predicted = [classes[v] for v in proba["test"].argmax(axis=1)]
 
-    train_metrics_path = train_metrics_path or metrics_path.parent / "train_classifier.json"
+    training_path = Path(training_path or paths.CLASSIFICATION.training)
     model_info = {
         "model": info.to_json(),
         "models": doc["decision"]["models"],
-        "training": read_json(train_metrics_path) if train_metrics_path.is_file() else None,
+        "training": read_json(training_path) if training_path.is_file() else None,
     }
     # The whole folder is built aside and swapped in: a failure leaves the old report untouched.
     with atomic_dir(report_dir) as tmp:

@@ -40,17 +40,6 @@ from stages.common.config import parse
 from stages.common.utils import StageError, atomic_dir, atomic_file, seed_everything, write_json
 
 log = logging.getLogger("stages.train_classifier")
-TRAINING_FILE = "training.json"  # the whole training summary, in the dvclive folder
-# metrics/train_classifier.json: what `dvc exp show` compares (validation figures, never test)
-HEADLINE = (
-    "train_accuracy",
-    "val_accuracy",
-    "val_auc",
-    "val_loss",
-    "best_epoch",
-    "epochs_run",
-    "val_accuracy_max_drop",
-)
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -142,11 +131,13 @@ def train(
     cfg: TrainClassifierConfig,
     cache_dir: Path = paths.CLASSIFICATION.augment,
     model_path: Path = paths.CLASSIFIER_MODEL,
-    metrics_path: Path = paths.CLASSIFICATION.train_metrics,
     live_dir: Path = paths.CLASSIFICATION.live_dir,
+    summary_path: Path | None = None,
 ) -> dict:
-    """Train, keep the best epoch by ``early_stopping.monitor``, write model/metrics/live."""
-    cache_dir, model_path, metrics_path = Path(cache_dir), Path(model_path), Path(metrics_path)
+    """Train, keep the best epoch by ``early_stopping.monitor``; write the model, the dvclive
+    curves and the training summary (``summary_path``, default ``<live_dir>/training.json``)."""
+    cache_dir, model_path = Path(cache_dir), Path(model_path)
+    summary_path = Path(summary_path or Path(live_dir) / paths.TRAINING_NAME)
     set_tf_threads(cfg.threads)
     strategy = make_strategy(cfg.strategy)  # before other TF work (multi_worker needs that)
     seed_everything(cfg.seed)
@@ -259,8 +250,7 @@ def train(
     )
     save_info(model_path, info)
     save_model_atomic(model, model_path)
-    write_json(Path(live_dir) / TRAINING_FILE, metrics)
-    write_json(metrics_path, {k: metrics[k] for k in HEADLINE})
+    write_json(summary_path, metrics)
     log.info(
         "best epoch %d/%d: val_accuracy %.4f, val_auc %.4f, %.1f s (%.0f images/s)",
         best + 1,

@@ -2,11 +2,15 @@
 
 Layout of ``data/augment/<task>/``::
 
-    meta.json                 {"task", "image_size", "resize", "classes", "counts"}
-    policy.json               the augmentation policy (augment.<task>.policy as a dict)
-    <split>/images.npy        uint8 (N, S, S), written through np.lib.format.open_memmap
-    <split>/index.csv         the split csv rows in the same order + label_index
-    <split>/annotations.json  detection only: COCO, boxes in cache pixels, image id = row index
+    fit/                      everything training reads (train-<model> depends on this folder
+                              alone, so a new external test set does not retrain the model)
+      meta.json               {"task", "image_size", "resize", "intensity", "classes", "counts"}
+      policy.json             the augmentation policy (augment.<task>.policy as a dict)
+      train/, val/            one split folder each (below)
+    test/                     the test split folder
+    <split folder>/images.npy        uint8 (N, S, S), written through np.lib.format.open_memmap
+    <split folder>/index.csv         the split csv rows in the same order + label_index
+    <split folder>/annotations.json  detection only: COCO, boxes in cache pixels, id = row index
 
 Writers are used by ``python -m stages.augment --task <task>`` (and by tests to build tiny caches
 from arrays); readers by the training and evaluation stages. No run command of its own.
@@ -37,6 +41,8 @@ POLICY_FILE = "policy.json"
 IMAGES_FILE = "images.npy"
 INDEX_FILE = "index.csv"
 COCO_FILE = "annotations.json"
+FIT_DIR = "fit"  # meta, policy, train and val: the training inputs
+FIT_SPLITS = ("train", "val")
 # Manifest columns that must stay strings when read back ("" subtype, "007" patient ids).
 _STR_COLUMNS = (
     "path",
@@ -180,7 +186,7 @@ def write_split(
 
     Memory stays flat in N: each image is copied into the memory map as it arrives.
     """
-    split_dir = Path(out_dir) / split
+    split_dir = split_path(out_dir, split)
     split_dir.mkdir(parents=True, exist_ok=True)
     n = len(index)
     shape = (n, image_size, image_size)
@@ -209,11 +215,23 @@ def write_split(
 
 
 def write_meta(out_dir: Path, meta: dict) -> None:
-    write_json(Path(out_dir) / META_FILE, meta)
+    write_json(fit_path(out_dir) / META_FILE, meta)
 
 
 def write_policy(out_dir: Path, policy: dict) -> None:
-    write_json(Path(out_dir) / POLICY_FILE, policy)
+    write_json(fit_path(out_dir) / POLICY_FILE, policy)
+
+
+def fit_path(cache_dir: Path) -> Path:
+    """The folder of the training inputs (meta, policy, train, val) inside a cache."""
+    return Path(cache_dir) / FIT_DIR
+
+
+def split_path(cache_dir: Path, split: str) -> Path:
+    """The folder of one split inside a cache: fit/train, fit/val or test."""
+    if split not in (*FIT_SPLITS, "test"):
+        raise ValueError(f"unknown split {split!r}; splits: train, val, test")
+    return fit_path(cache_dir) / split if split in FIT_SPLITS else Path(cache_dir) / split
 
 
 # --------------------------------------------------------------------------- reader
@@ -287,14 +305,14 @@ class CacheSplit:
 
 
 def load_meta(cache_dir: Path) -> dict:
-    path = Path(cache_dir) / META_FILE
+    path = fit_path(cache_dir) / META_FILE
     if not path.is_file():
         raise StageError(f"{path} not found: run the augment stage first (dvc repro augment)")
     return read_json(path)
 
 
 def load_policy(cache_dir: Path) -> dict:
-    path = Path(cache_dir) / POLICY_FILE
+    path = fit_path(cache_dir) / POLICY_FILE
     if not path.is_file():
         raise StageError(f"{path} not found: run the augment stage first (dvc repro augment)")
     return read_json(path)
@@ -307,10 +325,9 @@ def read_index(path: Path) -> pd.DataFrame:
 
 
 def open_split(cache_dir: Path, split: str) -> CacheSplit:
-    """Open ``cache_dir/split`` read-only; checks that images and index agree."""
-    cache_dir = Path(cache_dir)
+    """Open one split of a cache read-only; checks that images and index agree."""
     meta = load_meta(cache_dir)
-    split_dir = cache_dir / split
+    split_dir = split_path(cache_dir, split)
     if not (split_dir / IMAGES_FILE).is_file():
         raise StageError(f"{split_dir / IMAGES_FILE} not found: run the augment stage first")
     images = np.load(split_dir / IMAGES_FILE, mmap_mode="r")
@@ -329,6 +346,8 @@ __all__ = [
     "CocoIndex",
     "boxes_for",
     "coco_index",
+    "fit_path",
+    "split_path",
     "load_meta",
     "load_policy",
     "open_split",

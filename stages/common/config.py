@@ -2,7 +2,9 @@
 
 Every stage calls ``load_section(<dataclass>, "<dotted.section>")`` at start-up. An unknown key,
 a missing required key, a value of the wrong type or a value outside a ``Literal`` stops the run
-before any work, with a message naming the full key and the allowed values.
+before any work, with a message naming the full key and the allowed values. A key left out
+takes the schema's default: the dataclasses are the one home of defaults, and params.yaml lists
+only the knobs an experiment usually turns (docs/params.md lists every key).
 
 Supported field types: bool, int, float, str, None, ``Literal[...]``, ``X | None``, unions of
 the above, ``tuple[X, ...]``, ``tuple[X, Y]``, ``list[X]``, ``dict[str, X]`` and nested frozen
@@ -53,12 +55,12 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
 
 
-# Field metadata of keys a params file may leave out without a warning (commented-out extras).
+# Field metadata of a source's extras (a key whose default means "not used"), for the docs.
 OPTIONAL = {"optional": True}
 
 
 def optional(default=None):
-    """A schema field that params.yaml may omit silently (its default is "not used")."""
+    """A schema field whose default means "not used" (a source's optional extras)."""
     return dataclasses.field(default=default, metadata=OPTIONAL)
 
 
@@ -204,21 +206,12 @@ def _convert_dataclass(cls: Any, value: Any, where: str) -> Any:
             f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(sorted(fields))}"
         )
     kwargs = {}
-    defaulted = []
     for name, field in fields.items():
         key = f"{where}.{name}"
         if name in value:
             kwargs[name] = _convert(hints[name], value[name], key)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{key}: required key is missing (expected {_describe(hints[name])})")
-        elif not field.metadata.get("optional"):
-            defaulted.append(name)
-    if defaulted and value:  # an absent section is a deliberate "all defaults"
-        log.warning(
-            "%s: key(s) %s not given; using the defaults (equal to the shipped params.yaml)",
-            where,
-            ", ".join(defaulted),
-        )
     try:
         obj = cls(**kwargs)
     except (ValueError, TypeError) as exc:  # __post_init__ range checks

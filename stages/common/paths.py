@@ -25,6 +25,10 @@ METRICS = Path("metrics")
 REPORTS = Path("reports")
 EVALUATION_NAME = "evaluation.json"  # inside reports/<model>/
 PLOTS_NAME = "plots"  # reports/<model>/plots: the DVC plot data
+TRAINING_NAME = "training.json"  # inside reports/live/<model>/
+PARAMS_REPORT = REPORTS / "params"  # check-params: the resolved params and the checked marker
+RESOLVED_PARAMS_NAME = "resolved.json"
+CHECKED_PARAMS_NAME = "checked.json"
 
 
 @dataclass(frozen=True)
@@ -50,8 +54,9 @@ class TaskPaths:
         return REPORTS / "augment" / f"{self.task}_preview.png"
 
     @property
-    def split_metrics(self) -> Path:
-        return METRICS / f"split_{self.task}.json"
+    def split_report(self) -> Path:
+        """Counts per split and class, patients and leakage checks (git-tracked, not a metric)."""
+        return REPORTS / "split" / f"{self.task}.json"
 
     @property
     def name(self) -> str:
@@ -64,8 +69,10 @@ class TaskPaths:
         return METRICS / f"{self.name}.json"
 
     @property
-    def train_metrics(self) -> Path:
-        return METRICS / f"train_{self.name}.json"
+    def training(self) -> Path:
+        """The training run's summary (validation figures at the best epoch, timings), in the
+        dvclive folder: read by the model card and the tools, not a `dvc exp show` metric."""
+        return self.live_dir / TRAINING_NAME
 
     @property
     def report_dir(self) -> Path:

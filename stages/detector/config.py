@@ -178,5 +178,6 @@ AUGMENT_CONFIG = (
     DetectionAugmentConfig  # the augment.<task> section (stages.augment loads it by task)
 )
 EVALUATE_CONFIG = EvalDetectionConfig  # the evaluate.<task> section
+TRAIN_CONFIG = TrainDetectorConfig  # the train_detector section
 
 __all__ = ["Backbone", "EvalDetectionConfig", "TrainDetectorConfig"]

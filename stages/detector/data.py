@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from stages.common import cache
 from stages.common.cache import open_split
 from stages.common.utils import StageError
 
@@ -51,7 +52,7 @@ class DetectionCacheDataset(Dataset):
         self._offset = int(images.offset)
         self._shape = (int(images.shape[1]), int(images.shape[2]))
         self._n = int(images.shape[0])
-        self._check_categories(sp.coco, classes, Path(cache_dir) / split)
+        self._check_categories(sp.coco, classes, cache.split_path(cache_dir, split))
         self._targets = [sp.boxes(i) for i in range(self._n)]
         for i, (boxes, _) in enumerate(self._targets):
             if len(boxes) and not (boxes[:, 2:] > boxes[:, :2]).all():

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.common.cache import load_meta, load_policy
+from stages.common import paths
+from stages.common.cache import fit_path, load_meta, load_policy
 from stages.common.config import ConfigError, parse, to_dict
 from stages.common.utils import StageError, seed_everything, set_torch_threads, write_json
 from stages.detector import engine as E
@@ -34,9 +35,6 @@ from stages.detector.model import build_detector, save_detector, unwrap
 log = logging.getLogger("stages.train_detector")
 # Keys that change how a run executes, not what it learns: they never block a resume.
 _RUNTIME_KEYS = ("threads", "num_workers")
-TRAINING_FILE = "training.json"  # the whole training summary, in the dvclive folder
-# metrics/train_detector.json: what `dvc exp show` compares (validation figures, never test)
-HEADLINE = ("val_map_50", "val_map", "best_epoch", "epochs_run", "train_loss")
 
 
 def resolve_sizes(cfg: TrainDetectorConfig, image_size: int) -> TrainDetectorConfig:
@@ -56,7 +54,7 @@ def data_fingerprint(cache_dir: Path) -> str:
         "val/index.csv",
         "val/annotations.json",
     ):
-        path = cache_dir / rel
+        path = fit_path(cache_dir) / rel
         h.update(rel.encode())
         h.update(path.read_bytes() if path.is_file() else b"<absent>")
     return h.hexdigest()
@@ -73,9 +71,9 @@ def train(
     cfg: TrainDetectorConfig,
     cache_dir: Path,
     model_path: Path,
-    metrics_path: Path,
     live_dir: Path,
     checkpoint_dir: Path,
+    summary_path: Path | None = None,
 ) -> dict[str, Any]:
     """Train, validate every epoch, keep the best epoch; resume from ``checkpoint_dir/last.pt``.
 
@@ -87,9 +85,9 @@ def train(
             cfg,
             Path(cache_dir),
             Path(model_path),
-            Path(metrics_path),
             Path(live_dir),
             Path(checkpoint_dir),
+            Path(summary_path or Path(live_dir) / paths.TRAINING_NAME),
             info,
         )
     finally:
@@ -100,9 +98,9 @@ def _train(
     cfg: TrainDetectorConfig,
     cache_dir: Path,
     model_path: Path,
-    metrics_path: Path,
     live_dir: Path,
     ckpt_dir: Path,
+    summary_path: Path,
     info: E.DistInfo,
 ) -> dict[str, Any]:
     wall = time.perf_counter()
@@ -225,8 +223,7 @@ def _train(
             "intensity": str(meta.get("intensity", "none")),
         }
         save_detector(model_path, model, cfg, classes, extra)
-        write_json(live_dir / TRAINING_FILE, metrics)
-        write_json(metrics_path, {k: metrics[k] for k in HEADLINE})
+        write_json(summary_path, metrics)
         _finish_checkpoints(ckpt_dir, best)
     E.barrier(info)
     return metrics

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import paths
+from stages.common import cache, paths
 from stages.common.cache import INTENSITY_MODES, prepare_gray
 from stages.common.imageio import MAX_PIXELS, ImageRejected, decode_gray_bytes, load_gray
 from stages.common.utils import StageError, read_json
@@ -49,7 +49,7 @@ CLASSIFIER_PATH = paths.CLASSIFIER_MODEL
 DETECTOR_PATH = paths.DETECTOR_MODEL
 EVALUATION_PATH = paths.CLASSIFICATION.evaluation  # the decision rule evaluate chose
 CLASSIFIER_METRICS = EVALUATION_PATH  # the name this constant had before evaluation.json
-DETECTION_CACHE_META = paths.DETECTION.augment / "meta.json"
+DETECTION_CACHE_META = cache.fit_path(paths.DETECTION.augment) / cache.META_FILE
 DEFAULT = "default"  # Predictor(classifier=DEFAULT): the decision's models, else CLASSIFIER_PATH
 MIN_SCORE = 0.3  # boxes shown: evaluate.detection.score_thresh's default (its report boxes)
 BATCH = 64

@@ -4,7 +4,7 @@ data each model was trained and tested on, and its key test figures.
 Inputs (read-only, every one optional; paths relative to ``root``, the repository root): the git
 checkout (``git`` commands: HEAD, the ``refs/exps`` refs and the ``dvc.lock`` of each experiment
 commit), the workspace ``dvc.lock``, the model files, the data the pipeline's models were made
-from (first found: the augment cache index ``data/augment/<task>/<split>/index.csv``, the split
+from (first found: the augment cache index ``data/augment/<task>/{fit/train,fit/val,test}/index.csv``, the split
 ``data/split/<task>/<split>.csv``, the model card ``reports/<model>/model_card.md``; their
 ``source`` column / line) and the headline metrics ``metrics/<model>.json``. Output: a
 ``Provenance``; ``markdown()`` is the page's text, ``ModelProvenance.to_json()`` what the predict
@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from stages.common import paths
+from stages.common import cache, paths
 from stages.common.utils import read_json
 
 CLASSIFIER_KEYS = ("accuracy", "roc_auc", "recall", "specificity", "f1", "threshold")
@@ -195,9 +195,13 @@ def _card_sources(card: Path) -> dict[str, int] | None:
 def task_data(task: paths.TaskPaths, root: Path) -> tuple[dict, dict, str] | None:
     """(train sources, test sources, where they were read) of a task's pipeline data, or None."""
     for folder, what in ((task.augment, "augment cache index"), (task.split, "split")):
-        name = "{}/index.csv" if folder == task.augment else "{}.csv"
-        train = _count_sources(root / folder / name.format("train"))
-        test = _count_sources(root / folder / name.format("test"))
+
+        def where(split: str, folder: Path = folder) -> Path:
+            if folder == task.augment:
+                return cache.split_path(root / folder, split) / cache.INDEX_FILE
+            return root / folder / f"{split}.csv"
+
+        train, test = _count_sources(where("train")), _count_sources(where("test"))
         if train is not None or test is not None:
             return train or {}, test or {}, f"{folder.as_posix()} ({what})"
     card = task.report_dir / "model_card.md"

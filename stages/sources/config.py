@@ -24,12 +24,13 @@ Extras of a source entry:
 - ``md5`` / ``sha256``: checksum of the file at ``path`` (a URL's download or a local archive);
   a cached download that fails it is fetched again.
 
-``root`` (per task, default ``data/inputs``): the folder holding the task's local data. Local
-``path``s are relative to it (absolute ones must lie inside it), and dvc.yaml declares it as a
-dependency of ``download@<task>``, so adding, removing or changing an image there makes the
-stage stale. URLs are not under it: a download is keyed by its URL. A root holding what the
+``data.root`` (one for every task, default ``data/inputs``): the folder holding the local data
+sets. Local ``path``s are relative to it (absolute ones must lie inside it), and dvc.yaml
+declares it as a dependency of every ``download@<task>``, so adding, removing or changing an
+image there makes the stages stale (each re-reads its own sources; an unchanged output stops the
+re-run there). URLs are not under it: a download is keyed by its URL. A root holding what the
 pipeline writes (``data/raw``, ``data/downloads``, ...) is refused: the stage would depend on its
-own output.
+own output. The schemas below carry it as ``root``, filled in from ``data.root``.
 
 Inputs/Outputs: none (schema only; read by ``stages.download`` via ``load_data_config``). Run: no
 command; tested by ``.venv/bin/python -m pytest tests/test_sources.py -q``.
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from stages.common import paths
-from stages.common.config import check, load_section, optional
+from stages.common.config import ConfigError, check, get_section, optional, parse, read_params
 from stages.sources.base import norm_key
 from stages.sources.synthetic import SyntheticClassificationConfig, SyntheticDetectionConfig
 
@@ -165,13 +166,14 @@ class DetectionSource(SourceExtras):
             check(len(set(self.classes)) == len(self.classes), "classes: names must be unique")
 
 
-DEFAULT_ROOT = paths.INPUTS.as_posix() + "/<task>"  # one folder per task: chains stay apart
+DEFAULT_ROOT = paths.INPUTS.as_posix()
+ROOT_KEY = "data.root"
 # what the pipeline writes: a data root holding one of these would depend on the stage's outputs
 _WRITTEN = (paths.DOWNLOADS, paths.RAW, paths.SPLIT, paths.AUGMENT, paths.MODELS, paths.METRICS)
 
 
 def _check_root(root: str) -> None:
-    check(bool(str(root).strip()), "root: must name a folder (default data/inputs)")
+    check(bool(str(root).strip()), f"root: must name a folder (default {DEFAULT_ROOT})")
     if os.path.isabs(root):
         return
     norm = os.path.normpath(root)
@@ -186,7 +188,7 @@ def _check_root(root: str) -> None:
 
 @dataclass(frozen=True)
 class ClassificationData:
-    root: str = (paths.INPUTS / "classification").as_posix()
+    root: str = DEFAULT_ROOT  # data.root (filled in by data_section)
     source: ClassificationName = "synthetic"
     path: str | None = None
     classes: dict[str, str] | None = optional(None)
@@ -229,7 +231,7 @@ class ClassificationData:
 
 @dataclass(frozen=True)
 class DetectionData:
-    root: str = (paths.INPUTS / "detection").as_posix()
+    root: str = DEFAULT_ROOT  # data.root (filled in by data_section)
     source: DetectionName = "synthetic"
     path: str | None = None
     classes: tuple[str, ...] | None = optional(None)
@@ -272,6 +274,18 @@ DataConfig = ClassificationData | DetectionData
 SCHEMAS: dict[str, type] = {"classification": ClassificationData, "detection": DetectionData}
 
 
+def data_section(params: dict, task: str) -> dict:
+    """``data.<task>`` with ``root`` taken from ``data.root`` (the one data folder)."""
+    section = get_section(params, f"data.{task}")
+    if not isinstance(section, dict):
+        raise ConfigError(f"data.{task}: expected a mapping, got {section!r}")
+    if "root" in section:
+        raise ConfigError(f"data.{task}.root: the data folder is {ROOT_KEY}, one for every task")
+    data = get_section(params, "data")
+    return {**section, "root": data.get("root", DEFAULT_ROOT)}
+
+
 def load_data_config(task: str, params_path: str = "params.yaml") -> DataConfig:
-    """Parse ``data.<task>`` of the params file (ConfigError on any unknown key or value)."""
-    return load_section(SCHEMAS[task], f"data.{task}", params_path)
+    """Parse ``data.<task>`` (and ``data.root``) of the params file (ConfigError on any unknown
+    key or value)."""
+    return parse(SCHEMAS[task], data_section(read_params(params_path), task), f"data.{task}")

@@ -81,10 +81,11 @@ def load_stages(dvc_yaml: Path) -> dict[str, Stage]:
             items = _subst(body["foreach"], params or {})
             pairs = items.items() if isinstance(items, dict) else [(v, v) for v in items]
             expanded = [
-                (f"{name}@{k}", _subst(body["do"], {"key": k, "item": v})) for k, v in pairs
+                (f"{name}@{k}", _subst(body["do"], {**(params or {}), "key": k, "item": v}))
+                for k, v in pairs
             ]
         else:
-            expanded = [(name, body)]
+            expanded = [(name, _subst(body, params or {}))]
         for full, spec in expanded:
             outs = _names(spec.get("outs", [])) + _names(spec.get("metrics", []))
             outs += _names(spec.get("plots", []))

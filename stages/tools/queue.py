@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages.common import paths
 from stages.common.config import PARAMS_FILE
 from stages.common.utils import StageError
 from stages.tools import experiments as X
@@ -165,9 +166,9 @@ def missing_inputs(name: str, data_root: str) -> list[str]:
     """Local data folders experiment ``name`` reads below ``data_root`` that do not exist."""
     params = dict(X.get(name).set_params)
     found: list[str] = []
-    for task in ("classification", "detection"):
-        if params.get(f"data.{task}.root") != X.ROOT:
-            continue
+    if params.get("data.root") != X.ROOT:
+        return found
+    for task in paths.TASKS:
         entries = [params.get(f"data.{task}.path")]
         entries += [e.get("path") for e in params.get(f"data.{task}.sources", ())]
         for rel in entries:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.common import paths
-from stages.common.cache import open_split
+from stages.common.cache import IMAGES_FILE, open_split, split_path
 from stages.common.utils import StageError, run_cli, write_text_atomic
 
 SPLITS = ("train", "val", "test")
@@ -67,7 +67,7 @@ def class_stats(cache_dir: Path) -> list[tuple[str, str, int, np.ndarray]]:
         raise StageError(f"{cache_dir} not found: run dvc repro augment, or give --cache")
     rows = []
     for split in SPLITS:
-        if not (Path(cache_dir) / split / "images.npy").is_file():
+        if not (split_path(cache_dir, split) / IMAGES_FILE).is_file():
             continue
         part = open_split(cache_dir, split)
         if len(part) == 0:
