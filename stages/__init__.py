@@ -37,6 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # python -m stages.<name> -> the module that implements it
 COMMANDS = {
     "predict": "stages.serve.predict",
+    "compare": "stages.tools.compare",
     "experiments": "stages.tools.experiments",
     "ablations": "stages.tools.ablations",
     "param_table": "stages.tools.param_table",

@@ -58,8 +58,8 @@ DROPOUT_SLOTS: dict[str, tuple[float, ...]] = {
 class HeadConfig:
     """The output layer: ``units`` Dense units with ``activation`` (probabilities out)."""
 
-    activation: Literal["softmax", "sigmoid"] = "sigmoid"
-    units: int = 1
+    activation: Literal["softmax", "sigmoid"] = "sigmoid"  # sigmoid | softmax
+    units: int = 1  # 1 (binary, sigmoid only) or one per class
 
     def __post_init__(self) -> None:
         check(self.units >= 1, f"head.units must be >= 1, got {self.units}")
@@ -72,9 +72,10 @@ class EarlyStoppingConfig:
     The best epoch by ``monitor`` is restored at the end either way.
     """
 
+    # val_loss | val_accuracy | val_auc (the best epoch is restored)
     monitor: Literal["val_loss", "val_accuracy", "val_auc"] = "val_loss"
-    patience: int | None = 4
-    mode: Literal["auto", "min", "max"] = "auto"
+    patience: int | None = 4  # null = never stop early
+    mode: Literal["auto", "min", "max"] = "auto"  # auto (min for val_loss, else max) | min | max
 
     def __post_init__(self) -> None:
         check(self.patience is None or self.patience >= 0, "early_stopping.patience must be >= 0")
@@ -92,6 +93,10 @@ class EarlyStoppingConfig:
 
 @dataclass(frozen=True)
 class TrainClassifierConfig:
+    # Architecture: as_is | to_be (seed 002) | cnn5 (seed 000) | seed001 | vgg16 (seed 003) |
+    # resnet_small (our compact ResNet, from scratch) | resnet50v2 | densenet121 | efficientnetb0 |
+    # efficientnet_lite0 | efficientnet_lite2 (our Keras ports; ImageNet weights: python -m
+    # stages.weights <arch>)
     arch: Arch = "to_be"
     # none | imagenet | path to a weights file of the keras.applications base alone
     # (include_top=False), e.g. the notop .h5 downloaded elsewhere. Only for APPLICATION_ARCHS.
@@ -99,18 +104,20 @@ class TrainClassifierConfig:
     # Pretrained bases only: null = whole base trainable, 0 = frozen, N = last N blocks trainable.
     trainable_blocks: int | None = None
     head: HeadConfig = field(default_factory=HeadConfig)
+    # binary_crossentropy | categorical_crossentropy
     loss: Literal["binary_crossentropy", "categorical_crossentropy"] = "binary_crossentropy"
-    label_smoothing: float = 0.0
-    optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"
-    learning_rate: float = 1e-3
+    label_smoothing: float = 0.0  # label smoothing of the targets, in [0, 0.5)
+    optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"  # adam | rmsprop | sgd
+    learning_rate: float = 1e-3  # of the optimizer (the peak of a schedule)
     momentum: float = 0.9  # sgd only (Nesterov)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # decoupled weight decay; 0 = off
+    # constant | cosine | plateau (halve on early_stopping.monitor stalls)
     lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"
-    epochs: int = 15
+    epochs: int = 15  # at most (early stopping may end sooner)
     batch_size: int = 32  # per replica; the global batch is this x the strategy's replicas
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    class_weight: Literal["none", "balanced"] = "balanced"
-    augmentation: bool = True
+    class_weight: Literal["none", "balanced"] = "balanced"  # none | balanced
+    augmentation: bool = True  # on-the-fly, policy from augment.classification (policy.json)
     # null = the architecture's own rates (DROPOUT_SLOTS); else one rate per slot.
     dropout: tuple[float, ...] | None = None
     # Class names in output order (null = meta.json's classes); rows of other classes are dropped.
@@ -118,6 +125,7 @@ class TrainClassifierConfig:
     # Merge/rename before selecting: "LABEL" or "LABEL/subtype" -> class name (the more specific
     # key wins), e.g. {PNEUMONIA/bacteria: BACTERIA, PNEUMONIA/virus: VIRUS}.
     class_map: dict[str, str] = field(default_factory=dict)
+    # default | mirrored | multi_worker (TF_CONFIG)
     strategy: Literal["default", "mirrored", "multi_worker"] = "default"
     # Weight EMA: 0 = off, else the momentum (e.g. 0.99) of an exponential moving average of the
     # weights; validation, the best-epoch choice and the saved model use the averaged weights.
@@ -131,7 +139,7 @@ class TrainClassifierConfig:
     # Fixed Gaussian low-pass of the input, sigma in px (0 = off), inside the model so serving
     # filters alike: fine texture (train's normal films are sharper) stops being a class cue.
     input_blur: float = 0.0
-    seed: int = 42
+    seed: int = 42  # training seed (weights, shuffling, augmentation draws)
     threads: int = 0  # 0 = all cores
 
     def __post_init__(self) -> None:
@@ -236,16 +244,21 @@ def head_encoding(activation: str, units: int, loss: str, n_classes: int | None)
 class EvalClassificationConfig:
     """``evaluate.classification``; see params.yaml for the meaning of each key."""
 
+    # chosen on VAL only: youden (max sens+spec-1) | sensitivity (highest val score reaching
+    # target_sensitivity) | specificity (lowest val score keeping target_specificity); set midway to
+    # the next val score
     threshold: Literal["youden", "sensitivity", "specificity"] = "youden"
-    target_sensitivity: float = 0.95
-    target_specificity: float = 0.95
+    target_sensitivity: float = 0.95  # used when threshold: sensitivity
+    target_specificity: float = 0.95  # used when threshold: specificity
+    # a class name, or a list (e.g. [BACTERIA, VIRUS, COVID]) = positive vs rest
     positive_class: str | tuple[str, ...] = "PNEUMONIA"
+    # stratified percentile bootstrap resamples for accuracy/ROC-AUC CIs (0 = none)
     bootstrap: int = 1000
-    ci: float = 0.95
-    seed: int = 0
-    n_samples_grid: int = 16
-    n_gradcam: int = 8
-    batch_size: int = 64
+    ci: float = 0.95  # coverage of the bootstrap intervals
+    seed: int = 0  # seed of the bootstrap
+    n_samples_grid: int = 16  # test images in reports/classifier/samples.png
+    n_gradcam: int = 8  # Grad-CAM cases (TP/FP/FN mix) in reports/classifier/gradcam.png
+    batch_size: int = 64  # images per prediction batch
     # Test-time augmentation: mean probability of each image and its mirror image (val and test
     # alike, so the threshold is chosen on what is scored). Serving applies the same.
     tta: Literal["none", "hflip"] = "none"
@@ -284,21 +297,24 @@ class ClassificationPolicy:
     and its pneumonia films were wider originals than its normal ones.
     """
 
-    rotation: float = 10.0
-    zoom: float = 0.2
-    shear: float = 0.2
-    shift: float = 0.1
+    rotation: float = 10.0  # degrees
+    zoom: float = 0.2  # scale 1 +- zoom
+    shear: float = 0.2  # shear factor (tan); ImageDataGenerator's shear_range was degrees
+    shift: float = 0.1  # fraction of width / height
     # Flipping a chest X-ray puts the heart on the wrong side (dextrocardia look-alike); the seeds
     # flipped anyway and pneumonia cues are roughly symmetric, so it stays on by default.
     hflip: bool = True
-    brightness: float = 0.1
-    contrast: float = 0.1
+    brightness: float = 0.1  # additive, fraction of 255
+    contrast: float = 0.1  # factor 1 +- contrast around the image mean
     # "nearest" repeats the border instead of adding black corners a model could learn to use.
     fill_mode: Literal["nearest", "constant"] = "nearest"
+    # photometric, for other machines' exposure (0 = off): gamma exponent exp(U(-x, x))
     gamma: float = 0.0
-    blur: float = 0.0
-    noise: float = 0.0
-    erase: float = 0.0
+    blur: float = 0.0  # 3x3 Gaussian blend weight U(0, x)
+    noise: float = 0.0  # Gaussian noise sd U(0, x) x 255
+    erase: float = 0.0  # random erasing: one square of U(0.1, x) of the area in half the images
+    # width alone scaled by exp(U(-x, x)), against an aspect-ratio shortcut
+    # (reports/generalization.md 2h)
     aspect: float = 0.0
 
     def __post_init__(self) -> None:
@@ -339,7 +355,8 @@ class ClassificationPolicy:
 
 @dataclass(frozen=True)
 class ClassificationAugmentConfig(AugmentConfig):
-    image_size: int = 128
+    image_size: int = 128  # px of the square cache images the classifier sees
+    # stretch (the seeds' target_size) | pad (keep the aspect ratio)
     resize: Literal["stretch", "pad"] = "stretch"
     policy: ClassificationPolicy = field(default_factory=ClassificationPolicy)
 

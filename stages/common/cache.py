@@ -64,8 +64,8 @@ class AugmentConfig:
     """The ``augment.<task>`` keys shared by both tasks; each task package adds its ``policy``
     (``stages.classifier.config`` / ``stages.detector.config``)."""
 
-    image_size: int
-    resize: ResizeMode
+    image_size: int  # px of the square cache images
+    resize: ResizeMode  # stretch | pad (keep the aspect ratio, zero border)
     preview_count: int = 8  # rows of the preview grid (train images)
     preview_seed: int = 0  # preview draws only; training seeds its own augmenter
     workers: int = 2  # decoding threads

@@ -17,9 +17,10 @@ class SplitConfig:
     """random: stratified by label, grouped by patient and duplicate pixels; official: the
     source's own test split untouched, validation carved from train (see stages/split.py)."""
 
+    # random | official (the source's own test split kept)
     mode: Literal["random", "official"] = "random"
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / val / test
-    seed: int = 42
+    seed: int = 42  # seed of the split (same seed and data, same split)
     min_val_fraction: float = 0.05  # official: source val kept if >= this x train images
 
     def __post_init__(self) -> None:

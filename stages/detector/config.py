@@ -34,36 +34,37 @@ class TrainDetectorConfig:
     weights_backbone: str = "none"  # none | imagenet | <path to a torchvision ResNet state dict>
     trainable_backbone_layers: int = 3  # 0-5; all 5 when weights_backbone is none
     fpn_channels: int = 64  # FPN/head width (torchvision: 256); 64 is ~25 % faster at 192 px
+    # groupnorm (torchvision v2 heads) | none (v1)
     head_norm: Literal["groupnorm", "none"] = "groupnorm"
     # from scratch only (pretrained backbones keep their frozen BatchNorm statistics)
     backbone_norm: Literal["batchnorm", "groupnorm"] = "batchnorm"
-    box_loss: Literal["l1", "smooth_l1", "giou"] = "l1"
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    anchor_sizes: tuple[tuple[int, ...], ...] = (
+    box_loss: Literal["l1", "smooth_l1", "giou"] = "l1"  # l1 | smooth_l1 | giou
+    focal_alpha: float = 0.25  # focal loss alpha (weight of the positives)
+    focal_gamma: float = 2.0  # focal loss gamma (down-weights easy anchors)
+    anchor_sizes: tuple[tuple[int, ...], ...] = (  # px per level P3..P7
         (12, 16),
         (24, 32),
         (48, 64),
         (96, 128),
         (192, 256),
     )
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    fg_iou_thresh: float = 0.5
-    bg_iou_thresh: float = 0.4
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # anchor height/width ratios at every level
+    fg_iou_thresh: float = 0.5  # IoU at or above which an anchor is a positive
+    bg_iou_thresh: float = 0.4  # IoU below which an anchor is background
     min_size: int | None = None  # null = the cache image size
     max_size: int | None = None  # null = min_size (the cache images are square)
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
+    score_thresh: float = 0.05  # detections below this score are dropped at inference
+    nms_thresh: float = 0.5  # IoU of the per-class non-maximum suppression
+    detections_per_img: int = 100  # at most this many boxes per image
     # optimisation
-    epochs: int = 4
-    batch_size: int = 4
-    lr: float = 1e-3
-    optimizer: Literal["sgd", "adamw"] = "adamw"
+    epochs: int = 4  # passes over the training split
+    batch_size: int = 4  # per process
+    lr: float = 1e-3  # peak learning rate (after the warm-up)
+    optimizer: Literal["sgd", "adamw"] = "adamw"  # adamw | sgd
     momentum: float = 0.9  # sgd only
-    weight_decay: float = 1e-4
-    warmup_iters: int = 30
-    lr_schedule: Literal["cosine", "multistep"] = "cosine"
+    weight_decay: float = 1e-4  # AdamW / SGD weight decay
+    warmup_iters: int = 30  # linear warm-up steps
+    lr_schedule: Literal["cosine", "multistep"] = "cosine"  # cosine | multistep
     lr_milestones: tuple[float, ...] = (0.67, 0.89)  # multistep: fractions of all iterations
     lr_gamma: float = 0.1  # multistep factor
     grad_clip: float = 10.0  # max gradient L2 norm; 0 = off
@@ -72,7 +73,7 @@ class TrainDetectorConfig:
     # fp32 elsewhere: emulated bf16 is slower than fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # run
-    seed: int = 4
+    seed: int = 4  # training seed
     threads: int = 0  # 0 = all cores (split between DDP processes)
     num_workers: int = 0  # DataLoader worker processes
 
@@ -125,9 +126,9 @@ class EvalDetectionConfig:
     fps_per_image: tuple[float, ...] = (0.05, 0.1, 0.2)  # ChestX-Det10 operating points
     froc_max_fp: float = 8.0  # x range of the FROC plot data
     score_thresh: float = 0.3  # boxes drawn in the report and used for per-image F1
-    batch_size: int = 8
+    batch_size: int = 8  # images per prediction batch
     n_report_images: int = 6  # best and worst k test images drawn
-    seed: int = 4
+    seed: int = 4  # seed of the report's choices
     threads: int = 0  # 0 = all cores
 
     def __post_init__(self) -> None:
@@ -151,10 +152,11 @@ class DetectionPolicy:
     factor; the rescaled image is randomly cropped or zero-padded back to its size.
     brightness: additive, fraction of full range. contrast: factor 1 +- x around the mean."""
 
-    hflip: float = 0.5
+    hflip: float = 0.5  # probability
+    # rescale factor range, then crop / zero-pad back to size
     scale_jitter: tuple[float, float] = (0.8, 1.2)
-    brightness: float = 0.1
-    contrast: float = 0.1
+    brightness: float = 0.1  # additive, fraction of 255, uniform in [-x, x]
+    contrast: float = 0.1  # factor 1 +- x around the image mean
 
     def __post_init__(self) -> None:
         check(0 <= self.hflip <= 1, f"hflip is a probability in [0, 1], got {self.hflip}")
@@ -169,8 +171,8 @@ class DetectionPolicy:
 
 @dataclass(frozen=True)
 class DetectionAugmentConfig(AugmentConfig):
-    image_size: int = 192
-    resize: Literal["stretch", "pad"] = "pad"
+    image_size: int = 192  # px of the square cache images
+    resize: Literal["stretch", "pad"] = "pad"  # pad (keep the aspect ratio, zero border) | stretch
     policy: DetectionPolicy = field(default_factory=DetectionPolicy)
 
 

@@ -189,13 +189,20 @@ def _check_root(root: str) -> None:
 @dataclass(frozen=True)
 class ClassificationData:
     root: str = DEFAULT_ROOT  # data.root (filled in by data_section)
+    # synthetic | kermany | pneumoniamnist | covid_radiography | folder
     source: ClassificationName = "synthetic"
+    # folder or archive (.zip/.tar.gz) under data.root, or an http(s) URL; null = source default
+    # (pneumoniamnist: MedMNIST's own file, zenodo record 10519652)
     path: str | None = None
+    # {category: label}: the categories taken and their output labels (others skipped, counted)
     classes: dict[str, str] | None = optional(None)
-    patient_regex: str | None = optional(None)
-    limit: int | None = optional(None)
-    md5: str | None = optional(None)
-    sha256: str | None = optional(None)
+    patient_regex: str | None = optional(None)  # folder only: patient id from the file name
+    limit: int | None = optional(None)  # at most this many images of the source (quick runs)
+    md5: str | None = optional(None)  # checksum of the file at path (a download or an archive)
+    sha256: str | None = optional(None)  # checksum of the file at path
+    # several sources merged into one manifest, used instead of source/path when not empty:
+    # [{name, path, classes, patient_regex, limit, md5, sha256, split: test, render_size}, ...]
+    # (split: test = an external test set; see the module docstring)
     sources: tuple[ClassificationSource, ...] = ()
     synthetic: SyntheticClassificationConfig = field(default_factory=SyntheticClassificationConfig)
 
@@ -232,13 +239,19 @@ class ClassificationData:
 @dataclass(frozen=True)
 class DetectionData:
     root: str = DEFAULT_ROOT  # data.root (filled in by data_section)
-    source: DetectionName = "synthetic"
-    path: str | None = None
+    source: DetectionName = "synthetic"  # synthetic | chestxdet10 | nih_bbox
+    path: str | None = None  # folder or archive under data.root, or an http(s) URL
+    # fixed category list (order = category ids); a box of another class stops the run
+    # (null = the sorted union of the classes found)
     classes: tuple[str, ...] | None = optional(None)
+    # error | skip images named in the annotations but absent on disk (listed in report.json);
+    # ../shared/data's chestxdet10 and nih14_bbox hold only a few of their images: use skip
     missing_images: Literal["error", "skip"] = optional("error")
-    limit: int | None = optional(None)
-    md5: str | None = optional(None)
-    sha256: str | None = optional(None)
+    limit: int | None = optional(None)  # at most this many images of the source (quick runs)
+    md5: str | None = optional(None)  # checksum of the file at path (a download or an archive)
+    sha256: str | None = optional(None)  # checksum of the file at path
+    # several sources merged into one manifest: [{name, path, classes, missing_images, limit,
+    # md5, sha256, split: test}, ...], used instead of source/path when not empty
     sources: tuple[DetectionSource, ...] = ()
     synthetic: SyntheticDetectionConfig = field(default_factory=SyntheticDetectionConfig)
 

@@ -43,14 +43,14 @@ def _check_common(n_patients: int, ipp: tuple[int, int], size: int, test_fractio
 
 @dataclass(frozen=True)
 class SyntheticClassificationConfig:
-    n_patients: int = 400
+    n_patients: int = 400  # patients drawn
     images_per_patient: tuple[int, int] = (1, 4)  # inclusive range
-    image_size: int = 192
+    image_size: int = 192  # px, square films
     pneumonia_fraction: float = 0.6  # fraction of patients with pneumonia
     subtle_fraction: float = 0.3  # fraction of pneumonia images whose opacities are faint
     label_noise: float = 0.0  # fraction of images whose label (folder) is flipped
     test_fraction: float = 0.15  # patients written to test/ (Kermany has train/test)
-    seed: int = 7
+    seed: int = 7  # seed of the generator (same seed, same files)
 
     def __post_init__(self) -> None:
         _check_common(self.n_patients, self.images_per_patient, self.image_size, self.test_fraction)
@@ -61,16 +61,19 @@ class SyntheticClassificationConfig:
 
 @dataclass(frozen=True)
 class SyntheticDetectionConfig:
-    n_patients: int = 300
-    images_per_patient: tuple[int, int] = (1, 3)
-    image_size: int = 192
+    n_patients: int = (  # patients drawn
+        300  # ~600 images: a 60-image test split, so one image moves a class AP little
+    )
+    images_per_patient: tuple[int, int] = (1, 3)  # films per patient, min and max
+    image_size: int = 192  # px, square films
     normal_fraction: float = 0.2  # images with no lesion (negatives)
-    max_lesions: int = 3
+    max_lesions: int = 3  # at most this many lesions per film
+    # also Atelectasis, Pneumothorax
     classes: tuple[LesionKind, ...] = ("Consolidation", "Nodule", "Mass", "Effusion")
     lesion_contrast: float = 1.5  # multiplies every lesion's density (difficulty knob)
     label_noise: float = 0.0  # fraction of boxes given a wrong class
-    test_fraction: float = 0.15
-    seed: int = 11
+    test_fraction: float = 0.15  # share of patients the source itself marks as its test split
+    seed: int = 11  # seed of the generator (same seed, same files)
 
     def __post_init__(self) -> None:
         _check_common(self.n_patients, self.images_per_patient, self.image_size, self.test_fraction)
