@@ -80,7 +80,7 @@ def load(root: Path, src, ctx: Context) -> list[Record]:
     records: list[Record] = []
     for split, split_dir in layout:
         for folder_class, class_dir in _class_dirs(split_dir):
-            for path in iter_files(class_dir, ctx.notes):
+            for path in iter_files(class_dir, ctx):
                 rel = path.relative_to(top).as_posix()
                 patient, subtype = parse_name(path.name)
                 if patient is None:
