@@ -4,7 +4,8 @@ Inputs: params ``data.<task>`` (one ``source``/``path`` or a ``sources`` list; s
 ``stages.sources.config``), the source locations: a folder or archive below ``data.<task>.root``
 (a dependency of this stage in dvc.yaml: an added, removed or changed image re-runs it; nothing
 is copied into the repository) or an http(s) URL, downloaded into ``data/downloads/<url key>/``
-(git-ignored; a changed URL or checksum fetches again). Outputs, written atomically under
+(git-ignored; a changed URL or checksum fetches again, and so does, without a checksum, a file
+the server reports changed: ``stages.common.fetch`` revalidates the cached download). Outputs, written atomically under
 ``data/raw/<task>/``: ``images/<source>/...`` (8-bit grayscale PNG), ``manifest.csv`` (columns
 ``stages.sources.intake.MANIFEST_COLUMNS``, sorted by path), ``report.json`` (counts, rejected
 files with reasons, missing images, clipped/dropped boxes, and per source its ``origin``: what
