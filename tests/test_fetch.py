@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import socket
+import stat
 import tarfile
 import threading
 import zipfile
@@ -264,6 +265,33 @@ def test_tar_links_and_devices_refused(tmp_path):
     dev = tarfile.TarInfo("null")
     dev.type = tarfile.CHRTYPE
     _assert_refused(_tar(tmp_path / "d.tar.gz", [dev]), work, "special file")
+
+
+def _zip_link(path: Path, name: str, target: str) -> Path:
+    """A zip holding one symbolic link ``name`` -> ``target`` (as Info-ZIP stores links)."""
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3  # unix: the mode bits below are read
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("ok.txt", b"fine")
+        zf.writestr(info, target)
+    return path
+
+
+@pytest.mark.parametrize("target", ["../../x", "../a/../../x", "/etc/passwd"])
+def test_zip_and_tar_links_escaping_the_root_are_refused_relative_or_absolute(tmp_path, target):
+    work = tmp_path / "work"
+    work.mkdir()
+    _assert_refused(_zip_link(tmp_path / "l.zip", "a/up", target), work, "link a/up")
+    _assert_refused(_tar(tmp_path / "l.tar.gz", [_link("a/up", target)]), work, "symlink a/up")
+
+
+def test_zip_and_tar_links_inside_the_root_are_kept(tmp_path):
+    out = safe_extract(_zip_link(tmp_path / "in.zip", "a/same", "../ok.txt"), tmp_path / "z")
+    assert (out / "a/same").read_bytes() == b"../ok.txt"  # zipfile writes the link as text
+    infos = [tarfile.TarInfo("ok.txt"), _link("a/same", "../ok.txt")]
+    out = safe_extract(_tar(tmp_path / "in.tar.gz", infos, {"ok.txt": b"fine"}), tmp_path / "t")
+    assert (out / "a/same").read_bytes() == b"fine"
 
 
 def test_zip_bomb_and_limits_refused(tmp_path):
