@@ -186,3 +186,17 @@ def test_an_unreadable_file_is_rejected_and_listed(tmp_path, monkeypatch):
     assert report["labels"] == {"NORMAL": 2, "PNEUMONIA": 1}
     (entry,) = report["rejected"]["files"]
     assert entry["path"] == str(locked) and entry["reason"] == "unreadable"
+
+
+def test_a_layout_found_through_a_link_leaving_the_source_is_refused(tmp_path):
+    """Kermany's layout search follows folders; the images it finds through a link to another
+    place are still refused, named in the one-line error."""
+    from stages.common.utils import StageError
+
+    _png(tmp_path / "other/chest_xray/train/NORMAL/IM-0001-0001.png", 1)
+    _png(tmp_path / "other/chest_xray/train/PNEUMONIA/person1_virus_1.png", 2)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/x").symlink_to(tmp_path / "other/chest_xray", target_is_directory=True)
+    with pytest.raises(StageError, match="no images to take") as info:
+        _run(tmp_path, source="kermany", path="src")
+    assert "outside_root" in str(info.value) and "\n" not in str(info.value)

@@ -131,7 +131,7 @@ class FolderWalk:
         ``prune(sub_folder)`` True leaves a sub-folder out (the caller notes it). A file ``keep``
         accepts that is not a regular file comes back as a ``Skipped``.
         """
-        got = self.check(folder)
+        got = self.check(folder, is_link=True)  # reached through a link higher up: checked too
         if isinstance(got, Skipped):
             yield got
             return
