@@ -56,15 +56,17 @@ def load(root: Path, src, ctx: Context) -> list[Record]:
         layout = [(d.name.lower(), d) for d in top]
     else:
         layout = [("", root)]
+    class_dirs = {split_dir: list(iter_dirs(split_dir, ctx)) for _, split_dir in layout}
+    # every class folder is read at its own place: a link into one from another is not followed
+    ctx.walk.claim(d for folders in class_dirs.values() for d in folders)
     records: list[Record] = []
     for split, split_dir in layout:
-        folders = list(iter_dirs(split_dir, ctx))
+        folders = class_dirs[split_dir]
         if not folders:
             raise StageError(f"{split_dir}: no class sub-folders (expected <class>/<image> files)")
         selected = _select(src.class_map(), folders, split_dir)
         # loose files beside the class folders have no class: listed, not taken
         ctx.notes.ignored.extend(p.as_posix() for p in sorted(split_dir.iterdir()) if p.is_file())
-        ctx.walk.claim(folders)  # a link from one class folder into another is not followed
         for folder in folders:
             label = selected.get(folder.name)
             files = list(iter_files(folder, ctx))
