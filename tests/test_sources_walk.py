@@ -202,15 +202,17 @@ def test_a_layout_found_through_a_link_leaving_the_source_is_refused(tmp_path):
     assert "outside_root" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_a_link_from_train_into_test_is_not_followed(tmp_path):
+def test_a_link_from_one_split_into_another_is_not_followed(tmp_path):
     src = tmp_path / "mine"
     for split in ("train", "test"):
         for i in range(2):
             _png(src / f"{split}/NORMAL/{split}{i}.png", i + (10 if split == "test" else 0))
             _png(src / f"{split}/PNEUMONIA/{split}p{i}.png", i + (60 if split == "test" else 50))
-    (src / "train/NORMAL/more").symlink_to("../../test/NORMAL", target_is_directory=True)
-    _run(tmp_path, source="folder", path="mine")
+    # test/ is read first (sorted): its link must not carry train's images into test
+    (src / "test/NORMAL/more").symlink_to("../../train/NORMAL", target_is_directory=True)
+    report = _run(tmp_path, source="folder", path="mine")
     m = (tmp_path / "raw/manifest.csv").read_text().splitlines()
-    test_rows = [row for row in m if "/test/" in row]
-    assert len(test_rows) == 4 and all(",test," in row for row in test_rows)
+    train_rows = [row for row in m if "/train/" in row]
+    assert len(train_rows) == 4 and all(",train," in row for row in train_rows)
     assert not [row for row in m if "/more/" in row]
+    assert _refused(report) == {"more": "already_listed"}
