@@ -202,17 +202,23 @@ def test_a_layout_found_through_a_link_leaving_the_source_is_refused(tmp_path):
     assert "outside_root" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_a_link_from_one_split_into_another_is_not_followed(tmp_path):
+@pytest.mark.parametrize("source", ["folder", "kermany"])
+def test_a_link_from_one_split_into_another_is_not_followed(tmp_path, source):
     src = tmp_path / "mine"
-    for split in ("train", "test"):
+    for k, split in enumerate(("train", "test")):
         for i in range(2):
-            _png(src / f"{split}/NORMAL/{split}{i}.png", i + (10 if split == "test" else 0))
-            _png(src / f"{split}/PNEUMONIA/{split}p{i}.png", i + (60 if split == "test" else 50))
-    # test/ is read first (sorted): its link must not carry train's images into test
+            _png(src / f"{split}/NORMAL/IM-{k}00{i}-0001.png", 10 * k + i)
+            _png(src / f"{split}/PNEUMONIA/person{k}0{i}_virus_1.png", 50 + 10 * k + i)
+    # both ways, so whichever split a loader reads first, one link leads into the other
     (src / "test/NORMAL/more").symlink_to("../../train/NORMAL", target_is_directory=True)
-    report = _run(tmp_path, source="folder", path="mine")
-    m = (tmp_path / "raw/manifest.csv").read_text().splitlines()
-    train_rows = [row for row in m if "/train/" in row]
-    assert len(train_rows) == 4 and all(",train," in row for row in train_rows)
-    assert not [row for row in m if "/more/" in row]
-    assert _refused(report) == {"more": "already_listed"}
+    (src / "train/PNEUMONIA/more").symlink_to("../../test/PNEUMONIA", target_is_directory=True)
+    report = _run(tmp_path, source=source, path="mine")
+    m = (tmp_path / "raw/manifest.csv").read_text().splitlines()[1:]
+    for split in ("train", "test"):
+        rows = [row for row in m if f"/{split}/" in row]
+        assert len(rows) == 4 and all(f",{split}," in row for row in rows), rows
+    assert len(m) == 8 and not [row for row in m if "/more/" in row]
+    (entry,) = report["sources"]
+    assert [(Path(f["path"]).name, f["reason"]) for f in entry["refused"]["files"]] == [
+        ("more", "already_listed")
+    ] * 2
