@@ -146,8 +146,8 @@ def cache_coco(
 
 
 def _classes(task: str, splits: dict[str, tuple[pd.DataFrame, dict | None]]) -> list[str]:
-    if task == "classification":  # what the model can learn: a test-only label is not a class
-        return sorted({str(v) for s in ("train", "val") for v in splits[s][0]["label"]})
+    if task == "classification":  # what the model can learn: a label train lacks is not a class
+        return sorted({str(v) for v in splits["train"][0]["label"]})
     cats = sorted(splits["train"][1]["categories"], key=lambda c: int(c["id"]))
     return [str(c["name"]) for c in cats]
 

@@ -4,11 +4,14 @@ Inputs: params ``data.<task>`` (one ``source``/``path`` or a ``sources`` list; s
 ``stages.sources.config``), the source locations: a folder or archive below ``data.root``
 (a dependency of this stage in dvc.yaml: an added, removed or changed image re-runs it; nothing
 is copied into the repository) or an http(s) URL, downloaded into ``data/downloads/<url key>/``
-(git-ignored; a changed URL or checksum fetches again). Outputs, written atomically under
+(git-ignored; a changed URL or checksum fetches again, and so does, without a checksum, a file
+the server reports changed: ``stages.common.fetch`` revalidates the cached download). Outputs, written atomically under
 ``data/raw/<task>/``: ``images/<source>/...`` (8-bit grayscale PNG), ``manifest.csv`` (columns
 ``stages.sources.intake.MANIFEST_COLUMNS``, sorted by path), ``report.json`` (counts, rejected
 files with reasons, missing images, clipped/dropped boxes, and per source its ``origin``: what
-was fetched from where, with the file's sha256) and, for detection, ``annotations.json`` (COCO,
+was fetched from where, with the file's sha256, and ``refused``: entries of a source folder not
+read, with the reason: a link that loops, is broken or leaves the source folder, an unreadable
+folder) and, for detection, ``annotations.json`` (COCO,
 boxes in pixels of the written images).
 
 Patient ids are namespaced by data set name (``kermany:person63``), so two entries of one data set
@@ -31,6 +34,7 @@ import pandas as pd
 
 from stages.common import fetch, paths
 from stages.common.utils import StageError, atomic_dir, run_cli, task_arg_parser, write_json
+from stages.common.walk import FolderWalk
 from stages.sources import loader
 from stages.sources.base import Box, Context, Notes, apply_limit
 from stages.sources.config import ROOT_KEY, DataConfig, load_data_config
@@ -110,7 +114,14 @@ def load_sources(cfg: DataConfig, task: str, work_dir: Path, stack) -> tuple[lis
         # Patient ids are namespaced by data set, not by entry: two entries of one data set (its
         # train folder and its test folder) share patients, so the leak checks compare them.
         prefix = key if src.name in PER_ENTRY_PATIENTS else PATIENT_PREFIX.get(src.name, src.name)
-        ctx = Context(key=key, patient_prefix=prefix, work_dir=work_dir, notes=Notes(), param=param)
+        ctx = Context(
+            key=key,
+            patient_prefix=prefix,
+            work_dir=work_dir,
+            notes=Notes(),
+            param=param,
+            walk=FolderWalk(root),  # links may not leave the source's folder
+        )
         records = apply_limit(loader(task, src.name)(root, src, ctx), src.limit, ctx.notes)
         if src.split == "test":
             records = [dataclasses.replace(r, source_split="test") for r in records]

@@ -1,7 +1,8 @@
 """Split stage: train / val / test of one task, grouped by patient and by exact duplicate.
 
-Inputs: ``data/raw/<task>/manifest.csv`` (+ ``annotations.json`` for detection) and params
-``split.<task>`` (mode random | official, ratios, seed, min_val_fraction). Outputs:
+Inputs: ``data/raw/<task>/manifest.csv`` (+ ``annotations.json`` for detection; ``report.json``
+names the test sources) and params ``split.<task>`` (mode random | official, ratios, seed,
+min_val_fraction). Outputs:
 ``data/split/<task>/{train,val,test}.csv`` (manifest columns + ``split``, sorted by path;
 byte-identical for the same inputs and seed), detection also ``{train,val,test}.json`` (COCO
 subsets with the full category list, ids renumbered), and ``reports/split/<task>.json`` (counts
@@ -10,7 +11,10 @@ can compare the data of two revisions without the DVC cache).
 
 - random: stratified by label, grouped by patient; images with the same pixels (sha256) are merged
   into one group with their patients (union-find), so neither a patient nor a duplicate image can
-  cross splits.
+  cross splits. A source's own test folder is re-split, but the images of a ``split: test``
+  sources entry (an external test set; found through ``report.json``) stay test: the others are
+  split by the ratios (their test share joins them), after dropping the images sharing a patient
+  or pixels with the test source, as official mode does.
 - official: the source's ``test`` rows are the test split untouched; the source's ``val`` is kept
   when it has at least ``min_val_fraction`` x train images, else it joins train and validation is
   carved from train by patient. Train/val rows sharing a patient or an image with test, or linked
@@ -25,6 +29,7 @@ Run: ``python -m stages.split --task classification|detection [--params params.y
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -97,16 +102,79 @@ def assign_groups(
     return choice[groups]
 
 
-def split_random(df: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.Series, dict]:
-    n_marked = int((df["source_split"] == "test").sum())
+def test_source_rows(df: pd.DataFrame, in_dir: Path) -> pd.Series:
+    """Rows of the ``split: test`` sources entries (external test sets), found through the
+    download report (``sources[].split``/``key``; their images are under ``images/<key>/``)."""
+    path = in_dir / "report.json"
+    rows = pd.Series(False, index=df.index)
+    if not path.is_file():
+        return rows
+    sources = [s for s in read_json(path).get("sources", []) if s.get("split") == "test"]
+    for src in sources:
+        mine = df["path"].str.contains(f"(?:^|/)images/{re.escape(src['key'])}/", regex=True)
+        if int(mine.sum()) != src.get("written", int(mine.sum())):
+            raise StageError(
+                f"{in_dir}: report.json lists {src['written']} images of the test source "
+                f"{src['key']}, the manifest {int(mine.sum())}; re-run the download stage"
+            )
+        rows |= mine
+    return rows
+
+
+def _test_leaks(df: pd.DataFrame, is_test: pd.Series) -> tuple[pd.Series, dict]:
+    """Non-test rows sharing a patient or the pixels with a test image, or linked to one through
+    the duplicate groups (an image of a patient whose other image equals a test image: the same
+    person under two ids); they are dropped, counted by kind."""
+    groups_all = duplicate_groups(df)
+    leak = ~is_test & pd.Series(
+        np.isin(groups_all, np.unique(groups_all[is_test.to_numpy()])), index=df.index
+    )
+    same_patient = leak & df["patient_id"].isin(set(df.loc[is_test, "patient_id"]))
+    same_pixels = leak & ~same_patient & df["sha256"].isin(set(df.loc[is_test, "sha256"]))
+    info = {
+        "dropped_overlapping_test": int(leak.sum()),
+        "dropped_overlapping_test_by": {
+            "same_patient": int(same_patient.sum()),
+            "same_pixels": int(same_pixels.sum()),
+            "linked": int((leak & ~same_patient & ~same_pixels).sum()),
+        },
+    }
+    return leak, info
+
+
+def split_random(
+    df: pd.DataFrame, cfg: SplitConfig, external: pd.Series | None = None
+) -> tuple[pd.Series, dict]:
+    """Grouped stratified split by ``cfg.ratios``; the rows of a test source (``external``)
+    stay test, and the rows leaking into them are dropped, as in official mode."""
+    external = pd.Series(False, index=df.index) if external is None else external
+    n_marked = int(((df["source_split"] == "test") & ~external).sum())
     if n_marked:
         log.info(
-            "mode random re-splits the %d images their source marks as test (its own test split or "
-            "`split: test`); set mode: official to keep them as the test split",
+            "mode random re-splits the %d images their source marks as its own test split; "
+            "set mode: official to keep them as the test split",
             n_marked,
         )
-    idx = assign_groups(df["label"], duplicate_groups(df), cfg.ratios, cfg.seed)
-    return pd.Series(np.array(SPLITS)[idx], index=df.index), {}
+    if not external.any():
+        idx = assign_groups(df["label"], duplicate_groups(df), cfg.ratios, cfg.seed)
+        return pd.Series(np.array(SPLITS)[idx], index=df.index), {}
+    split = pd.Series("", index=df.index, dtype=object)
+    split[external] = "test"
+    leak, info = _test_leaks(df, external)
+    pool = ~external & ~leak
+    sub = df[pool]
+    idx = assign_groups(sub["label"], duplicate_groups(sub), cfg.ratios, cfg.seed)
+    split[pool] = np.array(SPLITS)[idx]
+    log.info(
+        "mode random: the %d images of the split: test source(s) stay test; %d other images "
+        "sharing a patient or pixels with them dropped %s; the other %d split by patient %s",
+        int(external.sum()),
+        info["dropped_overlapping_test"],
+        info["dropped_overlapping_test_by"],
+        int(pool.sum()),
+        list(cfg.ratios),
+    )
+    return split, info
 
 
 def split_official(df: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.Series, dict]:
@@ -121,25 +189,9 @@ def split_official(df: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.Series, dict]
         )
     split = pd.Series("", index=df.index, dtype=object)
     split[is_test] = "test"
-    # A train/val row is dropped when it shares a patient or the pixels with a test image, or is
-    # linked to one through the duplicate groups (an image of a patient whose other image equals
-    # a test image: the same person under two ids).
-    groups_all = duplicate_groups(df)
-    leak = ~is_test & pd.Series(
-        np.isin(groups_all, np.unique(groups_all[is_test.to_numpy()])), index=df.index
-    )
-    same_patient = leak & df["patient_id"].isin(set(df.loc[is_test, "patient_id"]))
-    same_pixels = leak & ~same_patient & df["sha256"].isin(set(df.loc[is_test, "sha256"]))
+    leak, info = _test_leaks(df, is_test)
     pool = ~is_test & ~leak
     n_val, n_train = int((pool & (src == "val")).sum()), int((pool & (src != "val")).sum())
-    info: dict = {
-        "dropped_overlapping_test": int(leak.sum()),
-        "dropped_overlapping_test_by": {
-            "same_patient": int(same_patient.sum()),
-            "same_pixels": int(same_pixels.sum()),
-            "linked": int((leak & ~same_patient & ~same_pixels).sum()),
-        },
-    }
     sub = df[pool]
     groups = duplicate_groups(sub)
     if n_val > 0 and n_val >= cfg.min_val_fraction * n_train:
@@ -193,7 +245,10 @@ def run(cfg: SplitConfig, task: str, in_dir: Path, out_dir: Path, report_path: P
         raise StageError(f"{manifest} not found; run the download stage first")
     df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     df = df.sort_values("path", kind="stable").reset_index(drop=True)
-    split, info = (split_official if cfg.mode == "official" else split_random)(df, cfg)
+    if cfg.mode == "official":
+        split, info = split_official(df, cfg)
+    else:
+        split, info = split_random(df, cfg, test_source_rows(df, in_dir))
     df = df.assign(split=split)
     df = df[df["split"] != ""]
     if not (df["split"] == "train").any():

@@ -605,3 +605,26 @@ def test_aspect_scales_the_width_alone_both_ways():
     assert not off.active
     with pytest.raises(ConfigError, match="aspect must be in"):
         parse(ClassificationPolicy, {"aspect": 0.6})
+
+
+def test_stage_classes_come_from_train_only(in_tmp):
+    """A label seen only in val or test is no model class (the model could never learn it):
+    its rows get label_index -1, which training and evaluation leave out."""
+    import pandas as pd
+
+    from stages.common.cache import open_split
+
+    _write_split_inputs(in_tmp, "classification", {"train": 2, "val": 3, "test": 3})
+    split_dir = in_tmp / "data/split/classification"
+    for split, label in (("val", "COVID"), ("test", "LUNG_OPACITY")):
+        df = pd.read_csv(split_dir / f"{split}.csv", dtype=str, keep_default_na=False)
+        df.loc[0, "label"] = label
+        df.to_csv(split_dir / f"{split}.csv", index=False)
+    _run(in_tmp, "classification", preview_count=0)
+    cache_dir = in_tmp / "data/augment/classification"
+    train = open_split(cache_dir, "train")
+    assert train.meta["classes"] == ["NORMAL", "PNEUMONIA"]
+    for split, label in (("val", "COVID"), ("test", "LUNG_OPACITY")):
+        index = open_split(cache_dir, split).index
+        assert index.loc[index["label"] == label, "label_index"].tolist() == [-1]
+        assert (index.loc[index["label"] != label, "label_index"] >= 0).all()

@@ -316,3 +316,24 @@ def test_render_size_stores_a_source_at_n_pixels(tmp_path):
     )
     with pytest.raises(ConfigError, match="render_size"):
         parse(ClassificationData, {"source": "kermany", "path": "k", "render_size": 2}, "d")
+
+
+def test_a_split_test_entry_overrides_the_split_its_loader_found(tmp_path):
+    """An external test set shipped as a full data set (train/val/test folders): with
+    ``split: test`` every one of its images is a test image, whatever folder it came from."""
+    img(tmp_path / "k/train/NORMAL/IM-0001-0001.png", value=1)
+    img(tmp_path / "k/train/PNEUMONIA/person1_virus_1.png", value=2)
+    for i, split in enumerate(("train", "val", "test")):
+        img(tmp_path / f"ext/chest_xray/{split}/NORMAL/IM-09{i}0-0001.png", value=10 + i)
+        img(tmp_path / f"ext/chest_xray/{split}/PNEUMONIA/person9{i}_virus_1.png", value=20 + i)
+    run_cls(
+        tmp_path,
+        sources=[
+            {"name": "kermany", "path": "k"},
+            {"name": "kermany", "path": "ext", "split": "test"},
+        ],
+    )
+    m = pd.read_csv(tmp_path / "raw/manifest.csv", dtype=str, keep_default_na=False)
+    ext = m[m["path"].str.contains("/images/kermany_2/")]
+    assert len(ext) == 6 and set(ext["source_split"]) == {"test"}
+    assert set(m.loc[~m.index.isin(ext.index), "source_split"]) == {"train"}

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import io
+import json
+import logging
 import socket
+import stat
 import tarfile
 import threading
 import zipfile
@@ -28,6 +32,13 @@ class ServerState:
     cut_after: int | None = None  # bytes of body sent before the connection is cut (once)
     ignore_range: bool = False
     requests: list[dict[str, str | None]] = field(default_factory=list)
+    etag: bool = False  # send an ETag (a hash of the body) and answer If-None-Match with 304
+    head: bool = False  # answer HEAD (else 501, as BaseHTTPRequestHandler does)
+    heads: list[str] = field(default_factory=list)  # paths asked for with HEAD
+
+
+def _etag(body: bytes) -> str:
+    return '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -37,12 +48,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep pytest output quiet
         pass
 
+    def do_HEAD(self) -> None:
+        state = self.server.state  # type: ignore[attr-defined]
+        state.heads.append(self.path)
+        body = state.files.get(self.path)
+        if not state.head or body is None:
+            self.send_error(501 if not state.head else 404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        if state.etag:
+            self.send_header("ETag", _etag(body))
+        self.end_headers()
+
     def do_GET(self) -> None:
         state = self.server.state  # type: ignore[attr-defined]
         state.requests.append({"path": self.path, "range": self.headers.get("Range")})
         body = state.files.get(self.path)
         if body is None:
             self.send_error(404)
+            return
+        if state.etag and self.headers.get("If-None-Match") == _etag(body):
+            self.send_response(304)
+            self.end_headers()
             return
         start, status = 0, 200
         rng = self.headers.get("Range")
@@ -57,6 +85,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             status = 206
         self.send_response(status)
         self.send_header("Content-Length", str(len(body) - start))
+        if state.etag:
+            self.send_header("ETag", _etag(body))
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         self.end_headers()
@@ -68,19 +98,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-@pytest.fixture
-def server() -> Iterator[tuple[str, ServerState]]:
+@contextlib.contextmanager
+def serving(state: ServerState) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 serving ``state`` until the block ends; yields its base URL."""
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.daemon_threads = True
-    httpd.state = ServerState(files={"/data.bin": PAYLOAD})  # type: ignore[attr-defined]
+    httpd.state = state  # type: ignore[attr-defined]
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd.state  # type: ignore[attr-defined]
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, ServerState]]:
+    state = ServerState(files={"/data.bin": PAYLOAD})
+    with serving(state) as url:
+        yield url, state
 
 
 def _closed_port() -> int:
@@ -229,6 +267,33 @@ def test_tar_links_and_devices_refused(tmp_path):
     _assert_refused(_tar(tmp_path / "d.tar.gz", [dev]), work, "special file")
 
 
+def _zip_link(path: Path, name: str, target: str) -> Path:
+    """A zip holding one symbolic link ``name`` -> ``target`` (as Info-ZIP stores links)."""
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3  # unix: the mode bits below are read
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("ok.txt", b"fine")
+        zf.writestr(info, target)
+    return path
+
+
+@pytest.mark.parametrize("target", ["../../x", "../a/../../x", "/etc/passwd"])
+def test_zip_and_tar_links_escaping_the_root_are_refused_relative_or_absolute(tmp_path, target):
+    work = tmp_path / "work"
+    work.mkdir()
+    _assert_refused(_zip_link(tmp_path / "l.zip", "a/up", target), work, "link a/up")
+    _assert_refused(_tar(tmp_path / "l.tar.gz", [_link("a/up", target)]), work, "symlink a/up")
+
+
+def test_zip_and_tar_links_inside_the_root_are_kept(tmp_path):
+    out = safe_extract(_zip_link(tmp_path / "in.zip", "a/same", "../ok.txt"), tmp_path / "z")
+    assert (out / "a/same").read_bytes() == b"../ok.txt"  # zipfile writes the link as text
+    infos = [tarfile.TarInfo("ok.txt"), _link("a/same", "../ok.txt")]
+    out = safe_extract(_tar(tmp_path / "in.tar.gz", infos, {"ok.txt": b"fine"}), tmp_path / "t")
+    assert (out / "a/same").read_bytes() == b"fine"
+
+
 def test_zip_bomb_and_limits_refused(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
@@ -334,7 +399,7 @@ def _zip_bytes(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def test_resolve_default_url_downloads_then_works_offline(server, tmp_path):
+def test_resolve_default_url_downloads_then_revalidates(server, tmp_path):
     url, state = server
     body = _zip_bytes({"train/NORMAL/a.png": b"png"})
     state.files["/sets/set%201.zip"] = body
@@ -351,7 +416,9 @@ def test_resolve_default_url_downloads_then_works_offline(server, tmp_path):
         "verified": [],
     }
     n = len(state.requests)
-    assert resolve(None, tmp_path, **kw).path == got.path and len(state.requests) == n
+    assert resolve(None, tmp_path, **kw).path == got.path
+    # no checksum: revalidated; this server refuses HEAD, so one GET whose body is not read
+    assert state.heads == ["/sets/set%201.zip"] and len(state.requests) == n + 1
 
 
 def test_resolve_url_keyed_by_url(server, tmp_path):
@@ -386,4 +453,95 @@ def test_resolve_refetches_cached_download_failing_checksum_or_extraction(server
     Path(cached).write_bytes(b"junk")
     with pytest.raises(StageError, match=r"downloaded twice from .*/d\.zip") as info:
         resolve(f"{url}/d.zip", tmp_path, **kw)
-    assert "\n" not in str(info.value) and len(state.requests) == 4
+    assert "\n" not in str(info.value) and len(state.requests) == 5
+
+
+# ------------------------------------------------- a URL without checksum whose file is replaced
+def _png_bytes(value: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.frombytes("L", (16, 16), bytes((i * 7 + value * 31) % 256 for i in range(256))).save(
+        buf, format="PNG"
+    )
+    return buf.getvalue()
+
+
+def _image_folder_zip(n: int, first: int = 0) -> bytes:
+    """A ``folder`` source archive of ``n`` distinct images, half NORMAL, half PNEUMONIA."""
+    labels = ("NORMAL", "PNEUMONIA")
+    return _zip_bytes(
+        {f"set/{labels[i % 2]}/img{i:03d}.png": _png_bytes(first + i) for i in range(n)}
+    )
+
+
+@pytest.mark.parametrize(
+    "kind", ["etag and HEAD", "size only, HEAD refused"], ids=["etag", "size-only"]
+)
+def test_url_source_replaced_behind_the_same_url_is_noticed_without_checksum(
+    tmp_path, caplog, kind
+):
+    """v1 (20 images) then v2 (8 images) at one URL, no sha256/md5 in params: the second run
+    revalidates the cached download, fetches v2 and extracts it again; the report records the
+    sha256 of what was used; offline, the cached file is used with a warning naming it."""
+    from stages import download as download_stage
+    from stages.common.config import parse
+    from stages.sources.config import ClassificationData
+
+    v1, v2 = _image_folder_zip(20), _image_folder_zip(8, first=100)
+    state = ServerState(files={"/data/set.zip": v1}, etag=kind == "etag and HEAD")
+    state.head = state.etag
+
+    def run(url: str) -> dict:
+        data = {"root": str(tmp_path), "source": "folder", "path": f"{url}/data/set.zip"}
+        cfg = parse(ClassificationData, data, "data.classification")
+        return download_stage.run(cfg, "classification", tmp_path / "raw", tmp_path / "dl", 1)
+
+    with serving(state) as url:
+        first = run(url)
+        assert first["total_images"] == 20
+        assert first["sources"][0]["origin"]["sha256"] == hashlib.sha256(v1).hexdigest()
+        n = len(state.requests)
+        assert run(url)["total_images"] == 20  # unchanged: revalidated, not fetched again
+        if state.head:
+            assert len(state.requests) == n and state.heads == ["/data/set.zip"]
+        state.files["/data/set.zip"] = v2  # replaced behind the same URL
+        with caplog.at_level(logging.WARNING, logger="stages.common.fetch"):
+            second = run(url)
+        assert second["total_images"] == 8
+        assert "changed on the server" in caplog.text
+    origin = second["sources"][0]["origin"]
+    assert origin["sha256"] == hashlib.sha256(v2).hexdigest() and origin["bytes"] == len(v2)
+    assert origin["verified"] == []
+    cached = Path(origin["file"])
+    assert cached.read_bytes() == v2
+    extracted = sorted(p.name for p in cached.with_suffix("").rglob("*.png"))
+    assert len(extracted) == 8 and "img019.png" not in extracted  # v1's extraction is gone
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stages.common.fetch"):
+        offline = run(url)  # the server is gone: the cached v2 is used, with one warning
+    assert offline["total_images"] == 8
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "stages.common.fetch"]
+    assert "cannot reach" in warning and str(cached) in warning and "\n" not in warning
+
+
+def test_cached_download_changed_on_disk_or_server_same_size_is_fetched_again(tmp_path):
+    state = ServerState(files={"/d.bin": PAYLOAD}, etag=True, head=True)
+    with serving(state) as url:
+        dest = download(f"{url}/d.bin", tmp_path / "d.bin", timeout=5)
+        record = json.loads((tmp_path / ".d.bin.download.json").read_text())
+        assert record["etag"] == _etag(PAYLOAD) and record["size"] == len(PAYLOAD)
+        assert record["sha256"] == SHA and record["url"] == f"{url}/d.bin"
+        same_size = bytes(reversed(PAYLOAD))
+        state.files["/d.bin"] = same_size  # another file of the same size: the ETag tells
+        assert download(f"{url}/d.bin", dest, timeout=5).read_bytes() == same_size
+        n = len(state.requests)
+        dest.write_bytes(b"edited in the cache")  # changed on disk: fetched again, no HEAD asked
+        heads = len(state.heads)
+        assert download(f"{url}/d.bin", dest, timeout=5).read_bytes() == same_size
+        assert len(state.requests) == n + 1 and len(state.heads) == heads
+        state.head = False  # HEAD refused: a conditional GET answered 304, nothing fetched
+        n = len(state.requests)
+        assert download(f"{url}/d.bin", dest, timeout=5).read_bytes() == same_size
+        assert len(state.requests) == n + 1 and dest.stat().st_size == len(same_size)

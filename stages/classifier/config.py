@@ -143,6 +143,7 @@ class TrainClassifierConfig:
     threads: int = 0  # 0 = all cores
 
     def __post_init__(self) -> None:
+        check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -266,6 +267,7 @@ class EvalClassificationConfig:
     calibration: Literal["none", "temperature"] = "none"
 
     def __post_init__(self) -> None:
+        check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         check(0.0 < self.target_sensitivity <= 1.0, "target_sensitivity: must be in (0, 1]")
         check(0.0 < self.target_specificity <= 1.0, "target_specificity: must be in (0, 1]")
         check(self.bootstrap >= 0, "bootstrap: resamples must be >= 0 (0 = no intervals)")

@@ -78,6 +78,10 @@ class AugmentConfig:
         check(16 <= self.image_size <= 2048, f"image_size not in [16, 2048]: {self.image_size}")
         check(0 <= self.preview_count <= 64, f"preview_count not in [0, 64]: {self.preview_count}")
         check(1 <= self.workers <= 32, f"workers must be in [1, 32], got {self.workers}")
+        check(
+            0 <= self.preview_seed < 2**32,
+            f"preview_seed must be in [0, 2**32), got {self.preview_seed}",
+        )
 
 
 # --------------------------------------------------------------------------- geometry

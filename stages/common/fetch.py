@@ -9,7 +9,12 @@ library module, no CLI; tested by ``.venv/bin/python -m pytest tests/test_fetch.
 
 Downloads stream through urllib into ``<dest>.part`` (resumed with an HTTP Range request), are
 checked against sha256/md5 when known and renamed into place only when complete; a cached file
-failing its checksum or its extraction is deleted and fetched again. Extraction refuses members
+failing its checksum or its extraction is deleted and fetched again. Beside each download,
+``.<file>.download.json`` records what the server said of it (ETag, Last-Modified), its size,
+mtime and sha256: without a pinned checksum a cached download is revalidated with a HEAD request
+(a conditional GET where HEAD is refused) and fetched again when the server reports another
+ETag, Last-Modified or size, or the file changed on disk; a server that cannot be reached leaves
+the cached file in use, with a warning naming it. Extraction refuses members
 escaping the target, links pointing outside, device files and zip bombs, and builds the folder in
 a temp dir renamed at the end.
 """
@@ -83,24 +88,30 @@ def download(
 ) -> Path:
     """Download `url` to `dest` (resuming `dest.part`), verify checksums, rename into place.
 
-    An existing `dest` that matches the given checksums (or any existing `dest` when none are
-    given) is returned without touching the network. A broken transfer is resumed up to `retries`
-    times in this call; after that `NetworkError` is raised and the `.part` file is kept, so the
-    next call continues where this one stopped.
+    An existing `dest` that matches the given checksums is returned without touching the
+    network; without checksums it is revalidated (``_still_current``) and fetched again when the
+    server's copy changed. A broken transfer is resumed up to `retries` times in this call; after
+    that `NetworkError` is raised and the `.part` file is kept, so the next call continues where
+    this one stopped.
     """
     dest = Path(dest)
     if dest.is_file():
-        problem = _checksum_error(dest, sha256, md5)
-        if problem is None:
+        if sha256 or md5:
+            problem = _checksum_error(dest, sha256, md5)
+            if problem is None:
+                return dest
+            log.warning("%s; downloading it again", problem)
+        elif _still_current(url, dest, timeout):
             return dest
-        log.warning("%s; downloading it again", problem)
         dest.unlink()
+        _record_path(dest).unlink(missing_ok=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
+    validators: dict[str, str | None] = {}
     for attempt in range(retries + 1):
         before = part.stat().st_size if part.is_file() else 0
         try:
-            _fetch_into(url, part, timeout=timeout, chunk=chunk, desc=dest.name)
+            validators = _fetch_into(url, part, timeout=timeout, chunk=chunk, desc=dest.name)
             break
         except NetworkError as exc:
             grew = part.is_file() and part.stat().st_size > before
@@ -112,11 +123,121 @@ def download(
         part.unlink(missing_ok=True)
         raise StageError(f"{problem} (downloaded from {url}; the partial file was deleted)")
     os.replace(part, dest)
+    _write_record(dest, url, validators, file_digest(dest, "sha256"))
     return dest
 
 
-def _fetch_into(url: str, part: Path, *, timeout: float, chunk: int, desc: str) -> None:
-    """One HTTP request appending to (or restarting) `part`; raises NetworkError if incomplete."""
+# ----------------------------------------------------------------- revalidating a cached download
+def _record_path(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.download.json")
+
+
+def _write_record(dest: Path, url: str, validators: dict[str, str | None], sha256: str) -> None:
+    """What the server said of ``dest`` and what it is (size, mtime, sha256), beside it."""
+    st = dest.stat()
+    record = {"url": url, **validators, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    _record_path(dest).write_text(json.dumps({**record, "sha256": sha256}, indent=1))
+
+
+def download_record(dest: Path) -> dict[str, Any] | None:
+    """The record of ``dest`` written when it was downloaded, if it still describes the file."""
+    try:
+        record = json.loads(_record_path(dest).read_text())
+        st = dest.stat()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or (record.get("size"), record.get("mtime_ns")) != (
+        st.st_size,
+        st.st_mtime_ns,
+    ):
+        return None
+    return record
+
+
+def _validators(headers: Any) -> dict[str, str | None]:
+    return {"etag": headers.get("ETag"), "last_modified": headers.get("Last-Modified")}
+
+
+def _remote(url: str, record: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """The server's validators of ``url`` (plus ``size``), from HEAD, or from a conditional GET
+    (body not read) when the server refuses HEAD; ``{"not_modified": True}`` for a 304."""
+    for method in ("HEAD", "GET"):
+        headers = {"User-Agent": _USER_AGENT}
+        if method == "GET":  # a server that answers 304 saves sending the body
+            if record.get("etag"):
+                headers["If-None-Match"] = record["etag"]
+            if record.get("last_modified"):
+                headers["If-Modified-Since"] = record["last_modified"]
+        req = urllib.request.Request(url, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                length = resp.headers.get("Content-Length")
+                size = int(length) if length and length.isdigit() else None
+                return {**_validators(resp.headers), "size": size}
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code == 304:
+                return {"not_modified": True}
+            if method == "HEAD" and exc.code in (405, 501):  # HEAD not allowed: ask with GET
+                continue
+            raise NetworkError(f"HTTP {exc.code} {exc.reason} for {url}") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            raise NetworkError(f"cannot reach {url} ({getattr(exc, 'reason', exc)})") from None
+    raise AssertionError("unreachable")
+
+
+def _still_current(url: str, dest: Path, timeout: float) -> bool:
+    """Whether the cached ``dest`` (no checksum pinned) is still what the server has at ``url``.
+
+    False when the file changed on disk since its download, or the server reports another ETag,
+    Last-Modified or size than recorded then. True when they match, or when the server cannot
+    be asked (a warning names the cached file in use).
+    """
+    record = download_record(dest)
+    if record is None and _record_path(dest).is_file():
+        log.warning("%s changed on disk since it was downloaded; downloading it again", dest)
+        return False
+    try:
+        remote = _remote(url, record or {}, timeout)
+    except NetworkError as exc:
+        log.warning("%s; using the cached %s without checking it is current", exc, dest)
+        return True
+    if remote.get("not_modified"):
+        return True
+    size = dest.stat().st_size
+    if record is None:  # a download cached before records were kept: its size is all there is
+        if remote["size"] is not None and remote["size"] != size:
+            log.info("%s: the server's file has another size; downloading it again", url)
+            return False
+        _write_record(dest, url, _validators(remote), file_digest(dest, "sha256"))
+        return True
+    changed = [
+        key
+        for key, ours in (
+            ("etag", record.get("etag")),
+            ("last_modified", record.get("last_modified")),
+            ("size", size),
+        )
+        if ours is not None and remote.get(key) is not None and remote[key] != ours
+    ]
+    if changed:
+        log.warning("%s changed on the server (%s); downloading it again", url, ", ".join(changed))
+        return False
+    if not any(remote.get(k) is not None for k in ("etag", "last_modified", "size")):
+        log.warning(
+            "%s: the server gives no ETag, Last-Modified or size; using the cached %s as is "
+            "(pin its sha256 in params to be sure of the version)",
+            url,
+            dest,
+        )
+    return True
+
+
+def _fetch_into(
+    url: str, part: Path, *, timeout: float, chunk: int, desc: str
+) -> dict[str, str | None]:
+    """One HTTP request appending to (or restarting) `part`; raises NetworkError if incomplete.
+    Returns the response's validators (ETag, Last-Modified) for the download record."""
     offset = part.stat().st_size if part.is_file() else 0
     headers = {"User-Agent": _USER_AGENT}
     if offset:
@@ -131,8 +252,8 @@ def _fetch_into(url: str, part: Path, *, timeout: float, chunk: int, desc: str) 
             exc.close()
             if total != offset:  # junk (e.g. longer than the file): start over
                 part.unlink(missing_ok=True)
-                _fetch_into(url, part, timeout=timeout, chunk=chunk, desc=desc)
-            return
+                return _fetch_into(url, part, timeout=timeout, chunk=chunk, desc=desc)
+            return _validators(exc.headers)
         exc.close()
         raise NetworkError(f"HTTP {exc.code} {exc.reason} for {url}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
@@ -140,6 +261,7 @@ def _fetch_into(url: str, part: Path, *, timeout: float, chunk: int, desc: str) 
         reason = getattr(exc, "reason", exc)
         raise NetworkError(f"cannot reach {url} ({reason})") from None
     with resp:
+        validators = _validators(resp.headers)
         length = resp.headers.get("Content-Length")
         if offset and resp.status == 206:
             start, _ = _content_range(resp.headers.get("Content-Range", ""))
@@ -167,6 +289,7 @@ def _fetch_into(url: str, part: Path, *, timeout: float, chunk: int, desc: str) 
         of = f" of {total}" if total is not None else ""
         msg = f"download of {url} broke off after {received}{of} bytes{broken}"
         raise NetworkError(f"{msg}; partial file kept at {part}")
+    return validators
 
 
 def _content_range(value: str) -> tuple[int | None, int | None]:
@@ -416,11 +539,12 @@ def _resolve_url(
         except StageError as exc:
             _remove_if_empty(folder)
             raise StageError(f"{exc}; {hint}") from None
+        record = download_record(path)  # its sha256, unless the file changed since
         origin = {
             "kind": "url",
             "url": url,
             "file": str(path),
-            "sha256": file_digest(path, "sha256"),
+            "sha256": record["sha256"] if record else file_digest(path, "sha256"),
             "bytes": path.stat().st_size,
             "verified": _verified(sha256, md5),
         }

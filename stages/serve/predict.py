@@ -34,12 +34,12 @@ import os
 import stat
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from stages.common.imageio import ImageRejected, is_candidate
 from stages.common.utils import StageError, atomic_file, run_cli
+from stages.common.walk import FolderWalk, Skipped
 from stages.serve.inference import (
     DEFAULT,
     DETECTOR_PATH,
@@ -49,57 +49,6 @@ from stages.serve.inference import (
     rejection_message,
     set_threads,
 )
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """An input that cannot be examined: it still gets its JSON line."""
-
-    path: Path
-    reason: str  # unreadable | broken_link | link_loop
-    error: str
-
-    def line(self) -> dict[str, str]:
-        return {"file": str(self.path), "error": self.error, "reason": self.reason}
-
-
-def _stat_problem(path: Path, exc: OSError) -> Skipped:
-    if path.is_symlink():
-        if exc.errno == errno.ELOOP:
-            return Skipped(path, "link_loop", f"{path}: symbolic link loop ({exc.strerror})")
-        return Skipped(path, "broken_link", f"{path}: broken symbolic link ({exc.strerror})")
-    return Skipped(path, "unreadable", f"{path}: cannot read ({exc.strerror or exc})")
-
-
-def _not_regular(path: Path) -> Skipped:
-    """A FIFO, socket or device: reading it could block or never end."""
-    return Skipped(path, "unreadable", f"{path}: not a regular file (a pipe, socket or device)")
-
-
-def _walk(folder: Path, out: list[Path | Skipped], seen: set[tuple[int, int]]) -> None:
-    try:
-        with os.scandir(folder) as it:
-            names = sorted(entry.name for entry in it)
-    except OSError as exc:
-        out.append(Skipped(folder, "unreadable", f"{folder}: cannot list folder ({exc.strerror})"))
-        return
-    for name in names:
-        path = folder / name
-        try:
-            st = path.stat()
-        except OSError as exc:
-            out.append(_stat_problem(path, exc))
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already searched
-                out.append(
-                    Skipped(path, "link_loop", f"{path}: links to a folder searched already")
-                )
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            _walk(path, out, seen)
-        elif is_candidate(path):
-            out.append(path if stat.S_ISREG(st.st_mode) else _not_regular(path))
 
 
 def expand_inputs(inputs: Iterable[str | Path | Skipped]) -> list[Path | Skipped]:
@@ -120,12 +69,12 @@ def expand_inputs(inputs: Iterable[str | Path | Skipped]) -> list[Path | Skipped
         except OSError as exc:
             if not item.is_symlink() and exc.errno == errno.ENOENT:
                 raise StageError(f"{item}: no such file or folder") from None
-            out.append(_stat_problem(item, exc))
+            out.append(Skipped.from_stat_error(item, exc))
             continue
         if stat.S_ISDIR(st.st_mode):
-            _walk(item, out, {(st.st_dev, st.st_ino)})
+            out.extend(FolderWalk().walk(item, keep=is_candidate))
         else:
-            out.append(item if stat.S_ISREG(st.st_mode) else _not_regular(item))
+            out.append(item if stat.S_ISREG(st.st_mode) else Skipped.not_regular(item))
     return out
 
 

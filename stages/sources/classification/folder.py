@@ -5,7 +5,10 @@ read as an ImageFolder and its name kept as the source split (so ``mode: officia
 Output: records labelled by folder name, or by the ``classes`` mapping (folder -> label; folders
 not listed are not taken). Patient id: each file is its own patient, unless ``patient_regex``
 is given (group ``patient``, else group 1, else the whole match, searched in the file name).
-Run: no CLI; the download stage calls ``load``; tested by tests/test_sources.py.
+Links: a link that loops, is broken or leads outside the source folder, a second way into a
+folder listed already and an unreadable folder are not followed; each is listed with its reason
+in the download report (``refused``). Run: no CLI; the download stage calls ``load``; tested by
+tests/test_sources.py and tests/test_sources_walk.py.
 """
 
 from __future__ import annotations
@@ -48,14 +51,17 @@ def load(root: Path, src, ctx: Context) -> list[Record]:
     if not root.is_dir():
         raise StageError(f"{root}: the folder source needs a directory of class sub-folders")
     pattern = re.compile(src.patient_regex) if src.patient_regex else None
-    top = list(iter_dirs(root))
+    top = list(iter_dirs(root, ctx))
     if top and all(d.name.lower() in SPLITS for d in top):
         layout = [(d.name.lower(), d) for d in top]
     else:
         layout = [("", root)]
+    class_dirs = {split_dir: list(iter_dirs(split_dir, ctx)) for _, split_dir in layout}
+    # every class folder is read at its own place: a link into one from another is not followed
+    ctx.walk.claim(d for folders in class_dirs.values() for d in folders)
     records: list[Record] = []
     for split, split_dir in layout:
-        folders = list(iter_dirs(split_dir))
+        folders = class_dirs[split_dir]
         if not folders:
             raise StageError(f"{split_dir}: no class sub-folders (expected <class>/<image> files)")
         selected = _select(src.class_map(), folders, split_dir)
@@ -63,7 +69,7 @@ def load(root: Path, src, ctx: Context) -> list[Record]:
         ctx.notes.ignored.extend(p.as_posix() for p in sorted(split_dir.iterdir()) if p.is_file())
         for folder in folders:
             label = selected.get(folder.name)
-            files = list(iter_files(folder, ctx.notes))
+            files = list(iter_files(folder, ctx))
             if label is None:
                 ctx.notes.not_selected[folder.name] += len(files)
                 continue

@@ -77,32 +77,33 @@ def load(root: Path, src, ctx: Context) -> list[Record]:
     classes = src.class_map()
     layout = find_layout(root)
     top = layout[0][1].parent if layout[0][0] else layout[0][1]
+    class_dirs = [(split, c, d) for split, split_dir in layout for c, d in _class_dirs(split_dir)]
+    ctx.walk.claim(d for _, _, d in class_dirs)  # each read at its own place, not through a link
     records: list[Record] = []
-    for split, split_dir in layout:
-        for folder_class, class_dir in _class_dirs(split_dir):
-            for path in iter_files(class_dir, ctx.notes):
-                rel = path.relative_to(top).as_posix()
-                patient, subtype = parse_name(path.name)
-                if patient is None:
-                    ctx.notes.unparsed_names.append(rel)
-                    patient = Path(rel).with_suffix("").as_posix()
-                if folder_class == "NORMAL":
-                    subtype = ""
-                category = subtype.upper() if subtype else folder_class
-                parents = ("PNEUMONIA",) if folder_class == "PNEUMONIA" else ()
-                label = map_label(category, classes, parents)
-                if label is None:
-                    ctx.notes.not_selected[category] += 1
-                    continue
-                records.append(
-                    Record(
-                        rel=rel,
-                        label=label,
-                        patient_id=ctx.patient(patient),
-                        source_split=split,
-                        subtype=subtype,
-                        src=path,
-                        where=rel,
-                    )
+    for split, folder_class, class_dir in class_dirs:
+        for path in iter_files(class_dir, ctx):
+            rel = path.relative_to(top).as_posix()
+            patient, subtype = parse_name(path.name)
+            if patient is None:
+                ctx.notes.unparsed_names.append(rel)
+                patient = Path(rel).with_suffix("").as_posix()
+            if folder_class == "NORMAL":
+                subtype = ""
+            category = subtype.upper() if subtype else folder_class
+            parents = ("PNEUMONIA",) if folder_class == "PNEUMONIA" else ()
+            label = map_label(category, classes, parents)
+            if label is None:
+                ctx.notes.not_selected[category] += 1
+                continue
+            records.append(
+                Record(
+                    rel=rel,
+                    label=label,
+                    patient_id=ctx.patient(patient),
+                    source_split=split,
+                    subtype=subtype,
+                    src=path,
+                    where=rel,
                 )
+            )
     return records
