@@ -13,32 +13,13 @@ import typing
 
 import pytest
 
+from stages.check_params import schemas
 from stages.common import paths
-from stages.common.config import ConfigError, get_section, parse, read_params
-from stages.common.utils import task_module
-from tests.imports import REPO
+from stages.common.config import ConfigError, get_section, parse
+from tests.conftest import full_params
 
-PARAMS = read_params(REPO / "params.yaml")
-
-
-def _section_schemas() -> dict[str, type]:
-    """params.yaml section -> the schema its stage parses it with."""
-    from stages.classifier.config import TrainClassifierConfig
-    from stages.detector.config import TrainDetectorConfig
-    from stages.sources.config import SCHEMAS
-    from stages.split import SplitConfig
-
-    out: dict[str, type] = {"train_classifier": TrainClassifierConfig}
-    out["train_detector"] = TrainDetectorConfig
-    for task in paths.TASKS:
-        out[f"data.{task}"] = SCHEMAS[task]
-        out[f"split.{task}"] = SplitConfig
-        out[f"augment.{task}"] = task_module(task, "config").AUGMENT_CONFIG
-        out[f"evaluate.{task}"] = task_module(task, "config").EVALUATE_CONFIG
-    return out
-
-
-SCHEMAS = _section_schemas()
+PARAMS = full_params()  # every key written out, defaults included
+SCHEMAS = schemas()  # params section -> the schema its stage parses it with
 
 
 def _dataclasses_in(tp) -> list[type]:
@@ -74,6 +55,7 @@ def test_every_params_section_has_a_schema_here():
         tasks = [t for t in paths.TASKS if isinstance(value, dict) and t in value]
         sections |= {f"{top}.{t}" for t in tasks} if tasks else {top}
     assert sections == set(SCHEMAS)
+    assert not any("seed" in k for k in PARAMS["data"] if k not in paths.TASKS)  # data.root
 
 
 def test_the_known_seeds_are_found():
