@@ -140,3 +140,21 @@ def test_curve_points_are_json_safe(preds):
     assert all(np.isfinite(v).all() for v in (*roc.values(), *pr.values()))
     assert len(roc["fpr"]) == len(roc["threshold"]) and len(pr["recall"]) == len(pr["threshold"])
     assert roc["fpr"][0] == 0.0 and roc["tpr"][-1] == 1.0
+
+
+def test_cam_in_lungs_on_constructed_maps():
+    """The where-does-it-look meter: all mass inside the lungs -> 1, all outside -> 0, an even
+    split -> 0.5, and a map with no mass -> NaN (not 0: it placed nothing anywhere)."""
+    masks = np.zeros((4, 8, 8), dtype=bool)
+    masks[:, :, :4] = True  # the left half is "lung"
+    cams = np.zeros((4, 8, 8))
+    cams[0, 2:6, 0:3] = 1.0  # all inside
+    cams[1, 2:6, 5:8] = 3.0  # all outside
+    cams[2] = 1.0  # uniform: half the area is lung
+    share = M.cam_in_lungs(cams, masks)
+    np.testing.assert_allclose(share[:3], [1.0, 0.0, 0.5])
+    assert np.isnan(share[3])
+    with pytest.raises(ValueError, match="non-negative"):
+        M.cam_in_lungs(-cams, masks)
+    with pytest.raises(ValueError, match="must be"):
+        M.cam_in_lungs(cams[:, :4], masks)

@@ -307,9 +307,31 @@ def pr_points(y: np.ndarray, p: np.ndarray) -> dict[str, list[float]]:
     return {"recall": recall.tolist(), "precision": precision.tolist(), "threshold": thr.tolist()}
 
 
+def cam_in_lungs(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Share of each attribution map's mass inside its lung mask, per image: sum(cam * mask) /
+    sum(cam), so 1.0 means the classifier looked only at the lungs and 0.0 only outside them.
+
+    ``cams``: (N, H, W) non-negative maps (Grad-CAM after its ReLU, not min-max scaled: scaling
+    would remove a uniform floor and change the share); ``masks``: (N, H, W) booleans of the same
+    size. An all-zero map has no mass to place: NaN for that image.
+    """
+    cams, masks = np.asarray(cams, dtype=np.float64), np.asarray(masks, dtype=bool)
+    if cams.shape != masks.shape or cams.ndim != 3:
+        raise ValueError(
+            f"cam_in_lungs: maps {cams.shape} and masks {masks.shape} must be (N, H, W)"
+        )
+    if (cams < 0).any():
+        raise ValueError("cam_in_lungs: attribution maps must be non-negative")
+    total = cams.sum(axis=(1, 2))
+    inside = (cams * masks).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, inside / total, np.nan)
+
+
 __all__ = [
     "ThresholdMethod",
     "accuracy_at",
+    "cam_in_lungs",
     "binary_metrics",
     "bootstrap_ci",
     "multiclass_metrics",
