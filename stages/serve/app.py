@@ -40,12 +40,20 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 from stages.common import paths  # noqa: E402
 from stages.common.imageio import ImageRejected  # noqa: E402
-from stages.common.utils import read_json, run_cli  # noqa: E402
+from stages.common.utils import (  # noqa: E402
+    THREADS,
+    ArgumentParser,
+    float_in,
+    int_in,
+    read_json,
+    run_cli,
+)
 from stages.serve.inference import (  # noqa: E402
     DEFAULT,
     DETECTOR_PATH,
     EVALUATION_PATH,
     MIN_SCORE,
+    SCORE,
     Predictor,
     rejection_message,
     set_threads,
@@ -296,10 +304,12 @@ class StopSignal:
 def build_parser() -> argparse.ArgumentParser:
     # under python -m, argv[0] is the file: name the command a user types instead
     prog = "python -m stages.serve" if sys.argv[0].endswith(".py") else None
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback default)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--max-upload-mb", type=float, default=50.0, help="larger refused")
+    parser.add_argument("--port", type=int_in(1, 65535), default=7860)
+    parser.add_argument(
+        "--max-upload-mb", type=float_in(0, 4096, lo_open=True), default=50.0, help="larger refused"
+    )
     parser.add_argument(
         "--classifier",
         type=Path,
@@ -311,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--evaluation", "--metrics", dest="evaluation", type=Path, default=EVALUATION_PATH
     )
-    parser.add_argument("--min-score", type=float, default=MIN_SCORE, help="boxes shown")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = all cores")
+    parser.add_argument("--min-score", type=SCORE, default=MIN_SCORE, help="boxes shown, 0-1")
+    parser.add_argument("--threads", type=THREADS, default=0, help="CPU threads, 0 = all cores")
     return parser
 
 

@@ -41,7 +41,7 @@ import numpy as np
 from stages.common import paths
 from stages.common.cache import INTENSITY_MODES, prepare_gray
 from stages.common.imageio import MAX_PIXELS, ImageRejected, decode_gray_bytes, load_gray
-from stages.common.utils import StageError, read_json
+from stages.common.utils import StageError, float_in, read_json
 from stages.serve import provenance
 from stages.serve.render import boxes_to_original, cam_to_original, draw_boxes
 
@@ -52,6 +52,7 @@ CLASSIFIER_METRICS = EVALUATION_PATH  # the name this constant had before evalua
 DETECTION_CACHE_META = paths.DETECTION.augment / "meta.json"
 DEFAULT = "default"  # Predictor(classifier=DEFAULT): the decision's models, else CLASSIFIER_PATH
 MIN_SCORE = 0.3  # boxes shown: evaluate.detection.score_thresh's default (its report boxes)
+SCORE = float_in(0.0, 1.0)  # the --min-score flag of the page and the predict command
 BATCH = 64
 RESIZE_MODES = ("stretch", "pad")
 TTA_MODES = ("none", "hflip")

@@ -39,12 +39,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from stages.common.imageio import ImageRejected, is_candidate
-from stages.common.utils import StageError, atomic_file, run_cli
+from stages.common.utils import THREADS, ArgumentParser, StageError, atomic_file, run_cli
 from stages.serve.inference import (
     DEFAULT,
     DETECTOR_PATH,
     EVALUATION_PATH,
     MIN_SCORE,
+    SCORE,
     Predictor,
     rejection_message,
     set_threads,
@@ -213,7 +214,7 @@ def check_outputs(out: Path | None, gradcam_dir: Path | None) -> None:
 def build_parser() -> argparse.ArgumentParser:
     # under python -m, argv[0] is the file: name the command a user types instead
     prog = "python -m stages.predict" if sys.argv[0].endswith(".py") else None
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", help="image files and/or folders")
     parser.add_argument("--out", type=Path, help="JSON lines file (default: stdout)")
     parser.add_argument("--gradcam-dir", type=Path, help="write Grad-CAM overlay PNGs here")
@@ -234,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=EVALUATION_PATH,
         help="evaluation.json whose decision block (threshold, temperature, TTA) is applied",
     )
-    parser.add_argument("--min-score", type=float, default=MIN_SCORE, help="boxes shown")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = all cores")
+    parser.add_argument("--min-score", type=SCORE, default=MIN_SCORE, help="boxes shown, 0-1")
+    parser.add_argument("--threads", type=THREADS, default=0, help="CPU threads, 0 = all cores")
     return parser
 
 

@@ -12,7 +12,6 @@ Run (``make ablations`` chains the three):
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.common import paths
-from stages.common.utils import run_cli, write_text_atomic
+from stages.common.utils import POSITIVE_INT, SECONDS, ArgumentParser, run_cli, write_text_atomic
 from stages.tools import experiments as X
 from stages.tools import queue as Q
 
@@ -186,7 +185,7 @@ def show_argv(extra: Sequence[str] = ()) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     q, r, p = (sub.add_parser(c) for c in ("queue", "run", "report"))
     sub.add_parser("show", help="dvc exp show of the rows, the columns that matter")
@@ -196,9 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra -S override for every row (replaces the row's own for that key)")  # fmt: skip
     q.add_argument("--replace", action="store_true", help="remove and re-queue existing ones")
-    r.add_argument("--workers", type=int, default=1)
-    r.add_argument("--timeout", type=float, default=86400.0, help="seconds")
-    r.add_argument("--poll", type=float, default=30.0, help="seconds between status checks")
+    r.add_argument("--workers", type=POSITIVE_INT, default=1)
+    r.add_argument("--timeout", type=SECONDS, default=86400.0, help="seconds")
+    r.add_argument("--poll", type=SECONDS, default=30.0, help="seconds between status checks")
     p.add_argument("--out", type=Path, default=paths.REPORTS / "ablations.md")
     p.add_argument("--show-json", type=Path, help="saved `dvc exp show --json` output")
     p.add_argument("--all-commits", action="store_true", help="also experiments of older commits")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import re
 import shlex
@@ -432,7 +433,11 @@ EXPERIMENTS: dict[str, Experiment] = {
 
 def get(name: str) -> Experiment:
     if name not in EXPERIMENTS:
-        raise KeyError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
+        from stages.common.utils import StageError
+
+        close = difflib.get_close_matches(name, EXPERIMENTS, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "known: " + ", ".join(EXPERIMENTS)
+        raise StageError(f"unknown experiment {name!r}; {hint}")
     return EXPERIMENTS[name]
 
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.common.config import PARAMS_FILE
-from stages.common.utils import StageError
+from stages.common.config import PARAMS_FILE, ConfigError, get_section, parse, read_params
+from stages.common.utils import StageError, task_module
 from stages.tools import experiments as X
 
 log = logging.getLogger("stages.tools.queue")
@@ -161,6 +161,45 @@ def queue_argv(run: Run, data_root: str) -> list[str]:
     return [*argv, X.get(run.experiment).target]
 
 
+def chain_schemas(target: str) -> dict[str, type]:
+    """{params section: the schema its stage parses it with} of every stage up to ``target``
+    (``evaluate@<task>`` and what it depends on: data, split, augment, training, evaluation)."""
+    from stages.sources.config import SCHEMAS as DATA
+    from stages.split import SplitConfig
+
+    task = "detection" if target.endswith("@detection") else "classification"
+    config = task_module(task, "config")
+    train = "train_detector" if task == "detection" else "train_classifier"
+    trainer = config.TrainDetectorConfig if task == "detection" else config.TrainClassifierConfig
+    return {
+        f"data.{task}": DATA[task],
+        f"split.{task}": SplitConfig,
+        f"augment.{task}": config.AUGMENT_CONFIG,
+        train: trainer,
+        f"evaluate.{task}": config.EVALUATE_CONFIG,
+    }
+
+
+def check_params(runs: Sequence[Run], data_root: str, params_file: str | Path = PARAMS_FILE):
+    """Each run's params (the committed file + its overrides, applied as ``dvc exp run -S``
+    applies them) parsed by the schemas its stages use: a value a stage would refuse stops
+    here, before anything is queued, instead of inside the queued run."""
+    params = read_params(params_file)
+    for r in runs:
+        overrides = merge_overrides(X.overrides_for(r.experiment, data_root), r.extra)
+        try:
+            applied = X.apply_overrides(params, overrides)
+        except ValueError as exc:  # DVC / Hydra refuse an override (unknown key, syntax)
+            given = " ".join(f"--set {o}" for o in r.extra) or "its recipe"
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StageError(f"{r.name}: DVC cannot apply {given} ({first})") from None
+        for section, schema in chain_schemas(X.get(r.experiment).target).items():
+            try:
+                parse(schema, get_section(applied, section), section)
+            except ConfigError as exc:
+                raise StageError(f"{r.name}: {exc}; nothing was queued") from None
+
+
 def missing_inputs(name: str, data_root: str) -> list[str]:
     """Local data folders experiment ``name`` reads below ``data_root`` that do not exist."""
     params = dict(X.get(name).set_params)
@@ -198,6 +237,7 @@ def queue(runs: Sequence[Run], data_root: str, replace: bool = False) -> list[st
     """
     for r in runs:
         X.get(r.experiment)  # unknown names fail before anything is queued
+    check_params(runs, str(Path(data_root).resolve()))
     if not has_commit():
         raise StageError("no git commit yet: commit the project first (queued runs use a commit)")
     if params_changed():

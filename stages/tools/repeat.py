@@ -21,15 +21,24 @@ Run:     python -m stages.repeat NAME [--seeds 1 2 3] [--data-root ../shared/dat
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import statistics
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 from stages.common import paths
-from stages.common.utils import StageError, run_cli, write_bytes_atomic, write_text_atomic
+from stages.common.utils import (
+    POSITIVE_INT,
+    SECONDS,
+    SEED,
+    ArgumentParser,
+    StageError,
+    run_cli,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from stages.tools import experiments as X
 from stages.tools import queue as Q
 from stages.tools import weights as W
@@ -208,12 +217,14 @@ def ensemble(run_names: Sequence[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", help="a named experiment (python -m stages.experiments)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument(
+        "--seeds", type=SEED, nargs="+", default=[1, 2, 3], help="training seeds, 0 to 2**32-1"
+    )
     parser.add_argument("--data-root", default=X.DEFAULT_DATA_ROOT)
-    parser.add_argument("--workers", type=int, default=1, help="parallel queue workers")
-    parser.add_argument("--timeout", type=float, default=86400.0, help="seconds")
+    parser.add_argument("--workers", type=POSITIVE_INT, default=1, help="parallel queue workers")
+    parser.add_argument("--timeout", type=SECONDS, default=86400.0, help="seconds")
     parser.add_argument("--ensemble", action="store_true", help="score the seeds' mean as one")
     parser.add_argument("--replace", action="store_true", help="run every seed again")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report")
@@ -229,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     batch = runs(args.name, args.seeds, args.set, args.tag)
     names = [r.name for r in batch]
     if not args.report_only:
+        # every seed's params checked by the stages' schemas before anything is fetched or queued
+        Q.check_params(batch, str(Path(args.data_root).resolve()))
         sets = [tuple(o.split("=", 1)) for o in args.set]
         for arch in X.pretrained([*X.get(args.name).set_params, *sets]):
             W.fetch(arch)  # before queuing: every seed's run reads the same file
