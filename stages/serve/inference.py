@@ -388,15 +388,10 @@ class Predictor:
             infos.append(info)
         if not infos:
             return
+        from stages.classifier.predict import check_one_cache
+
+        check_one_cache(paths_, infos)
         first = infos[0]
-        ref = (first.classes, first.image_size, first.resize, first.intensity)
-        for path, info in zip(paths_[1:], infos[1:], strict=True):
-            key = (info.classes, info.image_size, info.resize, info.intensity)
-            if key != ref:
-                raise StageError(
-                    f"{path} does not match {paths_[0]} (classes / image size / resize / "
-                    f"intensity: {key} vs {ref}); an ensemble needs models of one cache"
-                )
         self.info = first
         self.rule = decision_rule(first.classes, metrics_path)
         if self.rule.note:
