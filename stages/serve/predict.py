@@ -15,7 +15,8 @@ Outputs: JSON lines (stdout or ``--out``, written atomically): {"file", "width",
          looping symbolic link gives {"file", "error", "reason"}. ``--gradcam-dir``: Grad-CAM
          overlays as PNG (path in "gradcam_png"). Exit code 0 when every input was predicted,
          1 when some were refused, 2 for a usage or configuration error (one ``error:`` line:
-         no model, no input, a model file that is not a valid model, ``--out`` a folder,
+         no model, no input, a model file that is not a valid model, ``--out`` a folder, an
+         input or inside an input folder,
          ``--gradcam-dir`` a file, a broken evaluation file).
 Run:     python -m stages.predict <files|folders> [--out preds.jsonl] [--gradcam-dir DIR]
          [--classifier PATH [--classifier PATH ...]] [--detector PATH] [--evaluation PATH]
@@ -190,11 +191,17 @@ def run(
     return {"images": len(files), "ok": ok, "errors": errors}
 
 
-def check_outputs(out: Path | None, gradcam_dir: Path | None) -> None:
-    """Usage errors of ``--out`` / ``--gradcam-dir``, found before any model is loaded."""
+def check_outputs(
+    out: Path | None, gradcam_dir: Path | None, inputs: Iterable[str | Path] = ()
+) -> None:
+    """Usage errors of ``--out`` / ``--gradcam-dir``, found before any model is loaded.
+
+    ``--out`` may not be an input (it would be replaced by the JSON) nor lie inside an input
+    folder (it would overwrite an image there, or be read as one by the next run)."""
     if out is not None:
         if out.is_dir():
             raise StageError(f"--out {out} is a folder; give a file name to write")
+        _check_not_an_input(out, inputs)
         parent = out.parent
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
@@ -209,6 +216,27 @@ def check_outputs(out: Path | None, gradcam_dir: Path | None) -> None:
             raise StageError(f"--gradcam-dir {gradcam_dir}: cannot create it ({exc})") from None
         if not os.access(gradcam_dir, os.W_OK | os.X_OK):
             raise StageError(f"--gradcam-dir {gradcam_dir}: not writable")
+
+
+def _check_not_an_input(out: Path, inputs: Iterable[str | Path]) -> None:
+    target = out.resolve()  # through symbolic links: a link to an input is that input
+    for item in inputs:
+        given = Path(item)
+        try:
+            real = given.resolve()
+            same = target == real or (out.exists() and os.path.samefile(out, given))
+        except (OSError, RuntimeError):  # a missing input or a link loop: expand_inputs says so
+            continue
+        if same:
+            raise StageError(
+                f"--out {out} is the input {item}: it would be overwritten; write the "
+                "predictions to another file"
+            )
+        if real.is_dir() and target.is_relative_to(real):
+            raise StageError(
+                f"--out {out} is inside the input folder {item}: write the predictions "
+                "outside it (it could overwrite an input, or be read as one next time)"
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_outputs(args.out, args.gradcam_dir)
+    check_outputs(args.out, args.gradcam_dir, args.inputs)
     items = expand_inputs(args.inputs)  # a missing input fails before the models load
     if not items:
         raise StageError("no image files found in the given inputs")
