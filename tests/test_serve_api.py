@@ -101,7 +101,7 @@ def test_good_image_gives_decision_probabilities_and_pictures(server, tmp_path):
 @pytest.mark.parametrize(
     "kind",
     ["non_image", "corrupt", "truncated", "zero_byte", "dicom_no_pixels", "bomb", "16bit", "rgba"]
-    + ["cmyk", "dicom"],
+    + ["cmyk", "dicom", "one_pixel", "thin"],
 )
 def test_bad_and_odd_inputs(server, tmp_path, kind):
     client, _ = server
@@ -113,7 +113,8 @@ def test_bad_and_odd_inputs(server, tmp_path, kind):
     else:
         assert status.startswith("**Refused:**") and path.name in status
         assert not label and (cam, boxes, raw) == (None, None, None)  # outputs cleared
-        word = {"bomb": "too large", "dicom_no_pixels": "no pixel data"}.get(kind)
+        word = {"bomb": "too large", "dicom_no_pixels": "no pixel data", "one_pixel": "too small",
+                "thin": "too small"}.get(kind)  # fmt: skip
         if word:
             assert word in status
     good = tmp_path / "good.png"  # the server keeps serving
