@@ -90,30 +90,35 @@ def test_after_kill_9_the_next_writer_removes_the_temps(tmp_path):
     assert (tmp_path / "model.bin").read_bytes() == b"new"
 
 
-def test_a_temp_whose_pid_was_reused_is_removed(tmp_path):
-    """A temp named after a live pid, written before that process started, is stale: its
-    writer was another process (a container restarted with the same pids)."""
-    if not Path("/proc/self/stat").is_file():
-        pytest.skip("no /proc: process start times unknown here")
-    stale = tmp_path / f".model.bin.{os.getpid()}.abc123.tmp"
-    stale.write_bytes(b"half")
-    old = time.time() - 10 * 24 * 3600
-    os.utime(stale, (old, old))
-    current = tmp_path / f".model.bin.{os.getpid()}.def456.tmp"  # a live writer's: kept
-    current.write_bytes(b"half")
+def test_a_temp_whose_pid_was_reused_is_removed(tmp_path, monkeypatch):
+    """A temp named after a live pid whose process started after the temp was made is stale:
+    its writer was another process (a container restarted with the same pids)."""
+    theirs = tmp_path / f".model.bin.{os.getpid()}.abc123.tmp"
+    theirs.write_bytes(b"half")
+    # as if this process (the pid's owner now) started after that temp was made
+    later = time.time() + 3600
+    monkeypatch.setattr(U, "process_start_time", lambda pid: later, raising=False)
     U.write_bytes_atomic(tmp_path / "model.bin", b"x")
-    assert not stale.exists()
-    assert current.exists()
+    assert not theirs.exists()
+    # a temp of a live writer that started before it is kept
+    mine = tmp_path / f".model.bin.{os.getpid()}.def456.tmp"
+    mine.write_bytes(b"half")
+    monkeypatch.setattr(U, "process_start_time", lambda pid: time.time() - 60)
+    U.write_bytes_atomic(tmp_path / "model.bin", b"y")
+    assert mine.exists() and (tmp_path / "model.bin").read_bytes() == b"y"
+    monkeypatch.undo()
+    if Path("/proc/self/stat").is_file():  # where start times are read: this one is sane
+        started = U.process_start_time(os.getpid())
+        assert started is not None and time.time() - 86400 * 365 < started <= time.time() + 1
 
 
 def test_a_stop_signal_waits_for_the_rename():
     """The swap of an atomic writer is never cut in two: the signal is raised after it."""
     before = signal.getsignal(signal.SIGTERM)
     with U._stop_signals_raise():
-        with pytest.raises(U.Interrupted) as info:
-            with U.signals_deferred():
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.2)  # the handler has run by now, and waited
-                done = True
+        with pytest.raises(U.Interrupted) as info, U.signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler has run by now, and waited
+            done = True
         assert done and info.value.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before  # the handlers are given back

@@ -97,7 +97,7 @@ def remove_stale_temps(path: Path) -> None:
     """Delete ``.<name>.<pid>.*.tmp`` siblings of ``path`` whose writer process is gone.
 
     Gone: no process has that pid, or the process that has it now started after the temp was
-    last written (the pid was reused, e.g. by a container that restarted with the same pids).
+    last changed (the pid was reused, e.g. by a container that restarted with the same pids).
     """
     parent = path.parent
     if not parent.is_dir():
@@ -105,7 +105,9 @@ def remove_stale_temps(path: Path) -> None:
     for tmp in parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}*"):
         pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
         try:
-            written = tmp.lstat().st_mtime
+            # ctime, not mtime: a writer may copy old mtimes onto its temp (copy2), but nothing
+            # moves the inode change time back, so it is never before the temp was made
+            written = tmp.lstat().st_ctime
         except OSError:  # removed meanwhile by its writer
             continue
         if pid.isdigit() and _writer_gone(int(pid), written):
