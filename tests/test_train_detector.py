@@ -239,24 +239,33 @@ def test_resume_continues_at_the_next_epoch(tiny, tmp_path, monkeypatch):
     assert epochs == [0, -1, 1, 0, 1]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "random-bytes"])
-def test_a_corrupt_checkpoint_is_moved_aside_and_training_starts_afresh(
-    tiny, tmp_path, caplog, damage
-):
+def _damaged_checkpoint(path: Path, damage: str) -> bytes:
+    torch.save({"epoch": 0, "model": {"w": torch.zeros(1000)}}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else np.random.bytes(4096))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random-bytes", "not-a-dict"])
+def test_an_unreadable_checkpoint_is_moved_aside(tmp_path, damage):
+    last = tmp_path / "last.pt"
+    if damage == "not-a-dict":
+        torch.save([1, 2, 3], last)
+        damaged = last.read_bytes()
+    else:
+        damaged = _damaged_checkpoint(last, damage)
+    assert E.load_checkpoint(last) is None
+    assert not last.exists() and (tmp_path / "last.pt.corrupt").read_bytes() == damaged
+
+
+def test_a_corrupt_checkpoint_is_moved_aside_and_training_starts_afresh(tiny, tmp_path, caplog):
     """The checkpoint folder persists between runs: a damaged last.pt (a full disk, a copy cut
     short) is moved to last.pt.corrupt with one WARNING naming it, and the run trains from
     epoch 1 instead of failing on it every time."""
     ckpt = tmp_path / "out" / "ckpt"
     ckpt.mkdir(parents=True)
     last = ckpt / "last.pt"
-    torch.save({"epoch": 0, "model": {"w": torch.zeros(1000)}}, last)
-    data = last.read_bytes()
-    last.write_bytes(data[: len(data) // 2] if damage == "truncated" else np.random.bytes(4096))
-    damaged = last.read_bytes()
-    assert E.load_checkpoint(last) is None  # moved aside, kept for a look while the run is on
-    assert not last.exists() and (ckpt / "last.pt.corrupt").read_bytes() == damaged
-    (ckpt / "last.pt.corrupt").rename(last)
-    caplog.clear()
+    _damaged_checkpoint(last, "truncated")
     with caplog.at_level("WARNING", logger="stages"):
         metrics = _run(TINY, tiny, tmp_path / "out")
     assert metrics["epochs_run"] == 2
