@@ -52,9 +52,11 @@ def recipe(name: str) -> tuple[TrainClassifierConfig, ClassificationPolicy, int]
     exp = X.get(name)
     if not exp.target.endswith("@classification"):
         raise SystemExit(f"{name} is not a classifier recipe (target {exp.target})")
+    from stages.check_params import resolve
+
     base = yaml.safe_load(PARAMS_FILE.read_text())
-    params = X.apply_overrides(base, X.overrides_for(name))
-    aug = params["augment"]["classification"]
+    params = resolve(X.apply_overrides(base, X.overrides_for(name, params=base)))
+    aug = params["augment.classification"]  # every section with its defaults filled in
     cfg = parse(TrainClassifierConfig, params["train_classifier"], "train_classifier")
     try:  # before the cache is built: a missing weights file is a one-line message, not a traceback
         resolve_weights(cfg.arch, cfg.weights)

@@ -13,19 +13,18 @@ have parsed, so ``--help`` and a params error answer at once.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from stages.classifier.config import TrainClassifierConfig
 from stages.common import paths
 from stages.common.config import load_section
-from stages.common.utils import run_cli
+from stages.common.utils import ArgumentParser, run_cli
 
 P = paths.CLASSIFICATION
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument("--cache-dir", type=Path, default=P.augment)
     parser.add_argument("--model", type=Path, default=paths.CLASSIFIER_MODEL)

@@ -14,19 +14,18 @@ The core is ``stages.detector.train.train``; torch is imported only once the par
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from stages.common import paths
 from stages.common.config import load_section
-from stages.common.utils import run_cli
+from stages.common.utils import ArgumentParser, run_cli
 from stages.detector.config import TrainDetectorConfig
 
 P = paths.DETECTION
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument("--cache", type=Path, default=P.augment, help="augment cache dir")
     parser.add_argument("--model", type=Path, default=paths.DETECTOR_MODEL, help="model file")

@@ -36,6 +36,7 @@ from stages.common.config import parse, to_dict
 from stages.common.utils import write_json
 from stages.detector.config import TrainDetectorConfig
 from stages.detector.model import build_detector, save_detector
+from stages.serve.inference import MIN_SIDE
 
 S = 48
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -341,6 +342,10 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, str | None]]:
     out["dicom_no_pixels"] = (folder / "no_pixels.dcm", "no_pixel_data")
     (folder / "bomb.png").write_bytes(_png_header_only(12_000, 9_000))  # 108 MP
     out["bomb"] = (folder / "bomb.png", "too_large")
+    Image.fromarray(np.full((1, 1), 200, np.uint8)).save(folder / "one_pixel.png")
+    out["one_pixel"] = (folder / "one_pixel.png", "too_small")
+    Image.fromarray(img[: MIN_SIDE - 1]).save(folder / "thin_strip.png")
+    out["thin"] = (folder / "thin_strip.png", "too_small")
     Image.fromarray(img.astype(np.uint16) * 257).save(folder / "sixteen_bit.png")
     out["16bit"] = (folder / "sixteen_bit.png", None)
     rgba = np.dstack([img, img, img, np.full_like(img, 255)])

@@ -353,11 +353,17 @@ def test_ensemble_scores_the_mean_probability_of_its_models(setup, tmp_path):
         cfg, setup["cache"], [setup["model_path"], other], tmp_path / "m.json", tmp_path / "r"
     )
     images, y = setup["data"]["test"]
-    mean = (
-        predict_proba(setup["model"], images)
-        + predict_proba(keras.saving.load_model(other), images)
-    ) / 2
+    other_model = keras.saving.load_model(other)
+    mean = (predict_proba(setup["model"], images) + predict_proba(other_model, images)) / 2
     assert doc["roc_auc"] == pytest.approx(M.roc_auc(y, mean[:, 1]), abs=1e-6)
+    # ROC-AUC is blind to a scaled mean: the probabilities themselves, the threshold chosen on
+    # them (validation) and the accuracy at it are the mean's too
+    members = [setup["model"], other_model]
+    np.testing.assert_allclose(ensemble_proba(members, images), mean, atol=1e-6)
+    val_images, y_val = setup["data"]["val"]
+    mean_val = (predict_proba(members[0], val_images) + predict_proba(members[1], val_images)) / 2
+    assert doc["threshold"] == pytest.approx(M.youden_threshold(y_val, mean_val[:, 1]), abs=1e-6)
+    assert doc["accuracy"] == pytest.approx(np.mean((mean[:, 1] >= doc["threshold"]) == y))
     np.testing.assert_allclose(
         ensemble_proba([setup["model"]], images), predict_proba(setup["model"], images)
     )
@@ -440,3 +446,41 @@ def test_each_test_set_is_scored_on_its_own():
     sel = sets == "kermany_2"
     assert second["roc_auc"] == pytest.approx(M.roc_auc(y[sel], p[sel]))
     assert second["accuracy"] == pytest.approx(np.mean((p[sel] >= doc["threshold"]) == y[sel]))
+
+
+def _tiny(path: Path, size: int, intensity: str = "none") -> Path:
+    """A one-layer sigmoid model of ``size`` px with its sidecar (``intensity`` recorded)."""
+    from stages.classifier.predict import ClassifierInfo, save_info
+
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((size, size, 1))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inp))
+    keras.Model(inp, keras.layers.Dense(1, activation="sigmoid", name="head")(x)).save(path)
+    info = ClassifierInfo(CLASSES, {}, "sigmoid", 1, "binary", size, "tiny", intensity=intensity)
+    save_info(path, info)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("size", "intensity", "ensemble", "words"),
+    [
+        (64, "none", False, ["64 px", f"{S} px"]),
+        (S, "equalize", False, ["intensity equalize", "intensity none"]),
+        (S, "equalize", True, ["intensity", "one cache"]),
+    ],
+    ids=["other-size", "other-intensity", "ensemble-member-other-intensity"],
+)
+def test_a_model_of_another_cache_is_refused_in_one_line(setup, tmp_path, size, intensity,
+                                                         ensemble, words):  # fmt: skip
+    """evaluate refuses a model (or an ensemble member) whose input size or intensity mode is
+    not the cache's, naming both, before anything is predicted or written."""
+    model = _tiny(tmp_path / "other.keras", size, intensity)
+    models = [setup["model_path"], model] if ensemble else [model]
+    cfg = EvalClassificationConfig(bootstrap=0, n_samples_grid=2, n_gradcam=2)
+    with pytest.raises(StageError) as info:
+        run(cfg, setup["cache"], models, tmp_path / "m.json", tmp_path / "r")
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    for word in words:
+        assert word in message, message
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "r").exists()

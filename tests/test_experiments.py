@@ -152,8 +152,8 @@ def test_queue_argv_has_one_set_per_key():
     assert len(keys) == len(set(keys))
     assert "train_classifier.epochs=1" in sets and "train_classifier.epochs=50" not in sets
     assert (
-        "data.classification.root=/d" in sets
-        and any(s.startswith("data.classification.sources=") and "kermany224" in s for s in sets)
+        "data.root=/d" in sets
+        and any(s.startswith("++data.classification.sources=") and "kermany224" in s for s in sets)
         and argv[-1] == "evaluate@classification"
     )
 
@@ -183,7 +183,8 @@ def test_titles_are_unique_and_name_the_configured_size():
         params = dict(e.set_params)
         for size in re.findall(r"(\d+) px", e.title):
             key = f"augment.{e.target.split('@')[1]}.image_size"
-            assert params[key] == int(size), f"{e.name}: title says {size} px, params {params[key]}"
+            got = params.get(key, 128)  # a recipe leaves the 128 px default unset
+            assert got == int(size), f"{e.name}: title says {size} px, params {got}"
 
 
 def test_failed_run_shows_the_error_not_the_progress_bar_frames(monkeypatch):
@@ -241,7 +242,7 @@ def test_queue_resumes_requeues_failed_and_replaces(monkeypatch, tmp_path):
     assert A.queue(names, str(tmp_path)) == ["seed002-nogen-dropout", "seed002-gen-dropout"]
     assert ["exp", "remove", "seed002-nogen-dropout"] in calls
     runs = [c for c in calls if c[:3] == ["exp", "run", "--queue"]]
-    assert all(f"data.classification.root={tmp_path}" in c for c in runs)
+    assert all(f"data.root={tmp_path}" in c for c in runs)
     calls.clear()
     assert A.queue(names[:1], str(tmp_path), replace=True) == ["seed002-to-be"]
     assert ["exp", "remove", "seed002-to-be"] in calls
@@ -345,13 +346,26 @@ def test_run_restarts_a_dead_worker_once_then_fails(monkeypatch):
 # ----------------------------------------------------------------------------- report
 
 
+# The reports committed with each fake experiment: {rev: {path: document}}, served to the tools
+# by the fake ``rev_json`` below (the real one reads them with `git show <rev>:<path>`).
+REV_DOCS: dict[str, dict[str, dict]] = {}
+
+
+@pytest.fixture(autouse=True)
+def _reports_at_revisions(monkeypatch):
+    monkeypatch.setattr(Q, "rev_json", lambda rev, path: REV_DOCS.get(rev, {}).get(str(path)))
+
+
 def _metrics(train: float, val: float, test: float, auc: float) -> dict:
+    """An experiment's metrics as `dvc exp show` lists them, and (under "_reports") the
+    training summary and evaluation report committed with it."""
     return {
-        "metrics/train_classifier.json": {"data": {"train_accuracy": train, "val_accuracy": val}},
-        "metrics/classifier.json": {
-            "data": {"accuracy": test, "roc_auc": auc, "n_test": 523, "accuracy_at_0_5": 0.5}
-        },
+        "metrics/classifier.json": {"data": {"accuracy": test, "roc_auc": auc}},
         "metrics/detector.json": {"error": {"type": "FileNotFoundError", "msg": "absent"}},
+        "_reports": {
+            "reports/live/classifier/training.json": {"train_accuracy": train, "val_accuracy": val},
+            "reports/classifier/evaluation.json": {"n_test": 523, "at_0_5": {"accuracy": 0.5}},
+        },
     }
 
 
@@ -363,13 +377,21 @@ def _params(path: str) -> dict:
     }}}  # fmt: skip
 
 
-def _exp(name: str, state: str | None, metrics: dict, error: dict | None = None) -> dict:
+def _exp(
+    name: str, state: str | None, metrics: dict, error: dict | None = None, rev: str = ""
+) -> dict:
     """One experiment as DVC 3.67 lists it under its baseline (executor null once cleaned)."""
-    data = {"rev": "f" * 40, "timestamp": "2026-01-01T00:00:00", "params": _params(
+    import hashlib
+
+    metrics = dict(metrics)
+    reports = metrics.pop("_reports", {})
+    rev = rev or hashlib.sha1(json.dumps([name, metrics], sort_keys=True).encode()).hexdigest()
+    REV_DOCS[rev] = reports
+    data = {"rev": rev, "timestamp": "2026-01-01T00:00:00", "params": _params(
         "/d/kermany224"), "metrics": metrics, "deps": {}, "outs": {}, "meta": {}}  # fmt: skip
     executor = None if state is None else {"state": state, "name": "dvc-task", "local": {}}
-    rev = {"rev": "f" * 40, "name": name, "data": data, "error": error, "experiments": None}
-    return {"revs": [rev], "executor": executor, "name": name}
+    entry = {"rev": rev, "name": name, "data": data, "error": error, "experiments": None}
+    return {"revs": [entry], "executor": executor, "name": name}
 
 
 def exp_show_json() -> list:
@@ -533,13 +555,16 @@ def test_ablation_rows_fit_a_160_column_terminal(tmp_path):
 
 def _run_exp(name: str, acc: float, auc: float, spec: float, stamp: str, drop=None) -> dict:
     metrics = {"metrics/classifier.json": {"data": {"accuracy": acc, "roc_auc": auc,
-               "specificity": spec, "recall": 0.9, "n_test": 312}}}  # fmt: skip
+               "specificity": spec, "sensitivity": 0.9}}}  # fmt: skip
+    reports = {"reports/classifier/evaluation.json": {"n_test": 312}}
     if drop is not None:  # the training run's hold-out figures
-        metrics["metrics/train_classifier.json"] = {"data": {"val_accuracy": acc + 0.1,
-                    "val_auc": 0.99, "val_accuracy_max_drop": drop}}  # fmt: skip
-    exp = _exp(name, "success", metrics)
+        reports["reports/live/classifier/training.json"] = {"val_accuracy": acc + 0.1,
+                    "val_auc": 0.99, "val_accuracy_max_drop": drop}  # fmt: skip
+    import hashlib
+
+    rev = (name.encode().hex()[:34] + hashlib.sha1(name.encode()).hexdigest())[:40]
+    exp = _exp(name, "success", {**metrics, "_reports": reports}, rev=rev)
     exp["revs"][0]["data"]["timestamp"] = stamp
-    exp["revs"][0]["rev"] = name.encode().hex()[:40].ljust(40, "0")
     return exp
 
 
@@ -559,7 +584,7 @@ def test_repeat_reports_each_seed_mean_sd_and_the_ensemble(monkeypatch, tmp_path
     m, sd = R.mean_sd([0.80, 0.90, 0.85])
     assert m == pytest.approx(0.85) and sd == pytest.approx(0.05)
     text = R.render("ours-kermany-best", results, {"accuracy": 0.88, "roc_auc": 0.95,
-                    "specificity": 0.85, "recall": 0.9, "n_test": 312}, seeds=[1, 2, 3])  # fmt: skip
+                    "specificity": 0.85, "sensitivity": 0.9, "n_test": 312}, seeds=[1, 2, 3])  # fmt: skip
     assert "| mean +- sd (3 seeds) | 0.850 +- 0.050 | 0.920 +- 0.020 | 0.800 +- 0.100 |" in text
     # the report names the command that wrote it, seeds and ensemble included
     assert "`python -m stages.repeat ours-kermany-best --seeds 1 2 3 --ensemble`" in text
@@ -610,11 +635,11 @@ def test_repeat_variant_runs_are_named_by_tag_and_queue_their_overrides(monkeypa
         R.runs("ours-kermany-best", [1], ["train_classifier.seed=7"], "s7")
     with pytest.raises(StageError, match="letters"):
         R.runs("ours-kermany-best", [1], over, "64 px")
-    R.check_keys(over)  # the repository's params.yaml has both keys
-    with pytest.raises(StageError, match="train_classifier.epoch is not a key"):
-        R.check_keys(["train_classifier.epoch=20"])
+    Q.check_params(batch, "/d")  # the schemas accept both keys
+    with pytest.raises(StageError, match="unknown key.*'epoch'"):
+        Q.check_params([Q.Run("x", "ours-kermany-best", ("train_classifier.epoch=20",))], "/d")
     with pytest.raises(StageError, match="key=value"):
-        R.check_keys(["train_classifier.epochs"])
+        Q.merge_overrides([], ["train_classifier.epochs"])
     # the report says what changed and how to run it again
     show = [{"rev": "a" * 40, "name": "main", "data": {}, "error": None, "experiments": [
         _run_exp("ours-kermany-best-64px-seed2", 0.82, 0.90, 0.70, "2026-01-01T00:30:00", 0.02),

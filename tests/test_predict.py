@@ -383,3 +383,24 @@ def test_cli_without_models_or_inputs_is_a_usage_error(tmp_path):
         main([str(img), "--classifier", str(tmp_path / "x.keras"), "--detector", "none.pt"])
     with pytest.raises(StageError, match="no such file"):
         expand_inputs([tmp_path / "missing"])
+
+
+def test_images_under_the_minimum_side_are_refused(predictor):
+    """The one floor (MIN_SIDE, short side) of the page, its API and the command: a 1 x 1 image
+    gets no answer; an image of exactly MIN_SIDE pixels does."""
+    import io
+
+    from stages.common.imageio import ImageRejected
+    from stages.serve.inference import MIN_SIDE, rejection_message
+
+    def png(h: int, w: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(xray_like(h, w)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    assert predictor.decode_bytes(png(MIN_SIDE, 200), "ok.png").shape == (MIN_SIDE, 200)
+    for h, w in ((1, 1), (MIN_SIDE - 1, 300), (300, MIN_SIDE - 1)):
+        with pytest.raises(ImageRejected) as info:
+            predictor.decode_bytes(png(h, w), "small.png")
+        assert info.value.reason == "too_small"
+        assert f"under {MIN_SIDE} pixels" in rejection_message(info.value)

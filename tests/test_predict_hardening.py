@@ -230,3 +230,28 @@ def test_a_broken_link_given_explicitly_gets_a_line(models, tmp_path, image, mon
     first, second = map(json.loads, out.read_text().splitlines())
     assert first == {"file": str(link), "error": first["error"], "reason": "broken_link"}
     assert "classification" in second
+
+
+@pytest.mark.parametrize("where", ["the-input", "a-link-to-the-input", "inside-the-input-folder"])
+def test_out_never_overwrites_an_input(models, tmp_path, where, monkeypatch, capsys):
+    """``--out`` naming an input (or a link to it), or a file inside an input folder: one
+    error line before any model loads, and the input is left as it was."""
+    folder = tmp_path / "xrays"
+    folder.mkdir()
+    image = folder / "a.png"
+    Image.fromarray(xray_like()).save(image)
+    before = image.read_bytes()
+    given = str(image)
+    if where == "the-input":
+        out = image
+    elif where == "a-link-to-the-input":
+        out = tmp_path / "preds.jsonl"
+        out.symlink_to(image)
+    else:
+        out, given = folder / "b.png", str(folder)
+    argv = [given, "--out", str(out), "--classifier", str(models["classifier"])]
+    code, stdout, err = _cli(monkeypatch, capsys, [*argv, "--detector", "none.pt"])
+    assert code == 2 and stdout == ""
+    _assert_one_error_line(err, "--out", "input")
+    assert image.read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png"]

@@ -101,7 +101,7 @@ def test_good_image_gives_decision_probabilities_and_pictures(server, tmp_path):
 @pytest.mark.parametrize(
     "kind",
     ["non_image", "corrupt", "truncated", "zero_byte", "dicom_no_pixels", "bomb", "16bit", "rgba"]
-    + ["cmyk", "dicom"],
+    + ["cmyk", "dicom", "one_pixel", "thin"],
 )
 def test_bad_and_odd_inputs(server, tmp_path, kind):
     client, _ = server
@@ -113,7 +113,8 @@ def test_bad_and_odd_inputs(server, tmp_path, kind):
     else:
         assert status.startswith("**Refused:**") and path.name in status
         assert not label and (cam, boxes, raw) == (None, None, None)  # outputs cleared
-        word = {"bomb": "too large", "dicom_no_pixels": "no pixel data"}.get(kind)
+        word = {"bomb": "too large", "dicom_no_pixels": "no pixel data", "one_pixel": "too small",
+                "thin": "too small"}.get(kind)  # fmt: skip
         if word:
             assert word in status
     good = tmp_path / "good.png"  # the server keeps serving
@@ -193,3 +194,36 @@ def test_page_serves_an_ensemble_with_the_whole_decision(tmp_path):
     assert probs["PNEUMONIA"] == pytest.approx(want, abs=1e-5)
     assert status.startswith("## PNEUMONIA")
     assert "temperature 2.000" in status and "mean of 2 models" in status
+
+
+def test_page_serves_its_examples_and_nothing_else_of_the_data(tmp_path, monkeypatch):
+    """The test-split examples are copies in the server's temp folder: the page loads them,
+    while the data folders (data/raw/<task>/manifest.csv names patients) are refused."""
+    monkeypatch.chdir(tmp_path)  # a workspace whose data/raw and data/split the page reads
+    raw = Path("data/raw/classification")
+    (raw / "images").mkdir(parents=True)
+    image = raw / "images" / "a.png"
+    Image.fromarray(xray_like()).save(image)
+    manifest = raw / "manifest.csv"
+    manifest.write_text("path,label,patient_id\nimages/a.png,NORMAL,patient-0042\n")
+    split = Path("data/split/classification")
+    split.mkdir(parents=True)
+    (split / "test.csv").write_text(f"path,label,subtype\n{image},NORMAL,\n")
+    with server_temp_dir() as temp:
+        demo, _ = create(None, None, tmp_path / "none.json", 0.3, temp / "examples")
+        shown = sorted((temp / "examples").iterdir())
+        port = free_port()
+        launch(demo, "127.0.0.1", port, MAX_UPLOAD_MB, block=False, files=shown)
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        try:
+            files = f"http://127.0.0.1:{port}/gradio_api/file="
+            for secret in (manifest, manifest.resolve(), image.resolve(), raw.resolve()):
+                assert httpx.get(f"{files}{secret}", timeout=30).status_code == 403, secret
+            # what clicking the example loads: the client fetches it through the file route
+            upload, truth = client.predict(0, api_name="/load_example")
+            assert truth["value"] == "classification test split: NORMAL"
+            fetched = Path(upload["value"])  # the client's download of the served copy
+            assert fetched.name.endswith("a.png") and fetched.read_bytes() == image.read_bytes()
+        finally:
+            client.close()
+            demo.close()

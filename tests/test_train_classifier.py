@@ -207,20 +207,40 @@ def test_mixup_mixes_images_targets_and_weights_alike():
 
     from stages.classifier.data import mix_batch
 
+    # targets and weights are linear in the images (y = x / 30, w = 1 + x / 10), so a row
+    # mixed alike in all three keeps both relations; one left unmixed breaks them
     x = tf.constant(np.arange(4, dtype=np.float32).reshape(4, 1, 1, 1) * 10)
-    y = tf.constant([[0.0], [1.0], [0.0], [1.0]])
-    w = tf.constant([1.0, 3.0, 1.0, 3.0])
+    y = tf.constant([[0.0], [1 / 3], [2 / 3], [1.0]])
+    w = tf.constant([1.0, 2.0, 3.0, 4.0])
     key = tf.constant([7, 3], tf.int64)
     mx, my, mw = (t.numpy() for t in mix_batch((x, y, w), 0.4, key))
     again = mix_batch((x, y, w), 0.4, key)[0].numpy()
     np.testing.assert_array_equal(mx, again)  # stateless: same key, same mix
-    # every row is lam*row + (1-lam)*partner: recover lam from the images, check the rest
-    assert not np.allclose(mx.reshape(-1), x.numpy().reshape(-1))
-    assert (my >= 0).all() and (my <= 1).all() and (mw >= 1).all() and (mw <= 3).all()
-    lam_images = mx.reshape(-1)
-    assert np.all((lam_images >= 0) & (lam_images <= 30))
-    # the target moves exactly as the image does: y = x / 10 in this batch's odd rows pattern
-    np.testing.assert_allclose(mw, 1 + 2 * my[:, 0], atol=1e-5)
+    # every row is lam*row + (1-lam)*partner
+    images = mx.reshape(-1)
+    assert not np.allclose(images, x.numpy().reshape(-1))
+    assert np.all((images >= 0) & (images <= 30))
+    np.testing.assert_allclose(my[:, 0], images / 30, atol=1e-5)
+    np.testing.assert_allclose(mw, 1 + images / 10, atol=1e-5)
+
+
+def test_balanced_class_weights_make_every_class_weigh_the_same():
+    """sklearn's "balanced": a rare class weighs more, each class's rows weigh n / C in total,
+    an absent class weighs 0; the dataset hands each row its class's weight."""
+
+    from stages.classifier.data import ClassSplit, balanced_class_weights
+
+    labels = np.array([0] * 6 + [1] * 2)
+    weights = balanced_class_weights(labels, 3)
+    np.testing.assert_allclose(weights, [8 / (2 * 6), 8 / (2 * 2), 0.0], rtol=1e-6)
+    assert weights[1] > weights[0]  # the minority class weighs more
+    totals = np.bincount(labels, weights=weights[labels], minlength=3)
+    np.testing.assert_allclose(totals[:2], [4.0, 4.0], rtol=1e-6)
+    split = ClassSplit(np.zeros((8, 4, 4), np.uint8), np.arange(8), labels)
+    ds, _ = make_dataset(split, labels[:, None].astype(np.float32), 8, training=False,
+                         class_weights=weights)  # fmt: skip
+    _, y, w = next(iter(ds))
+    np.testing.assert_allclose(w.numpy(), weights[y.numpy()[:, 0].astype(int)])
 
 
 def test_precise_batchnorm_sets_statistics_of_the_current_weights():

@@ -239,6 +239,44 @@ def test_resume_continues_at_the_next_epoch(tiny, tmp_path, monkeypatch):
     assert epochs == [0, -1, 1, 0, 1]
 
 
+def _damaged_checkpoint(path: Path, damage: str) -> bytes:
+    torch.save({"epoch": 0, "model": {"w": torch.zeros(1000)}}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else np.random.bytes(4096))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random-bytes", "not-a-dict"])
+def test_an_unreadable_checkpoint_is_moved_aside(tmp_path, damage):
+    last = tmp_path / "last.pt"
+    if damage == "not-a-dict":
+        torch.save([1, 2, 3], last)
+        damaged = last.read_bytes()
+    else:
+        damaged = _damaged_checkpoint(last, damage)
+    assert E.load_checkpoint(last) is None
+    assert not last.exists() and (tmp_path / "last.pt.corrupt").read_bytes() == damaged
+
+
+def test_a_corrupt_checkpoint_is_moved_aside_and_training_starts_afresh(tiny, tmp_path, caplog):
+    """The checkpoint folder persists between runs: a damaged last.pt (a full disk, a copy cut
+    short) is moved to last.pt.corrupt with one WARNING naming it, and the run trains from
+    epoch 1 instead of failing on it every time."""
+    ckpt = tmp_path / "out" / "ckpt"
+    ckpt.mkdir(parents=True)
+    last = ckpt / "last.pt"
+    _damaged_checkpoint(last, "truncated")
+    with caplog.at_level("WARNING", logger="stages"):
+        metrics = _run(TINY, tiny, tmp_path / "out")
+    assert metrics["epochs_run"] == 2
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and str(last) in r.message]
+    assert len(warnings) == 1, [r.message for r in caplog.records]
+    assert f"moved to {last}.corrupt" in warnings[0].message
+    assert "starts afresh" in warnings[0].message
+    # finished: the DVC out is the small marker again (the damaged file went with the run)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["complete.json"]
+
+
 def test_empty_training_split_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     root = make_cache(tmp_path / "cache", {"train": 0, "val": 2})

@@ -197,33 +197,27 @@ def headline(doc: dict) -> dict:
     return out
 
 
-def load_models(model_paths: list[Path]) -> tuple[list, object]:
-    """The models and their common sidecar info; several models must agree on classes, input
-    size and resize (they are averaged as one ensemble)."""
+def load_models(
+    model_paths: list[Path], meta: dict | None = None, cache_dir: Path | None = None
+) -> tuple[list, object]:
+    """The models and their common sidecar info. Several models must agree on classes, input
+    size, resize and intensity (they are averaged as one ensemble: the check ``predict`` and
+    the page make); with the cache's ``meta``, the models must also take its images as they
+    are (same size, resize and intensity), checked before any model is loaded."""
     from stages.classifier import predict  # TensorFlow import: only when a model is needed
 
     if not model_paths:
         raise StageError("no classifier model given")
-    models, infos = [], []
+    infos = []
     for path in model_paths:
         if not Path(path).is_file():
             raise StageError(f"{path} not found: run train-classifier first (dvc repro)")
-        models.append(predict.load_classifier(path))
         infos.append(predict.load_info(path))
-    first = infos[0]
-    for path, info in zip(model_paths[1:], infos[1:], strict=True):
-        same = (info.classes, info.image_size, info.resize) == (
-            first.classes,
-            first.image_size,
-            first.resize,
-        )
-        if not same:
-            raise StageError(
-                f"{path} does not match {model_paths[0]} (classes / image size / resize: "
-                f"{info.classes} {info.image_size} {info.resize} vs {first.classes} "
-                f"{first.image_size} {first.resize}); an ensemble needs models of one cache"
-            )
-    return models, first
+    predict.check_one_cache(model_paths, infos)
+    if meta is not None:
+        predict.check_fits_cache(model_paths[0], infos[0], meta, cache_dir or Path("cache"))
+    models = [predict.load_classifier(path) for path in model_paths]
+    return models, infos[0]
 
 
 def _write_plot_data(
@@ -259,7 +253,7 @@ def run(
     for name, split in splits.items():
         if len(split) == 0:
             raise StageError(f"{cache_dir}/{name} is empty: the split stage gave it no images")
-    models, info = load_models(model_paths)
+    models, info = load_models(model_paths, meta, cache_dir)
     classes = list(info.classes)
     images, y, proba, rows = {}, {}, {}, {}
     for s, sp in splits.items():

@@ -9,6 +9,7 @@ Used by the evaluate stage and the reports; no run command of its own.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,38 @@ def load_info(model_path: str | Path) -> ClassifierInfo:
     )
 
 
+def check_one_cache(model_paths: Sequence[Path], infos: Sequence[ClassifierInfo]) -> None:
+    """StageError unless every model of an ensemble was trained on one cache: the same classes,
+    image size, resize and intensity modes (the page, ``predict`` and evaluate average them)."""
+    first = infos[0]
+    ref = (first.classes, first.image_size, first.resize, first.intensity)
+    for path, info in zip(model_paths[1:], infos[1:], strict=True):
+        key = (info.classes, info.image_size, info.resize, info.intensity)
+        if key != ref:
+            raise StageError(
+                f"{path} does not match {model_paths[0]} (classes / image size / resize / "
+                f"intensity: {key} vs {ref}); an ensemble needs models of one cache"
+            )
+
+
+def check_fits_cache(model_path: Path, info: ClassifierInfo, meta: dict, cache_dir: Path) -> None:
+    """StageError unless the model takes the cache's images as they are: its image size,
+    resize and intensity modes are the cache's (``meta.json``)."""
+    model = (info.image_size, info.resize, info.intensity)
+    cache = (
+        int(meta.get("image_size", -1)),
+        str(meta.get("resize", "stretch")),
+        str(meta.get("intensity", "none")),
+    )
+    if model != cache:
+        raise StageError(
+            f"{model_path} was trained on {model[0]} px images (resize {model[1]}, intensity "
+            f"{model[2]}), the cache {cache_dir} holds {cache[0]} px (resize {cache[1]}, "
+            f"intensity {cache[2]}): evaluate a model trained on this cache, or re-run "
+            "train-classifier"
+        )
+
+
 def load_classifier(path: str | Path) -> keras.Model:
     path = Path(path)
     if not path.is_file():
@@ -179,6 +212,8 @@ def to_probabilities(outputs: np.ndarray, activation: str) -> np.ndarray:
 
 __all__ = [
     "ClassifierInfo",
+    "check_fits_cache",
+    "check_one_cache",
     "labels_for",
     "load_classifier",
     "load_info",

@@ -48,7 +48,7 @@ MAX_PIXELS = 100_000_000
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 # fmt: off
 REASONS = ("empty_file", "not_an_image", "corrupt", "truncated", "too_large", "no_pixel_data",
-           "unsupported")
+           "unsupported", "too_small")
 # fmt: on
 # What a broken file can make PIL's plugins raise while reading headers or pixel data.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, zlib.error)

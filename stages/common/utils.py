@@ -1,4 +1,12 @@
-"""Small helpers shared by every stage: seeding, atomic writes, logging, CLI plumbing."""
+"""Small helpers shared by every stage: seeding, atomic writes, logging, CLI plumbing.
+
+Inputs/outputs: none of their own (helpers). ``run_cli`` is how every command runs its ``main``:
+an expected error is one ``error:`` line and exit 2; SIGINT (Ctrl-C) and SIGTERM unwind the
+command like an error, so the atomic writers remove their temp files and folders, and end it
+with one ``interrupted:`` line and exit 130 / 143 (128 + the signal). A ``kill -9`` cannot be
+caught: the temp files it leaves carry the writer's pid, and the next writer of the same output
+removes them (``remove_stale_temps``). No run command.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +16,18 @@ import glob
 import importlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -83,17 +94,35 @@ TEMP_SUFFIX = ".tmp"  # git- and dvc-ignored (.gitignore, .dvcignore)
 
 
 def remove_stale_temps(path: Path) -> None:
-    """Delete ``.<name>.<pid>.*.tmp`` siblings of ``path`` whose writer process is gone."""
+    """Delete ``.<name>.<pid>.*.tmp`` siblings of ``path`` whose writer process is gone.
+
+    Gone: no process has that pid, or the process that has it now started after the temp was
+    last changed (the pid was reused, e.g. by a container that restarted with the same pids).
+    """
     parent = path.parent
     if not parent.is_dir():
         return
     for tmp in parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}*"):
         pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        try:
+            # ctime, not mtime: a writer may copy old mtimes onto its temp (copy2), but nothing
+            # moves the inode change time back, so it is never before the temp was made
+            written = tmp.lstat().st_ctime
+        except OSError:  # removed meanwhile by its writer
+            continue
+        if pid.isdigit() and _writer_gone(int(pid), written):
             if tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink(missing_ok=True)
+
+
+def _writer_gone(pid: int, written: float) -> bool:
+    if not _alive(pid):
+        return True
+    started = process_start_time(pid)
+    # the writer of a temp started before it; 2 s: /proc's boot time is whole seconds
+    return started is not None and started > written + 2.0
 
 
 def _alive(pid: int) -> bool:
@@ -104,6 +133,25 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's live process
         return True
     return True
+
+
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (epoch seconds), from /proc; None where that is unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    # field 22 (starttime, clock ticks after boot); the name (field 2) may hold spaces
+    fields = stat.rsplit(")", 1)[-1].split()
+    try:
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError, OSError):
+        return None
 
 
 @contextlib.contextmanager
@@ -120,17 +168,21 @@ def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
         raise StageError(f"{path} is a folder; give a file name to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
-    fd, name = tempfile.mkstemp(
-        dir=path.parent, prefix=_temp_prefix(path), suffix=TEMP_SUFFIX + suffix
-    )
-    os.close(fd)
-    tmp = Path(name)
+    tmp: Path | None = None
     try:
+        with signals_deferred():  # a stop signal between mkstemp and here would leak it
+            fd, name = tempfile.mkstemp(
+                dir=path.parent, prefix=_temp_prefix(path), suffix=TEMP_SUFFIX + suffix
+            )
+            os.close(fd)
+            tmp = Path(name)
         yield tmp
-        os.chmod(tmp, output_mode())
-        os.replace(tmp, path)
+        with signals_deferred():
+            os.chmod(tmp, output_mode())
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -195,30 +247,91 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(final)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_temp_prefix(final), suffix=TEMP_SUFFIX))
-    tmp.chmod(output_mode(directory=True))  # mkdtemp makes 0700
+    tmp: Path | None = None
     try:
+        with signals_deferred():
+            tmp = Path(
+                tempfile.mkdtemp(dir=final.parent, prefix=_temp_prefix(final), suffix=TEMP_SUFFIX)
+            )
+            tmp.chmod(output_mode(directory=True))  # mkdtemp makes 0700
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        old = final.with_name(f"{_temp_prefix(final)}old{TEMP_SUFFIX}")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    # The swap runs whole: a stop signal waits for it (never a missing ``final``).
+    with signals_deferred():
+        if final.exists():
+            old = final.with_name(f"{_temp_prefix(final)}old{TEMP_SUFFIX}")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's one-line usage errors: ``error: <what>`` and exit 2, like a
+    ``StageError`` under ``run_cli``; the usage is left to ``--help``. Sub-commands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def task_arg_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = ArgumentParser(description=description)
     parser.add_argument("--task", choices=TASKS, required=True, help="which chain to run")
     parser.add_argument(
         "--params", default="params.yaml", help="params file (default: params.yaml)"
     )
     return parser
+
+
+def _bounded(kind: type, lo: float | None, hi: float | None, lo_open: bool) -> Callable:
+    name = "an integer" if kind is int else "a number"
+    parts = [f"{'>' if lo_open else '>='} {_num(lo)}"] if lo is not None else []
+    parts += [f"<= {_num(hi)}"] if hi is not None else []
+    wanted = f"{name} {' and '.join(parts)}".strip()
+
+    def convert(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        bad = not math.isfinite(value) or (
+            lo is not None and (value <= lo if lo_open else value < lo)
+        )
+        if bad or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
+        return value
+
+    convert.__name__ = wanted  # what argparse names in its own messages
+    return convert
+
+
+def _num(value: float) -> str:
+    return str(value) if float(value).is_integer() else f"{value:g}"
+
+
+def int_in(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type=``: an integer in [lo, hi] (None: unbounded on that side)."""
+    return _bounded(int, lo, hi, lo_open=False)
+
+
+def float_in(
+    lo: float | None = None, hi: float | None = None, lo_open: bool = False
+) -> Callable[[str], float]:
+    """An argparse ``type=``: a finite number in [lo, hi] ((lo, hi] with ``lo_open``)."""
+    return _bounded(float, lo, hi, lo_open)
+
+
+# Common flags' ranges (one home for each): threads 0 = all cores; seeds as numpy takes them.
+THREADS = int_in(0, 1024)
+SEED = int_in(0, 2**32 - 1)
+POSITIVE_INT = int_in(1)
+SECONDS = float_in(0, lo_open=True)
 
 
 # The task packages a task-dispatching stage (augment, evaluate) loads: one task's run never
@@ -232,13 +345,82 @@ def task_module(task: str, name: str) -> types.ModuleType:
 
 
 def run_cli(fn: Callable[[], Any]) -> None:
-    """Run a stage's main; turn expected errors into one clear line and exit code 2."""
+    """Run a stage's main; turn expected errors into one clear line and exit code 2, and a stop
+    signal (SIGINT, SIGTERM) into one ``interrupted:`` line and exit 128 + the signal, after
+    the atomic writers removed their temp files (the exception unwinds through them)."""
     setup_logging()
+    with _stop_signals_raise():
+        try:
+            fn()
+        except (ConfigError, StageError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            name = signal.Signals(signum).name
+            print(f"interrupted: {name}; stopped, unfinished outputs removed", file=sys.stderr)
+            raise SystemExit(128 + signum) from None
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal under ``run_cli``: unwinds like Ctrl-C, so every ``finally`` runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_deferred = threading.local()  # depth of signals_deferred sections, signal waiting
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """A section a stop signal must not cut in two (an atomic writer's rename): the signal
+    is raised when the section ends."""
+    depth = getattr(_deferred, "depth", 0)
+    _deferred.depth = depth + 1
     try:
-        fn()
-    except (ConfigError, StageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        yield
+    finally:
+        _deferred.depth = depth
+    pending = getattr(_deferred, "pending", None)
+    if depth == 0 and pending is not None:
+        _deferred.pending = None
+        raise Interrupted(pending)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """SIGINT / SIGTERM raise ``Interrupted`` in this process while the block runs (handlers
+    restored after). A second signal exits at once (cleanup stuck?); in a forked child (a data
+    loader worker) the signals keep their usual effect."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    owner, received = os.getpid(), []
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:
+            if signum == signal.SIGINT:
+                signal.default_int_handler(signum, frame)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if received:
+            os._exit(128 + signum)
+        received.append(signum)
+        if getattr(_deferred, "depth", 0):
+            _deferred.pending = signum
+            return
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class StageError(RuntimeError):

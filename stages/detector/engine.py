@@ -7,10 +7,14 @@ No run command: driven by ``python -m stages.train_detector`` (also under ``torc
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import pickle
 import random
 import time
+import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,6 +32,21 @@ from tqdm import tqdm
 from stages.common.utils import StageError
 from stages.detector.config import TrainDetectorConfig
 from stages.detector.model import atomic_torch_save
+
+log = logging.getLogger("stages.train_detector")
+# What reading a damaged checkpoint can raise (a truncated zip: RuntimeError from
+# PytorchStreamReader; random bytes: UnpicklingError; a pickle with code: UnpicklingError).
+_CORRUPT = (
+    RuntimeError,
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    AttributeError,
+    TypeError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+)
 
 # --------------------------------------------------------------------------- distributed
 
@@ -276,9 +295,30 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at ``path``; None when there is none, or when it cannot be read (a
+    truncated or damaged file: moved aside to ``<name>.corrupt``, with one WARNING line, so the
+    run starts afresh instead of failing on it in every later run)."""
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError(f"holds a {type(state).__name__}, not a checkpoint dict")
+    except _CORRUPT as exc:
+        aside = path.with_name(path.name + ".corrupt")
+        # every DDP rank reads the file: the first one to get here moves it
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, aside)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        log.warning(
+            "%s is unreadable (%s: %s): moved to %s, training starts afresh",
+            path,
+            type(exc).__name__,
+            first,
+            aside,
+        )
+        return None
+    return state
 
 
 __all__ = [

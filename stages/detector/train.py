@@ -239,7 +239,8 @@ def _finish_checkpoints(ckpt_dir: Path, best: dict[str, Any]) -> None:
             "best_epoch": best["epoch"] + 1,
         },
     )
-    for name in ("last.pt", "best.pt"):
+    # a damaged checkpoint moved aside (E.load_checkpoint) is of no use once the run finished
+    for name in ("last.pt", "best.pt", "last.pt.corrupt", "best.pt.corrupt"):
         (ckpt_dir / name).unlink(missing_ok=True)
 
 

@@ -4,7 +4,9 @@ Blocks, loopback only).
 
 Inputs: the models and the evaluation ``stages.serve.inference.Predictor`` loads (either model
 may be absent; ``--classifier`` repeated = an ensemble), test-split examples from
-``data/split/classification/test.csv`` and ``data/split/detection/test.json`` when present.
+``data/split/classification/test.csv`` and ``data/split/detection/test.json`` when present: those
+few images are copied into the server's temp folder and served from there, the only files of
+the machine the page serves (never ``data/raw/``: its manifest names patients).
 Output: an HTTP server (default 127.0.0.1:7860) with the page and one API endpoint ``/predict``
 (file -> status text, class probabilities, Grad-CAM image, boxes image, JSON), used by the tests
 through gradio_client. The page names each model's DVC experiment (or git commit) and the data
@@ -40,12 +42,20 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 from stages.common import paths  # noqa: E402
 from stages.common.imageio import ImageRejected  # noqa: E402
-from stages.common.utils import read_json, run_cli  # noqa: E402
+from stages.common.utils import (  # noqa: E402
+    THREADS,
+    ArgumentParser,
+    float_in,
+    int_in,
+    read_json,
+    run_cli,
+)
 from stages.serve.inference import (  # noqa: E402
     DEFAULT,
     DETECTOR_PATH,
     EVALUATION_PATH,
     MIN_SCORE,
+    SCORE,
     Predictor,
     rejection_message,
     set_threads,
@@ -87,6 +97,20 @@ def split_examples(per_class: int = 2, n_detection: int = 2) -> list[list[str]]:
         ]
         for im in shown[:n_detection]:
             out.append([im["file_name"], "detection test split: " + ", ".join(found[im["id"]])])
+    return out
+
+
+def copy_examples(examples: list[list[str]], folder: Path) -> list[list[str]]:
+    """The example rows, each image copied into ``folder`` (the server's own temp folder): the
+    page serves these copies, so nothing else of the data folders needs to be reachable."""
+    if not examples:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, (path, truth) in enumerate(examples):
+        copy = folder / f"{i:02d}-{Path(path).name}"  # two splits may hold the same file name
+        shutil.copyfile(path, copy)
+        out.append([str(copy), truth])
     return out
 
 
@@ -207,15 +231,27 @@ def create(
     detector: Path | None = DETECTOR_PATH,
     metrics: Path = EVALUATION_PATH,
     min_score: float = MIN_SCORE,
+    example_dir: Path | None = None,
 ) -> tuple[gr.Blocks, Predictor]:
-    """Load the models and build the page (what ``main`` and the tests start)."""
+    """Load the models and build the page (what ``main`` and the tests start). The test-split
+    examples are copied into ``example_dir`` and shown from there (None: no examples)."""
     predictor = Predictor(classifiers, detector, metrics, min_score)
     about, warning = page_texts(predictor)
-    return build_app(predictor, about, split_examples(), warning), predictor
+    examples = copy_examples(split_examples(), example_dir) if example_dir is not None else []
+    return build_app(predictor, about, examples, warning), predictor
 
 
-def launch(demo: gr.Blocks, host: str, port: int, max_upload_mb: float, block: bool = True):
-    """Serve ``demo``; ``block=False`` returns at once (tests), ``demo.close()`` stops it."""
+def launch(
+    demo: gr.Blocks,
+    host: str,
+    port: int,
+    max_upload_mb: float,
+    block: bool = True,
+    files: Sequence[Path] = (),
+):
+    """Serve ``demo``; ``block=False`` returns at once (tests), ``demo.close()`` stops it.
+    ``files``: the only files of the machine served besides the uploads (the examples'
+    copies, see ``copy_examples``)."""
     return demo.launch(
         server_name=host,
         server_port=port,
@@ -227,7 +263,7 @@ def launch(demo: gr.Blocks, host: str, port: int, max_upload_mb: float, block: b
         pwa=False,
         show_error=False,
         quiet=not block,
-        allowed_paths=[str(paths.RAW)],  # the test-split example images
+        allowed_paths=[str(Path(f).resolve()) for f in files],
     )
 
 
@@ -296,10 +332,12 @@ class StopSignal:
 def build_parser() -> argparse.ArgumentParser:
     # under python -m, argv[0] is the file: name the command a user types instead
     prog = "python -m stages.serve" if sys.argv[0].endswith(".py") else None
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback default)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--max-upload-mb", type=float, default=50.0, help="larger refused")
+    parser.add_argument("--port", type=int_in(1, 65535), default=7860)
+    parser.add_argument(
+        "--max-upload-mb", type=float_in(0, 4096, lo_open=True), default=50.0, help="larger refused"
+    )
     parser.add_argument(
         "--classifier",
         type=Path,
@@ -311,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--evaluation", "--metrics", dest="evaluation", type=Path, default=EVALUATION_PATH
     )
-    parser.add_argument("--min-score", type=float, default=MIN_SCORE, help="boxes shown")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = all cores")
+    parser.add_argument("--min-score", type=SCORE, default=MIN_SCORE, help="boxes shown, 0-1")
+    parser.add_argument("--threads", type=THREADS, default=0, help="CPU threads, 0 = all cores")
     return parser
 
 
@@ -328,10 +366,14 @@ def main(argv: list[str] | None = None) -> None:
             log.info("uploads and pictures kept in %s (removed when the server stops)", temp)
             set_threads(args.threads)
             classifiers = args.classifier if args.classifier else DEFAULT
-            demo, predictor = create(classifiers, args.detector, args.evaluation, args.min_score)
+            examples = temp / "examples"
+            demo, predictor = create(
+                classifiers, args.detector, args.evaluation, args.min_score, examples
+            )
             for text in predictor.missing.values():
                 log.warning("%s", text)
-            launch(demo, args.host, args.port, args.max_upload_mb)
+            shown = sorted(examples.iterdir()) if examples.is_dir() else []
+            launch(demo, args.host, args.port, args.max_upload_mb, files=shown)
             demo.close()
     except KeyboardInterrupt:
         log.info("interrupted: server stopped, temp folder removed")

@@ -41,7 +41,7 @@ import numpy as np
 from stages.common import cache, paths
 from stages.common.cache import INTENSITY_MODES, prepare_gray
 from stages.common.imageio import MAX_PIXELS, ImageRejected, decode_gray_bytes, load_gray
-from stages.common.utils import StageError, read_json
+from stages.common.utils import StageError, float_in, read_json
 from stages.serve import provenance
 from stages.serve.render import boxes_to_original, cam_to_original, draw_boxes
 
@@ -52,7 +52,12 @@ CLASSIFIER_METRICS = EVALUATION_PATH  # the name this constant had before evalua
 DETECTION_CACHE_META = cache.fit_path(paths.DETECTION.augment) / cache.META_FILE
 DEFAULT = "default"  # Predictor(classifier=DEFAULT): the decision's models, else CLASSIFIER_PATH
 MIN_SCORE = 0.3  # boxes shown: evaluate.detection.score_thresh's default (its report boxes)
+SCORE = float_in(0.0, 1.0)  # the --min-score flag of the page and the predict command
 BATCH = 64
+# The smallest image served, in pixels on the short side (the page, its API and the predict
+# command): a few pixels blown up to the model's size carry no finding, yet would get an answer.
+# 28: the smallest X-rays a recipe here trains on (PneumoniaMNIST's 28 x 28 files).
+MIN_SIDE = 28
 RESIZE_MODES = ("stretch", "pad")
 TTA_MODES = ("none", "hflip")
 # What to tell a user for each imageio rejection reason.
@@ -63,6 +68,8 @@ REASON_TEXT = {
     "truncated": "the image file is truncated (incomplete download or copy?)",
     "too_large": "the image is too large (over {mp} megapixels): refused as a possible "
     "decompression bomb",
+    "too_small": "the image is too small (under {side} pixels on its short side) to be an X-ray "
+    "the models can read",
     "no_pixel_data": "the DICOM file has no pixel data (a report or structured document?)",
     "unsupported": "this image encoding is not supported here",
 }
@@ -101,8 +108,16 @@ def set_threads(n: int) -> None:
 
 def rejection_message(exc: ImageRejected, max_pixels: int = MAX_PIXELS) -> str:
     """One plain sentence for a refused file (its technical detail in brackets)."""
-    text = REASON_TEXT.get(exc.reason, exc.reason).format(mp=max_pixels // 1_000_000)
+    text = REASON_TEXT.get(exc.reason, exc.reason).format(mp=max_pixels // 1_000_000, side=MIN_SIDE)
     return f"{Path(exc.name).name}: {text}" + (f" [{exc.detail}]" if exc.detail else "")
+
+
+def check_min_side(gray: np.ndarray, name: str) -> np.ndarray:
+    """``gray`` when both its sides are at least ``MIN_SIDE``, else ``ImageRejected``."""
+    h, w = gray.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise ImageRejected("too_small", name, f"{w}x{h} pixels, short side < {MIN_SIDE}")
+    return gray
 
 
 def _one_line(exc: BaseException, limit: int = 240) -> str:
@@ -387,15 +402,10 @@ class Predictor:
             infos.append(info)
         if not infos:
             return
+        from stages.classifier.predict import check_one_cache
+
+        check_one_cache(paths_, infos)
         first = infos[0]
-        ref = (first.classes, first.image_size, first.resize, first.intensity)
-        for path, info in zip(paths_[1:], infos[1:], strict=True):
-            key = (info.classes, info.image_size, info.resize, info.intensity)
-            if key != ref:
-                raise StageError(
-                    f"{path} does not match {paths_[0]} (classes / image size / resize / "
-                    f"intensity: {key} vs {ref}); an ensemble needs models of one cache"
-                )
         self.info = first
         self.rule = decision_rule(first.classes, metrics_path)
         if self.rule.note:
@@ -434,10 +444,10 @@ class Predictor:
 
     # ------------------------------------------------------------------------------ decoding
     def decode_file(self, path: str | Path) -> np.ndarray:
-        return load_gray(path, self.max_pixels)
+        return check_min_side(load_gray(path, self.max_pixels), str(path))
 
     def decode_bytes(self, data: bytes, name: str) -> np.ndarray:
-        return decode_gray_bytes(data, name, self.max_pixels)
+        return check_min_side(decode_gray_bytes(data, name, self.max_pixels), name)
 
     def predict_file(self, path: str | Path, gradcam: bool = False) -> Prediction:
         """Decode + predict; raises ``ImageRejected`` for files that are not usable images."""

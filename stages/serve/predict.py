@@ -15,7 +15,8 @@ Outputs: JSON lines (stdout or ``--out``, written atomically): {"file", "width",
          looping symbolic link gives {"file", "error", "reason"}. ``--gradcam-dir``: Grad-CAM
          overlays as PNG (path in "gradcam_png"). Exit code 0 when every input was predicted,
          1 when some were refused, 2 for a usage or configuration error (one ``error:`` line:
-         no model, no input, a model file that is not a valid model, ``--out`` a folder,
+         no model, no input, a model file that is not a valid model, ``--out`` a folder, an
+         input or inside an input folder,
          ``--gradcam-dir`` a file, a broken evaluation file).
 Run:     python -m stages.predict <files|folders> [--out preds.jsonl] [--gradcam-dir DIR]
          [--classifier PATH [--classifier PATH ...]] [--detector PATH] [--evaluation PATH]
@@ -38,13 +39,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from stages.common.imageio import ImageRejected, is_candidate
-from stages.common.utils import StageError, atomic_file, run_cli
+from stages.common.utils import THREADS, ArgumentParser, StageError, atomic_file, run_cli
 from stages.common.walk import FolderWalk, Skipped
 from stages.serve.inference import (
     DEFAULT,
     DETECTOR_PATH,
     EVALUATION_PATH,
     MIN_SCORE,
+    SCORE,
     Predictor,
     rejection_message,
     set_threads,
@@ -138,11 +140,17 @@ def run(
     return {"images": len(files), "ok": ok, "errors": errors}
 
 
-def check_outputs(out: Path | None, gradcam_dir: Path | None) -> None:
-    """Usage errors of ``--out`` / ``--gradcam-dir``, found before any model is loaded."""
+def check_outputs(
+    out: Path | None, gradcam_dir: Path | None, inputs: Iterable[str | Path] = ()
+) -> None:
+    """Usage errors of ``--out`` / ``--gradcam-dir``, found before any model is loaded.
+
+    ``--out`` may not be an input (it would be replaced by the JSON) nor lie inside an input
+    folder (it would overwrite an image there, or be read as one by the next run)."""
     if out is not None:
         if out.is_dir():
             raise StageError(f"--out {out} is a folder; give a file name to write")
+        _check_not_an_input(out, inputs)
         parent = out.parent
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
@@ -159,10 +167,31 @@ def check_outputs(out: Path | None, gradcam_dir: Path | None) -> None:
             raise StageError(f"--gradcam-dir {gradcam_dir}: not writable")
 
 
+def _check_not_an_input(out: Path, inputs: Iterable[str | Path]) -> None:
+    target = out.resolve()  # through symbolic links: a link to an input is that input
+    for item in inputs:
+        given = Path(item)
+        try:
+            real = given.resolve()
+            same = target == real or (out.exists() and os.path.samefile(out, given))
+        except (OSError, RuntimeError):  # a missing input or a link loop: expand_inputs says so
+            continue
+        if same:
+            raise StageError(
+                f"--out {out} is the input {item}: it would be overwritten; write the "
+                "predictions to another file"
+            )
+        if real.is_dir() and target.is_relative_to(real):
+            raise StageError(
+                f"--out {out} is inside the input folder {item}: write the predictions "
+                "outside it (it could overwrite an input, or be read as one next time)"
+            )
+
+
 def build_parser() -> argparse.ArgumentParser:
     # under python -m, argv[0] is the file: name the command a user types instead
     prog = "python -m stages.predict" if sys.argv[0].endswith(".py") else None
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", help="image files and/or folders")
     parser.add_argument("--out", type=Path, help="JSON lines file (default: stdout)")
     parser.add_argument("--gradcam-dir", type=Path, help="write Grad-CAM overlay PNGs here")
@@ -183,14 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=EVALUATION_PATH,
         help="evaluation.json whose decision block (threshold, temperature, TTA) is applied",
     )
-    parser.add_argument("--min-score", type=float, default=MIN_SCORE, help="boxes shown")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads, 0 = all cores")
+    parser.add_argument("--min-score", type=SCORE, default=MIN_SCORE, help="boxes shown, 0-1")
+    parser.add_argument("--threads", type=THREADS, default=0, help="CPU threads, 0 = all cores")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_outputs(args.out, args.gradcam_dir)
+    check_outputs(args.out, args.gradcam_dir, args.inputs)
     items = expand_inputs(args.inputs)  # a missing input fails before the models load
     if not items:
         raise StageError("no image files found in the given inputs")

@@ -12,7 +12,6 @@ Run (``make ablations`` chains the three):
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.common import paths
-from stages.common.utils import run_cli, write_text_atomic
+from stages.common.utils import POSITIVE_INT, SECONDS, ArgumentParser, run_cli, write_text_atomic
 from stages.tools import experiments as X
 from stages.tools import queue as Q
 
@@ -54,15 +53,17 @@ def collect(show: list, names: Sequence[str]) -> dict[str, Result]:
             out.setdefault(name, Result(state))
             continue
         metrics = data.get("metrics") or {}
-        train = Q.get_in(metrics, paths.CLASSIFICATION.train_metrics.as_posix(), "data")
         test = Q.get_in(metrics, paths.CLASSIFICATION.metrics.as_posix(), "data")
-        n_test = Q.number(Q.get_in(test, "n_test"))
+        # the training summary and the full evaluation are reports of the run's commit
+        train = Q.rev_json(data.get("rev"), paths.CLASSIFICATION.training) or {}
+        full = Q.rev_json(data.get("rev"), paths.CLASSIFICATION.evaluation) or {}
+        n_test = Q.number(full.get("n_test"))
         out[name] = Result(
             state,
-            Q.number(Q.get_in(train, "train_accuracy")),
-            Q.number(Q.get_in(train, "val_accuracy")),
+            Q.number(train.get("train_accuracy")),
+            Q.number(train.get("val_accuracy")),
             Q.number(Q.get_in(test, "accuracy")),
-            Q.number(Q.get_in(test, "accuracy_at_0_5")),
+            Q.number(Q.get_in(full, "at_0_5", "accuracy")),
             Q.number(Q.get_in(test, "roc_auc")),
             int(n_test) if n_test is not None else None,
             Q.get_in(data, "params", "params.yaml", "data"),
@@ -186,7 +187,7 @@ def show_argv(extra: Sequence[str] = ()) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     q, r, p = (sub.add_parser(c) for c in ("queue", "run", "report"))
     sub.add_parser("show", help="dvc exp show of the rows, the columns that matter")
@@ -196,9 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra -S override for every row (replaces the row's own for that key)")  # fmt: skip
     q.add_argument("--replace", action="store_true", help="remove and re-queue existing ones")
-    r.add_argument("--workers", type=int, default=1)
-    r.add_argument("--timeout", type=float, default=86400.0, help="seconds")
-    r.add_argument("--poll", type=float, default=30.0, help="seconds between status checks")
+    r.add_argument("--workers", type=POSITIVE_INT, default=1)
+    r.add_argument("--timeout", type=SECONDS, default=86400.0, help="seconds")
+    r.add_argument("--poll", type=SECONDS, default=30.0, help="seconds between status checks")
     p.add_argument("--out", type=Path, default=paths.REPORTS / "ablations.md")
     p.add_argument("--show-json", type=Path, help="saved `dvc exp show --json` output")
     p.add_argument("--all-commits", action="store_true", help="also experiments of older commits")

@@ -12,7 +12,6 @@ declare it; the stages downstream of those re-run only when an output they depen
 
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from stages.common.utils import StageError, run_cli
+from stages.common.utils import ArgumentParser, StageError, run_cli
 
 BEGIN = "<!-- param-table:begin -->"
 END = "<!-- param-table:end -->"
@@ -177,7 +176,7 @@ def render(stages: dict[str, Stage]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Params -> stages table from dvc.yaml.")
+    parser = ArgumentParser(description="Params -> stages table from dvc.yaml.")
     parser.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"))
     args = parser.parse_args(argv)
     print(render(load_stages(args.dvc_yaml)), end="")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common import paths
-from stages.common.config import PARAMS_FILE
+from stages.common.config import PARAMS_FILE, ConfigError, read_params
 from stages.common.utils import StageError
 from stages.tools import experiments as X
 
@@ -111,7 +111,26 @@ def iter_experiments(show: list) -> Iterator[tuple[str, str, dict]]:
             for rev in exp.get("revs") or []:
                 name = rev.get("name") or exp.get("name") or rev.get("rev", "")[:7]
                 state = "failed" if rev.get("error") else executor.get("state") or "success"
-                yield name, state, rev.get("data") or {}
+                data = dict(rev.get("data") or {})
+                data.setdefault("rev", rev.get("rev"))
+                yield name, state, data
+
+
+def rev_json(rev: str | None, path: str | Path) -> dict | None:
+    """A git-tracked JSON output (a report, the training summary) as committed at ``rev`` (an
+    experiment's commit: `dvc exp show --json` names it), or None when absent there."""
+    if not rev:
+        return None
+    proc = subprocess.run(
+        ["git", "show", f"{rev}:{Path(path).as_posix()}"], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        return None
+    try:
+        doc = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def collect_metrics(
@@ -123,7 +142,10 @@ def collect_metrics(
     for name, state, data in iter_experiments(show):
         if name in run_names and name not in out and state == "success":
             doc = get_in(data, "metrics", metrics_file, "data") or {}
-            out[name] = {k: number(doc.get(k)) for k in keys} | {"timestamp": data.get("timestamp")}
+            out[name] = {k: number(doc.get(k)) for k in keys} | {
+                "timestamp": data.get("timestamp"),
+                "rev": data.get("rev"),
+            }
     return out
 
 
@@ -143,23 +165,55 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def merge_overrides(base: Sequence[str], extra: Sequence[str]) -> list[str]:
+def merge_overrides(
+    base: Sequence[str], extra: Sequence[str], params: dict | None = None
+) -> list[str]:
     """``base`` with ``extra`` applied: an extra for a key already there replaces it in place
-    (DVC keeps only the last -S of a key), new keys are appended."""
+    (DVC keeps only the last -S of a key), new keys are appended. With ``params``, a plain
+    ``key=value`` extra for a key params.yaml does not list becomes ``++key=value`` (DVC's plain
+    form only changes listed keys; the schemas then judge the key)."""
     merged = {override_key(o): o for o in base}
     for o in extra:
         if "=" not in o:
             raise StageError(f"--set {o!r}: expected key=value")
-        merged[override_key(o)] = o
+        key = override_key(o)
+        if params is not None and not o.startswith(("+", "~")) and not X.listed(key, params):
+            o = f"++{o}"
+        merged[key] = o
     return list(merged.values())
 
 
 def queue_argv(run: Run, data_root: str) -> list[str]:
     """``dvc exp run --queue -n <name> -S ... <target>`` arguments (without ``dvc``)."""
     argv = ["exp", "run", "--queue", "-n", run.name]
-    for override in merge_overrides(X.overrides_for(run.experiment, data_root), run.extra):
+    params = read_params(PARAMS_FILE)
+    base = X.overrides_for(run.experiment, data_root, params)
+    for override in merge_overrides(base, run.extra, params):
         argv += ["-S", override]
     return [*argv, X.get(run.experiment).target]
+
+
+def check_params(runs: Sequence[Run], data_root: str, params_file: str | Path = PARAMS_FILE):
+    """Each run's params (the committed file + its overrides, applied as ``dvc exp run -S``
+    applies them) parsed as check-params parses them (every section, by its stage's schema): a
+    value a stage would refuse stops here, before anything is queued, not inside the queued run."""
+    from stages.check_params import resolve
+
+    params = read_params(params_file)
+    for r in runs:
+        overrides = merge_overrides(
+            X.overrides_for(r.experiment, data_root, params), r.extra, params
+        )
+        try:
+            applied = X.apply_overrides(params, overrides)
+        except ValueError as exc:  # DVC / Hydra refuse an override (unknown key, syntax)
+            given = " ".join(f"--set {o}" for o in r.extra) or "its recipe"
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StageError(f"{r.name}: DVC cannot apply {given} ({first})") from None
+        try:
+            resolve(applied)
+        except ConfigError as exc:
+            raise StageError(f"{r.name}: {exc}; nothing was queued") from None
 
 
 def missing_inputs(name: str, data_root: str) -> list[str]:
@@ -199,6 +253,7 @@ def queue(runs: Sequence[Run], data_root: str, replace: bool = False) -> list[st
     """
     for r in runs:
         X.get(r.experiment)  # unknown names fail before anything is queued
+    check_params(runs, str(Path(data_root).resolve()))
     if not has_commit():
         raise StageError("no git commit yet: commit the project first (queued runs use a commit)")
     if params_changed():

@@ -21,7 +21,6 @@ Run:     python -m stages.remote setup [--local] [--dry-run]
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -30,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from stages.common.utils import StageError, log, run_cli
+from stages.common.utils import ArgumentParser, StageError, log, run_cli
 
 DEFAULT_NAME = "storage"
 SECRET_OPTIONS = {"secret_access_key", "session_token", "password", "passphrase"}
@@ -139,7 +138,7 @@ def apply(commands: list[list[str]], repo: Path = Path("."), dry_run: bool = Fal
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Configure DVC remote / shared cache from env.")
+    parser = ArgumentParser(description="Configure DVC remote / shared cache from env.")
     parser.add_argument("action", choices=["setup", "shared-cache"])
     parser.add_argument(
         "--local", action="store_true", help="everything in .dvc/config.local (a personal remote)"

@@ -21,21 +21,30 @@ Run:     python -m stages.repeat NAME [--seeds 1 2 3] [--data-root ../shared/dat
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import statistics
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 from stages.common import paths
-from stages.common.utils import StageError, run_cli, write_bytes_atomic, write_text_atomic
+from stages.common.utils import (
+    POSITIVE_INT,
+    SECONDS,
+    SEED,
+    ArgumentParser,
+    StageError,
+    run_cli,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from stages.tools import experiments as X
 from stages.tools import queue as Q
 from stages.tools import weights as W
 
 log = logging.getLogger("stages.tools.repeat")
-FIGURES = ("accuracy", "roc_auc", "specificity", "recall", "n_test")
+FIGURES = ("accuracy", "roc_auc", "specificity", "sensitivity", "n_test")
 # Hold-out (validation) figures of the training run, beside the test ones: the gap between the
 # two is the distribution shift; the largest epoch-to-epoch fall says whether training was stable.
 HOLDOUT = {"val_accuracy": "val acc", "val_auc": "val AUC", "val_accuracy_max_drop": "max val drop"}
@@ -72,33 +81,19 @@ def runs(
 
 
 def collect(show: list, run_names: Sequence[str]) -> dict[str, dict]:
-    """{run name: {figure: value}} of the newest successful run of each name."""
+    """{run name: {figure: value}} of the newest successful run of each name: the test figures
+    of its metrics, n_test from its evaluation report and the hold-out from its training
+    summary (both read at the run's commit)."""
     found = Q.collect_metrics(show, run_names, FIGURES, paths.CLASSIFICATION.metrics.as_posix())
-    train = Q.collect_metrics(
-        show, run_names, tuple(HOLDOUT), paths.CLASSIFICATION.train_metrics.as_posix()
-    )
-    return {
-        n: {k: v for k, v in (f | train.get(n, {})).items() if k != "timestamp"}
-        for n, f in found.items()
-    }
-
-
-def check_keys(overrides: Sequence[str], params_file: str = "params.yaml") -> None:
-    """Every ``--set`` names a key of params.yaml (a typo would otherwise only fail once its
-    queued run starts)."""
-    from stages.common.config import get_section, read_params
-
-    params = read_params(params_file)
-    for o in overrides:
-        if "=" not in o:
-            raise StageError(f"--set {o!r}: expected key=value")
-        if o.startswith("+"):
-            continue  # DVC's "+key=value" adds a new key
-        key = Q.override_key(o)
-        try:
-            get_section(params, key)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StageError(f"--set {o!r}: {key} is not a key of {params_file}") from exc
+    out = {}
+    for name, figures in found.items():
+        rev = figures.pop("rev", None)
+        figures.pop("timestamp", None)
+        full = Q.rev_json(rev, paths.CLASSIFICATION.evaluation) or {}
+        train = Q.rev_json(rev, paths.CLASSIFICATION.training) or {}
+        figures["n_test"] = Q.number(full.get("n_test"))
+        out[name] = figures | {k: Q.number(train.get(k)) for k in HOLDOUT}
+    return out
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -208,12 +203,14 @@ def ensemble(run_names: Sequence[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", help="a named experiment (python -m stages.experiments)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument(
+        "--seeds", type=SEED, nargs="+", default=[1, 2, 3], help="training seeds, 0 to 2**32-1"
+    )
     parser.add_argument("--data-root", default=X.DEFAULT_DATA_ROOT)
-    parser.add_argument("--workers", type=int, default=1, help="parallel queue workers")
-    parser.add_argument("--timeout", type=float, default=86400.0, help="seconds")
+    parser.add_argument("--workers", type=POSITIVE_INT, default=1, help="parallel queue workers")
+    parser.add_argument("--timeout", type=SECONDS, default=86400.0, help="seconds")
     parser.add_argument("--ensemble", action="store_true", help="score the seeds' mean as one")
     parser.add_argument("--replace", action="store_true", help="run every seed again")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report")
@@ -225,10 +222,11 @@ def main(argv: list[str] | None = None) -> None:
     X.get(args.name)
     if len(set(args.seeds)) != len(args.seeds):
         raise StageError(f"--seeds repeat: {args.seeds}")
-    check_keys(args.set)
     batch = runs(args.name, args.seeds, args.set, args.tag)
     names = [r.name for r in batch]
     if not args.report_only:
+        # every seed's params checked by the stages' schemas before anything is fetched or queued
+        Q.check_params(batch, str(Path(args.data_root).resolve()))
         sets = [tuple(o.split("=", 1)) for o in args.set]
         for arch in X.pretrained([*X.get(args.name).set_params, *sets]):
             W.fetch(arch)  # before queuing: every seed's run reads the same file

@@ -18,7 +18,6 @@ Run:     python -m stages.scoreboard [--data-root ../shared/data] [--names ...] 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
@@ -26,7 +25,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stages.common import paths
-from stages.common.utils import StageError, read_json, run_cli, write_json, write_text_atomic
+from stages.common.utils import (
+    SECONDS,
+    ArgumentParser,
+    StageError,
+    read_json,
+    run_cli,
+    write_json,
+    write_text_atomic,
+)
 from stages.tools import experiments as X
 from stages.tools import queue as Q
 
@@ -55,8 +62,12 @@ def runs(names: Sequence[str]) -> list[Q.Run]:
 
 def collect(show: list, run_names: Sequence[str]) -> dict[str, dict]:
     """{run: figures + finish timestamp} of the newest successful run of each name."""
-    keys = ("accuracy", "roc_auc", "specificity", "n_test")
-    return Q.collect_metrics(show, run_names, keys, paths.CLASSIFICATION.metrics.as_posix())
+    keys = ("accuracy", "roc_auc", "specificity")
+    found = Q.collect_metrics(show, run_names, keys, paths.CLASSIFICATION.metrics.as_posix())
+    for figures in found.values():
+        full = Q.rev_json(figures.pop("rev", None), paths.CLASSIFICATION.evaluation) or {}
+        figures["n_test"] = Q.number(full.get("n_test"))
+    return found
 
 
 def wall_times(results: dict[str, dict], order: Sequence[str], start: float | None) -> dict:
@@ -189,10 +200,10 @@ def render(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--names", nargs="+", default=list(SCOREBOARD), choices=SCOREBOARD)
     parser.add_argument("--data-root", default=X.DEFAULT_DATA_ROOT)
-    parser.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds")
+    parser.add_argument("--timeout", type=SECONDS, default=6 * 3600.0, help="seconds")
     parser.add_argument("--replace", action="store_true", help="run every system again")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report")
     args = parser.parse_args(argv)

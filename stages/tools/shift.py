@@ -22,14 +22,13 @@ films sit at 0.36, between the two (2h).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
 from stages.common import paths
 from stages.common.cache import IMAGES_FILE, open_split, split_path
-from stages.common.utils import StageError, run_cli, write_text_atomic
+from stages.common.utils import ArgumentParser, StageError, run_cli, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 COLUMNS = (
@@ -95,7 +94,7 @@ def to_markdown(rows: list[tuple[str, str, int, np.ndarray]], cache_dir: Path) -
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m stages.shift",
         description="Per-class image statistics of the augment cache, split by split.",
     )
