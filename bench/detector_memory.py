@@ -3,7 +3,7 @@
 Input:  two synthetic detection augment caches written with ``stages.common.cache``'s writer, identical
         except for the number of train images (``--small`` 40 and ``--large`` 400; val 8 each),
         128 px by default. Each is trained for one epoch by the real stage function
-        (``stages.train_detector.train``: params.yaml's train_detector section with backbone
+        (``stages.detector.train.train``: params.yaml's train_detector section with backbone
         resnet18, weights none, epochs 1, DataLoader in-process) in a fresh subprocess.
 Output: per run the peak RSS (``resource.getrusage`` ru_maxrss and /proc VmHWM), the RSS after
         the imports (baseline) and the growth above it; the ratio large/small of the peaks and
@@ -54,7 +54,7 @@ def child(args: argparse.Namespace) -> None:
     out = Path(args.work)
     with stopwatch() as t:
         metrics = train(
-            cfg, Path(args.cache), out / "m.pt", out / "metrics.json", out / "live", out / "ckpt"
+            cfg, Path(args.cache), out / "m.pt", out / "live", out / "ckpt", out / "metrics.json"
         )
     row = {
         "baseline_rss_mb": baseline.get("vmrss_mb", baseline["ru_maxrss_mb"]),

@@ -1,7 +1,7 @@
 """The project's static import graph (``ast``, no code is run): modules, files and closures.
 
 Used by tests/test_layout.py (layers, circles, stage deps) and printable for a human:
-``python -m tests.imports stages.train_classifier`` lists the files a module needs.
+``python -m tests.imports stages.train`` lists the files a module needs.
 Every import counts, at module level or inside a function: a lazy import still runs when
 that code path does, so DVC must see it and the layers must allow it.
 """

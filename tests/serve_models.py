@@ -2,7 +2,7 @@
 
 ``tiny_models(base)`` writes under ``base``, laid out like a workspace (``base`` is a
 provenance root): a to_be classifier (softmax, 2 classes, 48 px, trained for two short epochs
-by the real ``stages.train_classifier.train`` on a cache whose meta says ``resize: pad``) at
+by the real ``stages.classifier.train.train`` on a cache whose meta says ``resize: pad``) at
 ``models/classifier.keras`` with its sidecar, an evaluate-style
 ``reports/classifier/evaluation.json`` (decision block: threshold THRESHOLD, temperature 1, no
 TTA, that model) and headline ``metrics/classifier.json``, an untrained RetinaNet (real
@@ -96,7 +96,7 @@ def _train_classifier(base: Path) -> Path:
     cwd = Path.cwd()
     os.chdir(base)  # dvclive probes the cwd's git/DVC repo: keep it away from the project's
     try:
-        train(cfg, _cache(base / "cache"), model, base / "train.json", base / "live")
+        train(cfg, _cache(base / "cache"), model, base / "live", base / "train.json")
     finally:
         os.chdir(cwd)
     return model

@@ -80,18 +80,20 @@ def test_data_stages_are_byte_identical(tmp_path: Path, tiny_params: dict, monke
 @pytest.mark.slow
 def test_classifier_retrained_within_half_a_percent(built: Built, tmp_path: Path) -> None:
     """A second training, same params and cache, outside DVC: same validation figures."""
-    first = read_json(built.path / "metrics/train_classifier.json")
-    metrics = tmp_path / "train_classifier.json"
+    first = read_json(built.path / "reports/live/classifier/training.json")
+    metrics = tmp_path / "training.json"
     run_module(
-        "stages.train_classifier",
+        "stages.train",
         tmp_path,  # outside any repository: dvclive probes the cwd's git/DVC repo
+        "--task",
+        "classification",
         "--params",
         str(built.path / "params.yaml"),
         "--cache-dir",
         str(built.path / "data/augment/classification"),
         "--model",
         str(tmp_path / "classifier.keras"),
-        "--metrics",
+        "--summary",
         str(metrics),
         "--live-dir",
         str(tmp_path / "live"),

@@ -38,7 +38,7 @@ def _git(repo: Path, *args: str) -> str:
 def _lock(model_bytes: bytes) -> str:
     md5 = hashlib.md5(model_bytes, usedforsecurity=False).hexdigest()
     return (
-        "schema: '2.0'\nstages:\n  train-detector:\n    cmd: python -m stages.train_detector\n"
+        "schema: '2.0'\nstages:\n  train-detector:\n    cmd: python -m stages.train --task detection\n"
         f"    outs:\n    - path: {paths.DETECTOR_MODEL.as_posix()}\n      hash: md5\n"
         f"      md5: {md5}\n      size: {len(model_bytes)}\n"
     )

@@ -4,7 +4,7 @@ Modules: ``config`` (the ``train_classifier`` params schema and head/loss rules)
 (architecture builders), ``data`` (tf.data over the augment cache), ``callbacks`` (dvclive
 logging, best-epoch restore), ``predict`` (load the saved model, class probabilities), and the
 evaluate half's ``evaluate``/``metrics``/``gradcam``/``report``. The stage itself is
-``python -m stages.train_classifier``.
+``python -m stages.train --task classification``.
 
 Nothing is imported here on purpose: ``stages.classifier.config`` must stay importable without
 TensorFlow, and each caller imports the module it needs.

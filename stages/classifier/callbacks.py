@@ -3,7 +3,7 @@
 Input: Keras epoch logs (loss, accuracy, auc and their val_ twins). Output: dvclive step files
 under the Live directory (``plots/metrics/{train,val}/{loss,accuracy,auc}.tsv`` + metrics.json),
 which ``dvc plots show`` draws. ``dvclive.keras`` is not used: it imports tensorflow.keras,
-which Keras 3 does not provide. Used by ``stages.train_classifier``; no run command of its own.
+which Keras 3 does not provide. Used by ``stages.train`` (train-classifier); no run command of its own.
 """
 
 from __future__ import annotations

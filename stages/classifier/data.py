@@ -2,7 +2,7 @@
 
 Input: a cache split (``stages.common.cache.open_split``): uint8 (N, S, S) memmap + index.csv.
 Output: batched ``(images float32 (B, S, S, 1) in [0, 255], targets[, sample weights])``.
-Used by ``stages.train_classifier``; no run command of its own.
+Used by ``stages.train`` (train-classifier); no run command of its own.
 
 Pipeline: range(N) -> shuffle (seeded, new order each epoch) -> batch -> repeat -> parallel map
 that sorts the batch's row numbers and gathers them from the memmap in one read ->

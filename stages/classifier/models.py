@@ -5,7 +5,7 @@ Rescaling, and for keras.applications bases the 1 -> 3 channel repeat and the ba
 ImageNet preprocessing, happen inside the model, so serving cannot diverge from training. (The
 seeds fed 3-channel RGB copies of grey images; we feed one channel and repeat it inside.)
 Output: probabilities from a Dense layer named "head" (units/activation from params).
-Used by ``stages.train_classifier``; no run command of its own.
+Used by ``stages.train`` (train-classifier); no run command of its own.
 
 Choices where the seeds are vague: 3x3 kernels and ReLU everywhere; as_is gets the Flatten the
 slide leaves out (a Dense on a 4-D tensor would score each pixel); cnn5's "Dense hidden layers"

@@ -5,7 +5,7 @@ Inputs:  the cache's meta.json, policy.json, train/ and val/ (``stages.common.ca
          ``TrainClassifierConfig``. Outputs: the .keras model + its sidecar
          (``stages.classifier.predict.ClassifierInfo``), the VALIDATION headline metrics json
          (never test), and in the dvclive folder the per-epoch logs and ``training.json`` (the
-         whole summary: timings, counts, per-epoch validation accuracy). Called by ``python -m stages.train_classifier`` (the stage's
+         whole summary: timings, counts, per-epoch validation accuracy). Called by ``python -m stages.train --task classification`` (the stage's
          command line) and by the tests; no run command of its own.
 """
 

@@ -95,6 +95,11 @@ class TaskPaths:
     def model(self) -> Path:
         return MODELS / ("classifier.keras" if self.task == "classification" else "detector.pt")
 
+    @property
+    def checkpoints(self) -> Path | None:
+        """Resume checkpoints of an unfinished training run (None: the task does not resume)."""
+        return None if self.task == "classification" else MODELS / f"{self.name}_ckpt"
+
 
 def task_paths(task: str) -> TaskPaths:
     if task not in TASKS:
@@ -107,5 +112,5 @@ DETECTION = TaskPaths("detection")
 CLASSIFIER_MODEL = CLASSIFICATION.model
 CLASSIFIER_SIDECAR = MODELS / "classifier.meta.json"  # classes, head, resize (written beside it)
 DETECTOR_MODEL = DETECTION.model
-DETECTOR_CHECKPOINTS = MODELS / "detector_ckpt"  # resume checkpoints (persist: true in dvc.yaml)
+DETECTOR_CHECKPOINTS = DETECTION.checkpoints  # resume checkpoints (persist: true in dvc.yaml)
 DVC_LOCK = Path("dvc.lock")

@@ -3,7 +3,7 @@
 
 Inputs: those sections of params.yaml. Outputs: frozen ``TrainDetectorConfig`` /
 ``EvalDetectionConfig``.
-No run command (``python -m stages.train_detector`` trains).
+No run command (``python -m stages.train --task detection`` trains).
 
 Design decisions (documented once, relied on by ``stages.detector.model``):
 - Labels are the COCO category ids 1..K of the cache; the model has K + 1 sigmoid outputs and

@@ -4,7 +4,7 @@ Inputs: ``data/augment/detection/<split>/{images.npy, annotations.json}`` (``sta
 optional ``DetectionTransform`` (``stages.detector.augment``). Items: ``(image float32 (1, S, S) in [0, 1],
 {"boxes" float32 (K, 4) xyxy cache pixels, "labels" int64 (K,) category ids 1..K, "image_id"})``;
 images without boxes are kept as negatives (boxes of shape (0, 4)).
-No run command: used by ``python -m stages.train_detector``.
+No run command: used by ``python -m stages.train --task detection``.
 
 Memory: each item is read with ``os.pread`` from images.npy at its byte offset. A memory map
 would leave every page it touched resident (and counted in RSS) for the whole epoch; reading

@@ -2,7 +2,7 @@
 
 Inputs: a RetinaNet, DataLoaders from ``stages.detector.data`` and the ``TrainDetectorConfig``.
 Outputs: per-epoch loss parts, validation COCO mAP (torchmetrics), checkpoint files.
-No run command: driven by ``python -m stages.train_detector`` (also under ``torchrun``).
+No run command: driven by ``python -m stages.train --task detection`` (also under ``torchrun``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Inputs: a ``TrainDetectorConfig`` and the number of classes K (category ids 1..K
 ``weights_backbone`` a local torchvision ResNet state dict or torch.hub's cache (never downloaded).
 Outputs: ``models/detector.pt`` = {"state_dict", "config" (plain dict), "classes", "num_classes",
 "format", ...extra}, loadable with ``torch.load(weights_only=True)``.
-No run command: used by ``python -m stages.train_detector`` and the detection evaluation.
+No run command: used by ``python -m stages.train --task detection`` and the detection evaluation.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Inputs: the cache's meta.json, policy.json, train/, val/ (``stages.common.cache`
 VALIDATION metrics json, dvclive logs and resumable checkpoints (``last.pt`` every epoch,
 ``best.pt``) in the checkpoint folder, replaced by a small ``complete.json`` marker when the run
 finishes. Runs in one process or under torchrun (DistributedDataParallel; gloo on CPU, nccl on
-GPU; rank 0 validates, logs and writes every file). Called by ``python -m stages.train_detector``
+GPU; rank 0 validates, logs and writes every file). Called by ``python -m stages.train --task detection``
 and by the tests; no run command of its own.
 """
 
