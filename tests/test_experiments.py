@@ -790,3 +790,16 @@ def test_scoreboard_table_and_wall_times():
     assert set(S.SCOREBOARD) == {"seed000-cnn5", "seed001-cnn", "seed002-as-is", "seed002-to-be",
                                  "seed003-vgg16-binary", "seed003-vgg16-3class",
                                  "seed003-vgg16-4class"}  # fmt: skip
+
+
+def test_ablations_report_names_the_data_the_runs_trained_on():
+    """The report's Data line reads the recipes' `sources` list (it once read `source` and wrote
+    "synthetic" for rows trained on Kermany)."""
+    params = X.resolved_params("seed002-to-be", "/d")
+    text = A.data_sources(params)
+    assert text == (
+        "`kermany` from `/d/kermany224`, `kermany` from `/d/kermany_test_public` (test)"
+    ), text
+    assert "synthetic" not in text
+    plain = {"data": {"root": "data/inputs", "classification": {"source": "synthetic"}}}
+    assert A.data_sources(plain) == "`synthetic`"

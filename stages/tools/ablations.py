@@ -102,23 +102,41 @@ def _row(exp: X.Experiment, res: Result | None) -> str:
     )
 
 
+def data_sources(params: dict) -> str:
+    """The classification data a run's params name: each source (a ``sources`` entry, or
+    ``source``/``path``) with its folder below ``data.root``, and which one is the test set."""
+    root = Q.get_in(params, "data", "root") or ""
+    if root and os.path.isabs(root):  # queued runs got it absolute: show it as the repo sees it
+        rel = os.path.relpath(root)  # (../shared/data), unless that climbs further than a sibling
+        root = rel if not rel.startswith(os.path.join(os.pardir, os.pardir)) else root
+    entries = Q.get_in(params, "data", "classification", "sources") or [
+        {
+            "name": Q.get_in(params, "data", "classification", "source") or "synthetic",
+            "path": Q.get_in(params, "data", "classification", "path"),
+        }
+    ]
+    parts = []
+    for e in entries:
+        where = f" from `{os.path.join(root, e['path'])}`" if e.get("path") else ""
+        parts.append(f"`{e['name']}`{where}" + (" (test)" if e.get("split") == "test" else ""))
+    return ", ".join(parts)
+
+
 def _data_note(results: dict[str, Result]) -> list[str]:
     done = [r for r in results.values() if r.state == "success" and r.params]
     if not done:
         return ["- No finished experiment yet: run `make ablations`."]
     p = done[0].params
-    path = Q.get_in(p, "data", "classification", "path")
-    if path and os.path.isabs(path):  # queued runs got it absolute: show it as the repo sees it
-        path = os.path.relpath(path)
-    mode = Q.get_in(p, "split", "classification", "mode")
+    path = data_sources(p)
+    mode = Q.get_in(p, "split", "classification", "mode") or "random"
     n = sorted({r.n_test for r in done if r.n_test is not None})
+    size = Q.get_in(p, "augment", "classification", "image_size")
     lines = [
-        f"- Data: `{Q.get_in(p, 'data', 'classification', 'source')}`"
-        + (f" from `{path}`" if path else "")
-        + f" at {Q.get_in(p, 'augment', 'classification', 'image_size')} px, "
+        f"- Data: {path} at {size} px, "
         + f"{Q.get_in(p, 'train_classifier', 'epochs')} epochs; split mode `{mode}`.",
-        f"- **test** = our held-out test split ({'/'.join(map(str, n)) or '?'} images), never "
-        "seen in training or model selection. The seed's test was their own 20 % random split.",
+        f"- **test** = {'the source marked (test)' if '(test)' in path else 'our held-out test split'}"
+        f" ({'/'.join(map(str, n)) or '?'} images), never seen in training or model selection. "
+        "The seed's test was their own 20 % random split.",
     ]
     if "kermany224" in str(path) and mode == "random":
         lines.append(
@@ -140,7 +158,7 @@ def render(results: dict[str, Result], names: Sequence[str]) -> str:
         *_data_note({n: r for n, r in results.items() if n in names}),
         "- val = the validation split at the best epoch, which was selected on it (optimistic); "
         "train = Keras' running accuracy on augmented batches at that epoch "
-        "(`metrics/train_classifier.json`).",
+        "(`reports/live/classifier/training.json` of each run).",
         "- test = accuracy at the threshold chosen on validation (`metrics/classifier.json`); "
         "test @0.5 = at 0.5, as the seed's `model.evaluate`; ROC-AUC on test (the seed gave none).",
     ]
