@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import augment, download, evaluate, split, train_detector
+from stages import augment, download, evaluate, split, train
 
 MAP50_BAR = 0.45
 CLASS_BAR = 0.25
@@ -40,10 +40,10 @@ def test_default_detection_chain_learns_every_class(tmp_path, monkeypatch, repo_
     download.main(task)
     split.main(task)
     augment.main(task)
-    train_detector.main(["--params", params])
+    train.main(task)
     evaluate.main(task)
 
-    trained = json.loads(Path("metrics/train_detector.json").read_text())
+    trained = json.loads(Path("reports/live/detector/training.json").read_text())
     full = json.loads(Path("reports/detector/evaluation.json").read_text())
     assert trained["epochs_run"] > 0
     assert full["n_test_images"] >= 50 and full["n_gt_boxes"] >= 70  # AP not decided by one image
