@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 WORKERS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup repro test test-fast lint format dag docs compare ablations seeds scoreboard serve remote
+.PHONY: setup repro test test-fast lint format dag docs compare plots-page ablations seeds scoreboard serve remote
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,9 @@ docs: setup  ## regenerate README's tables and docs/experiments.md (after editin
 COMPARE_ARGS ?=
 compare: setup  ## the experiments table: what defines each row, its test figures (dvc exp show --json)
 	$(BIN)/python -m stages.compare $(COMPARE_ARGS)
+
+plots-page: setup  ## rebuild .dvc/plots/offline.html (offline `dvc plots show` page) from the pinned npm packages
+	$(BIN)/python -m stages.tools.plots_template --install
 
 # make remote: DVC remote from env (CXR_REMOTE_URL, CXR_S3_ENDPOINT, AWS_*, CXR_SSH_KEY ...);
 # URL/endpoint -> .dvc/config, credentials -> .dvc/config.local only. REMOTE_ARGS=--local for a personal remote.

@@ -44,6 +44,8 @@ from stages.common.utils import (
 
 log = logging.getLogger("stages.augment")
 PREVIEW_COPIES = 3
+PREVIEW_DPI = 80
+PREVIEW_TITLE_SIZE = 8  # points
 # Saturated colours that stay visible on grayscale X-rays (tab10 has a gray).
 BOX_COLOURS = ("red", "lime", "cyan", "yellow", "magenta", "orange", "deepskyblue", "springgreen")
 
@@ -211,12 +213,35 @@ def _preview_rows(split: cache.CacheSplit, count: int) -> list[int]:
     return rows
 
 
-def write_preview(task: str, cfg: cache.AugmentConfig, split: cache.CacheSplit, path: Path) -> None:
-    """Grid: each row one train image (cache version) and PREVIEW_COPIES augmented copies."""
+def wrap_to_width(parts: Iterable[str], sep: str, width_px: float, measure) -> list[str]:
+    """Greedy lines of ``parts`` joined by ``sep``, each at most ``width_px`` wide as
+    ``measure(text) -> px`` says; a part wider than a line on its own is cut where it must be."""
+    lines: list[str] = []
+    line = ""
+    for part in parts:
+        joined = f"{line}{sep}{part}" if line else part
+        if not line or measure(joined) <= width_px:
+            line = joined
+            continue
+        lines.append(line + sep.rstrip())
+        line = part
+    while line and measure(line) > width_px and len(line) > 1:
+        cut = len(line) - 1
+        while cut > 1 and measure(line[:cut]) > width_px:
+            cut -= 1
+        lines.append(line[:cut])
+        line = line[cut:]
+    return [*lines, line] if line else lines
+
+
+def preview_figure(task: str, cfg: cache.AugmentConfig, split: cache.CacheSplit):
+    """The preview's matplotlib figure (at PREVIEW_DPI): each row one train image (cache version)
+    and PREVIEW_COPIES augmented copies, under a title naming the size and the whole policy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.font_manager import FontProperties
     from matplotlib.patches import Rectangle
 
     rows = _preview_rows(split, cfg.preview_count)
@@ -230,6 +255,7 @@ def write_preview(task: str, cfg: cache.AugmentConfig, split: cache.CacheSplit, 
         figsize=(2.4 * (1 + PREVIEW_COPIES), 2.5 * len(rows)),
         squeeze=False,
         layout="constrained",
+        dpi=PREVIEW_DPI,
     )
     for r, (row, row_cells) in enumerate(zip(rows, cells, strict=True)):
         label = str(split.index["label"].iloc[row])
@@ -244,11 +270,30 @@ def write_preview(task: str, cfg: cache.AugmentConfig, split: cache.CacheSplit, 
                 ax.text(
                     x1, y1 - 1, names.get(int(cat), str(cat)), color=colour, fontsize=6, va="bottom"
                 )
-    policy = ", ".join(f"{k}={v}" for k, v in to_dict(cfg.policy).items())
-    fig.suptitle(f"augment {task}: {cfg.image_size} px, {cfg.resize}\npolicy: {policy}", fontsize=8)
+    # The policy is wrapped to the figure's width (as the renderer measures it): on one line,
+    # every key of it is wider than the figure and both ends were cut off.
+    renderer = fig.canvas.get_renderer()
+    font = FontProperties(size=PREVIEW_TITLE_SIZE)
+
+    def measure(text: str) -> float:
+        return renderer.get_text_width_height_descent(text, font, ismath=False)[0]
+
+    policy = [f"{k}={v}" for k, v in to_dict(cfg.policy).items()] or ["none"]
+    policy[0] = f"policy: {policy[0]}"
+    head = f"augment {task}: {cfg.image_size} px, {cfg.resize}"
+    lines = wrap_to_width(policy, ", ", 0.94 * fig.bbox.width, measure)
+    fig.suptitle("\n".join([head, *lines]), fontsize=PREVIEW_TITLE_SIZE)
+    return fig
+
+
+def write_preview(task: str, cfg: cache.AugmentConfig, split: cache.CacheSplit, path: Path) -> None:
+    """The preview grid (``preview_figure``) as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = preview_figure(task, cfg, split)
     try:
         with atomic_file(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=80)
+            fig.savefig(tmp, format="png", dpi=PREVIEW_DPI)
     finally:
         plt.close(fig)
 

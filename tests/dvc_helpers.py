@@ -1,12 +1,13 @@
 """Helpers of the tests that drive DVC itself: temporary git+DVC copies of this repository, the
 `dvc`/`git` commands with timeouts, and the tiny pipeline built once per session.
 
-No tests here; imported by tests/test_dvc_pipeline.py, tests/test_remotes.py and
-tests/test_reproducibility.py (servers: tests/remote_servers.py).
+No tests here; imported by tests/test_dvc_pipeline.py, tests/test_remotes.py,
+tests/test_reproducibility.py and tests/test_plots_browser.py (servers: tests/remote_servers.py).
 """
 
 from __future__ import annotations
 
+import configparser
 import hashlib
 import json
 import os
@@ -95,6 +96,7 @@ def make_repo(root: Path, shrink: Callable[[dict], dict] = shrink_params) -> Pat
     params = shrink(yaml.safe_load((REPO / "params.yaml").read_text()))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     init_repo(root)
+    copy_plot_setup(root)
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "init")
     return root
@@ -106,6 +108,21 @@ def init_repo(root: Path) -> None:
     git(root, "config", "user.email", "test@example.invalid")
     dvc(root, "init", "-q")
     dvc(root, "config", "core.autostage", "true")
+
+
+def copy_plot_setup(root: Path) -> None:
+    """What a clone has in .dvc/ for `dvc plots show`: the custom templates and the offline page
+    (.dvc/plots, without node_modules) and ``plots.html_template`` (not the rest of .dvc/config:
+    a test repo must never reach the team's remote)."""
+    src = REPO / ".dvc" / "plots"
+    if src.is_dir():
+        ignore = shutil.ignore_patterns("node_modules", "__pycache__")
+        shutil.copytree(src, root / ".dvc" / "plots", ignore=ignore, dirs_exist_ok=True)
+    config = configparser.ConfigParser()
+    config.read(REPO / ".dvc" / "config")
+    if config.has_option("plots", "html_template"):  # what `dvc config plots.html_template` writes
+        with (root / ".dvc" / "config").open("a") as fh:
+            fh.write(f"[plots]\n    html_template = {config.get('plots', 'html_template')}\n")
 
 
 def commit_all(repo: Path, message: str) -> None:

@@ -426,6 +426,47 @@ def test_stage_classification_standardize_is_in_the_cache_and_its_meta(in_tmp):
         assert abs(float(train.images[i].mean()) - 128) < 6  # standardised, not raw
 
 
+@pytest.mark.parametrize("task", ["classification", "detection"])
+def test_preview_title_lies_inside_the_figure(in_tmp, monkeypatch, task):
+    """A long policy (many keys, long values) is wrapped, not cut off: the saved figure's title
+    (size line and the whole policy) is inside the picture, every key of the policy in it."""
+    import matplotlib.figure
+
+    saved = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):  # measures the title as saved (the stage then closes it)
+        real_savefig(fig, *args, **kwargs)
+        fig.set_dpi(kwargs.get("dpi", fig.dpi))
+        fig.canvas.draw()
+        (title,) = [t for t in fig.texts if "policy" in t.get_text()]
+        box = title.get_window_extent(fig.canvas.get_renderer())
+        saved.append((title.get_text(), box, fig.bbox.frozen()))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    long = {"rotation": 12.3456789, "brightness": 0.0987654321, "contrast": 0.123456789}
+    if task == "detection":
+        long = {"brightness": 0.0987654321, "contrast": 0.123456789, "hflip": 0.4567891234,
+                "scale_jitter": [0.812345678901, 1.234567890123]}  # fmt: skip
+    _write_split_inputs(in_tmp, task, {"train": 4, "val": 2, "test": 2})
+    _run(in_tmp, task, resize="pad" if task == "detection" else "stretch", policy=long)
+    ((title, box, frame),) = saved
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1, (box, frame)
+    assert frame.y0 <= box.y0 and box.y1 <= frame.y1, (box, frame)
+    assert all(f"{k}={v}" in title.replace(",\n", ", ") for k, v in long.items()), title
+    if task == "classification":  # twelve keys: wider than the figure unless wrapped
+        assert title.count("\n") >= 2
+
+
+def test_wrap_to_width_keeps_every_part_and_cuts_only_what_cannot_fit():
+    from stages.augment import wrap_to_width
+
+    lines = wrap_to_width(["aa", "bbb", "cc", "d" * 12], ", ", 8, len)
+    assert lines == ["aa, bbb,", "cc,", "dddddddd", "dddd"]
+    assert all(len(line) <= 8 for line in lines)
+    assert wrap_to_width([], ", ", 8, len) == []
+
+
 def test_stage_detection_boxes_in_cache_pixels(in_tmp):
     from stages.common.cache import boxes_for, open_split
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ from stages.classifier.evaluate import (
 )
 from stages.common.cache import write_meta, write_split
 from stages.common.config import load_section, parse
+from stages.common.paths import CLASSIFICATION
 from stages.common.utils import StageError
+from tests.plot_defs import undeclared_report_images
 
 keras = pytest.importorskip("keras")
 from stages.classifier.gradcam import GradCam, find_target_layer, grad_cam, overlay  # noqa: E402
@@ -162,15 +165,12 @@ def test_run_writes_exact_metrics_and_every_file(setup):
     assert written["roc_auc"] > 0.7  # the blob task is learnable: predictions are not noise
     for name in ("roc.csv", "pr.csv", "confusion.csv"):
         assert (paths["plots_dir"] / name).stat().st_size > 0, name
-    for name in (
-        "roc.png",
-        "pr.png",
-        "confusion.png",
-        "samples.png",
-        "gradcam.png",
-        "model_card.md",
-    ):
+    for name in ("samples.png", "gradcam.png", "model_card.md"):
         assert (paths["report_dir"] / name).stat().st_size > 0, name
+    # The curves are Vega plots of the csv files only (no PNG copy); every image the report
+    # writes or its card names is a declared plot of dvc.yaml.
+    assert not {"roc.png", "pr.png", "confusion.png"} & set(os.listdir(paths["report_dir"]))
+    assert undeclared_report_images(paths["report_dir"], CLASSIFICATION.report_dir) == []
     roc = pd.read_csv(paths["plots_dir"] / "roc.csv")
     assert list(roc.columns) == ["fpr", "tpr", "threshold"]
     assert list(pd.read_csv(paths["plots_dir"] / "pr.csv").columns)[:2] == ["recall", "precision"]
@@ -179,6 +179,11 @@ def test_run_writes_exact_metrics_and_every_file(setup):
     card = (paths["report_dir"] / "model_card.md").read_text()
     assert "Not a medical device" in card and "synthetic default data" in card
     assert f"{written['accuracy']:.4f}" in card and "Validation" in card
+    (tn, fp), (fn, tp) = written["confusion_matrix"]
+    neg, pos = written["confusion_labels"]
+    assert f"| actual \\ predicted | {neg} | {pos} |" in card
+    assert f"| {neg} | {tn} | {fp} |" in card and f"| {pos} | {fn} | {tp} |" in card
+    assert f"{written['roc_auc']:.4f}" in card and f"{written['pr_auc']:.4f}" in card
 
 
 def test_threshold_never_sees_test_labels(setup, tmp_path):
@@ -231,6 +236,11 @@ def test_run_multiclass_drops_unknown_classes(tmp_path):
     confusion = pd.read_csv(out_dir / "plots" / "confusion.csv")
     assert set(confusion["actual"]) == set(classes)
     assert (out_dir / "gradcam.png").is_file() and (out_dir / "model_card.md").is_file()
+    card = (out_dir / "model_card.md").read_text()
+    assert (
+        "Per class (argmax):" in card
+        and "| actual \\ predicted | BACTERIA | NORMAL | VIRUS |" in card
+    )
 
 
 def test_missing_model_is_a_clear_stage_error(setup, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,15 @@ from pycocotools.cocoeval import COCOeval
 import stages  # noqa: F401  (torch before anything else)
 from stages.common.cache import write_meta, write_split
 from stages.common.config import ConfigError, parse
+from stages.common.paths import DETECTION
 from stages.common.utils import StageError
 from stages.detector.config import EvalDetectionConfig, TrainDetectorConfig
 from stages.detector.evaluate import build_metrics, coco_map, run
 from stages.detector.evaluate import headline as headline_of
 from stages.detector.froc import evaluate_froc
 from stages.detector.model import build_detector, save_detector
-from stages.detector.report import image_scores, select_cases
+from stages.detector.report import image_scores, select_cases, write_report
+from tests.plot_defs import undeclared_report_images
 
 CLASSES = ["Nodule", "Mass", "Effusion"]
 REQUIRED = {"map", "map_50", "froc_avg_recall", "ap_50_per_class"}
@@ -196,12 +199,55 @@ def test_run_end_to_end(tmp_path, model_file):
     assert xs[0] == 0 and xs[-1] == cfg.froc_max_fp and xs == sorted(xs) and ys == sorted(ys)
     with (plots_dir / "ap_per_class.csv").open() as fh:
         assert [r["class"] for r in csv.DictReader(fh)] == ["Nodule", "Mass"]  # Effusion: no GT
-    for name in ("cases_best.png", "cases_worst.png", "froc.png", "ap_per_class.png"):
+    for name in ("cases_best.png", "cases_worst.png"):
         assert (report_dir / name).stat().st_size > 1000, name
-    assert len(list((report_dir / "cases").glob("best_*.png"))) == 2
-    assert len(list((report_dir / "cases").glob("worst_*.png"))) == 2
+    # FROC and AP per class are Vega plots of the csv files only (no PNG copy); every image the
+    # report writes or its card names is a declared plot of dvc.yaml.
+    assert not {"froc.png", "ap_per_class.png"} & {p.name for p in report_dir.iterdir()}
+    assert undeclared_report_images(report_dir, DETECTION.report_dir) == []
+    cases = sorted(p.name for p in (report_dir / "cases").iterdir())
+    assert cases == ["best_01.png", "best_02.png", "cases.csv", "worst_01.png", "worst_02.png"]
+    with (report_dir / "cases/cases.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["file"] for r in rows] == [
+        "best_01.png",
+        "best_02.png",
+        "worst_01.png",
+        "worst_02.png",
+    ]
+    assert all(r["image"] == f"x{r['image_id']}.png" for r in rows)  # the split index's path
     card = (report_dir / "model_card.md").read_text()
     assert "synthetic" in card and "| Nodule |" in card
+
+
+def test_case_files_are_named_by_rank_not_by_image(tmp_path):
+    """The same file names whichever test images are the best and worst: a new run rewrites the
+    tracked files instead of deleting some and adding others; cases.csv says which image each
+    one shows."""
+    preds, gts = fixed_set(n_images=9)
+    images = np.random.default_rng(0).integers(0, 256, (9, 64, 64), dtype=np.uint8)
+    names = {1: "Nodule", 2: "Mass", 3: "Effusion"}
+    metrics = build_metrics(
+        coco_map(preds, gts, [1, 2, 3]), evaluate_froc(preds, gts, [1, 2, 3], (0.1,)), names,
+        len(gts), 7, 40, 0.5,
+    )  # fmt: skip
+    written, orders = {}, {"a": list(range(9)), "b": [8, 3, 5, 0, 7, 1, 6, 2, 4]}
+    for name, order in orders.items():
+        out = tmp_path / name
+        write_report(
+            out, images=images[order], preds=[preds[i] for i in order],
+            gts=[gts[i] for i in order], names=names, metrics=metrics, score_thresh=0.3, iou=0.5,
+            n_cases=3, meta={}, model_config={}, image_names=[f"img{i}.png" for i in order],
+        )  # fmt: skip
+        with (out / "cases/cases.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        written[name] = (sorted(p.name for p in (out / "cases").iterdir()), rows)
+    (files_a, rows_a), (files_b, rows_b) = written["a"], written["b"]
+    assert files_a == files_b
+    assert all(re.fullmatch(r"(best|worst)_\d{2}\.png|cases\.csv", f) for f in files_a)
+    assert [r["image_id"] for r in rows_a] != [r["image_id"] for r in rows_b]  # other images
+    for name, rows in (("a", rows_a), ("b", rows_b)):  # cases.csv names the image shown
+        assert all(r["image"] == f"img{orders[name][int(r['image_id'])]}.png" for r in rows)
 
 
 def test_run_rejects_bad_inputs(tmp_path, model_file):

@@ -6,8 +6,8 @@ Inputs:  data/augment/classification/{meta.json, val/, test/} (``stages.common.c
 Outputs: metrics/classifier.json (headline: accuracy, roc_auc, specificity, recall, precision,
          f1, pr_auc, CI bounds, threshold, per test set accuracy/roc_auc), and
          reports/classifier/: evaluation.json (everything, including the decision rule that
-         serving applies), plots/{roc,pr,confusion}.csv (DVC plots),
-         {roc,pr,confusion,samples,gradcam}.png, model_card.md
+         serving applies), plots/{roc,pr,confusion}.csv (DVC Vega plots), samples.png and
+         gradcam.png (DVC image plots), model_card.md
 Run:     python -m stages.evaluate --task classification [--model a.keras --model b.keras]
 
 The threshold (and the temperature, with ``calibration: temperature``) are fitted on VALIDATION

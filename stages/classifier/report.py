@@ -1,10 +1,12 @@
-"""Human-facing outputs of evaluate@classification: static figures and the model card.
+"""Human-facing outputs of evaluate@classification: the pictures and the model card.
 
 Inputs: the metrics document built by ``stages.classifier.evaluate.compute_metrics``, the test
 images (uint8 (N, S, S)), labels/probabilities, the loaded model (for Grad-CAM), cache indexes.
-Outputs (into a given folder): roc.png, pr.png, confusion.png, samples.png (test predictions,
-green = correct at the chosen threshold, red = wrong), gradcam.png (TP/FP/FN mix) and the text
-of model_card.md. Called by ``stages.classifier.evaluate.run``; no run command of its own.
+Outputs (into a given folder): samples.png (test predictions, green = correct at the chosen
+threshold, red = wrong), gradcam.png (TP/FP/FN mix), both dvc.yaml image plots, and the text of
+model_card.md. The ROC, PR and confusion matrix are Vega plots of plots/{roc,pr,confusion}.csv
+(written by the caller); the card states their figures and the confusion counts as tables.
+Called by ``stages.classifier.evaluate.run``; no run command of its own.
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from stages.classifier import metrics as M  # noqa: E402
-
 log = logging.getLogger("stages.evaluate")
 GOOD, BAD = "#1a7f37", "#cf222e"
 
@@ -30,60 +30,6 @@ GOOD, BAD = "#1a7f37", "#cf222e"
 def _save(fig: plt.Figure, path: Path) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-def _curve(path: Path, x, y, point, line_label: str, diagonal, xlabel: str, ylabel: str) -> None:
-    """One test-split curve with the chosen operating point (red dot) and a chance line."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(x, y, drawstyle="steps-post", label=line_label)
-    ax.plot(*diagonal[:2], "--", color="grey", lw=0.8, label=diagonal[2])
-    ax.plot(*point[:2], "o", color=BAD, label=point[2])
-    ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.01), title="test split")
-    ax.legend(loc="lower left" if "precision" in ylabel else "lower right", fontsize=8)
-    _save(fig, path)
-
-
-def plot_roc(path: Path, roc: dict, doc: dict) -> None:
-    where = f"threshold {doc['threshold']:.3f} ({doc['threshold_method']}, from val)"
-    _curve(path, roc["fpr"], roc["tpr"], (1 - doc["specificity"], doc["recall"], where),
-           f"ROC, AUC {doc['roc_auc']:.3f}", ([0, 1], [0, 1], "chance"),
-           "false positive rate (1 - specificity)", "true positive rate (sensitivity)")  # fmt: skip
-
-
-def plot_pr(path: Path, pr: dict, doc: dict, prevalence: float) -> None:
-    # scikit-learn lists recall decreasing; reversed, the steps run left to right.
-    _curve(path, pr["recall"][::-1], pr["precision"][::-1],
-           (doc["recall"], doc["precision"], "chosen threshold"),
-           f"PR, average precision {doc['pr_auc']:.3f}",
-           ([0, 1], [prevalence] * 2, f"prevalence {prevalence:.2f}"),
-           "recall (sensitivity)", "precision")  # fmt: skip
-
-
-def _matrix(ax: plt.Axes, cm: list[list[int]], labels: list[str], title: str) -> None:
-    arr = np.asarray(cm)
-    ax.imshow(arr, cmap="Blues")
-    for (i, j), v in np.ndenumerate(arr):
-        ax.text(
-            j, i, str(v), ha="center", va="center", color="white" if v > arr.max() / 2 else "black"
-        )
-    ticks = range(len(labels))
-    ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="actual", title=title)
-    ax.set_xticklabels(labels, rotation=30, ha="right")
-    ax.set_yticklabels(labels)
-
-
-def plot_confusion(path: Path, doc: dict) -> None:
-    title = f"test, threshold {doc['threshold']:.3f}"
-    panels = [(doc["confusion_matrix"], doc["confusion_labels"], title)]
-    if "multiclass" in doc:
-        mc = doc["multiclass"]
-        panels.append((mc["confusion_matrix"], mc["classes"], "test, argmax"))
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(5 * len(panels), 4.4), squeeze=False, layout="constrained"
-    )
-    for ax, (cm, labels, title) in zip(axes[0], panels, strict=True):
-        _matrix(ax, cm, labels, title)
-    _save(fig, path)
 
 
 def _grid(n: int, per_item: int = 1) -> tuple[plt.Figure, np.ndarray]:
@@ -157,10 +103,7 @@ def plot_gradcam(path: Path, model, images, proba, pt, pos: list[int], cases, do
 
 
 def write_figures(out: Path, doc: dict, model, images, proba, bt, pt, cfg) -> None:
-    """All static figures of the report into ``out``."""
-    plot_roc(out / "roc.png", M.roc_points(bt, pt), doc)
-    plot_pr(out / "pr.png", M.pr_points(bt, pt), doc, float(np.mean(bt)))
-    plot_confusion(out / "confusion.png", doc)
+    """The pictures of the report into ``out``: samples.png and gradcam.png."""
     rng = np.random.default_rng(cfg.seed)
     idx = np.sort(rng.choice(len(images), size=min(cfg.n_samples_grid, len(images)), replace=False))
     plot_samples(out / "samples.png", images, idx, bt, pt, doc)
@@ -244,6 +187,32 @@ def _metrics_table(block: dict, doc: dict) -> list[str]:
     return rows
 
 
+def _confusion_table(cm: list[list[int]], labels: list[str], caption: str) -> list[str]:
+    """A confusion matrix as markdown: rows actual, columns predicted."""
+    return [
+        caption,
+        "",
+        "| actual \\ predicted | " + " | ".join(labels) + " |",
+        "|---" * (len(labels) + 1) + "|",
+        *(
+            f"| {a} | " + " | ".join(str(v) for v in row) + " |"
+            for a, row in zip(labels, cm, strict=True)
+        ),
+    ]
+
+
+def _confusion_tables(doc: dict) -> list[str]:
+    out = _confusion_table(
+        doc["confusion_matrix"],
+        doc["confusion_labels"],
+        f"Confusion matrix (test, threshold {doc['threshold']:.4f}):",
+    )
+    if "multiclass" in doc:
+        mc = doc["multiclass"]
+        out += ["", *_confusion_table(mc["confusion_matrix"], mc["classes"], "Per class (argmax):")]
+    return [*out, ""]
+
+
 def model_card(doc: dict, meta: dict, tables: dict, model_info: dict, eval_params: dict) -> str:
     pos, neg = " + ".join(doc["positive_class"]), doc["confusion_labels"][0]
     sources = set(pd.concat([t["source"] for t in tables.values()]).unique()) if tables else set()
@@ -278,8 +247,10 @@ def model_card(doc: dict, meta: dict, tables: dict, model_info: dict, eval_param
         f"# Model card: chest X-ray classifier ({', '.join(doc['classes'])})",
         "",
         "Generated by `python -m stages.evaluate --task classification` (DVC stage "
-        "`evaluate@classification`). Figures: roc.png, pr.png, confusion.png, samples.png, "
-        "gradcam.png in this folder; numbers: `metrics/classifier.json`.",
+        "`evaluate@classification`). Figures in this folder: samples.png (random test images) "
+        "and gradcam.png (Grad-CAM of TP/FP/FN cases). The ROC, precision-recall and confusion "
+        "plots: `dvc plots show` (plots/roc.csv, plots/pr.csv, plots/confusion.csv); their "
+        "figures are below. Numbers: evaluation.json here, headline `metrics/classifier.json`.",
         "",
         "## Intended use and limits",
         *limits,
@@ -302,6 +273,7 @@ def model_card(doc: dict, meta: dict, tables: dict, model_info: dict, eval_param
         "",
         *_metrics_table(doc, doc),
         "",
+        *_confusion_tables(doc),
         f"## Validation (n = {doc['val']['n_val']}; NOT an independent estimate)",
         "The threshold was chosen on this split, so these figures are optimistic. Shown to "
         "diagnose over-fitting only.",

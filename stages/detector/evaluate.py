@@ -208,14 +208,13 @@ def run(
             gts=gts,
             names=names,
             metrics=metrics,
-            froc=froc,
-            curve=(xs, ys),
             score_thresh=cfg.score_thresh,
             iou=cfg.iou,
             n_cases=cfg.n_report_images,
             meta=split.meta,
             model_config=model_cfg,
             sources=sorted(set(split.index["source"])) if "source" in split.index else (),
+            image_names=list(split.index["path"]) if "path" in split.index else (),
         )
     write_json(metrics_path, headline(metrics))
     log.info(

@@ -1,9 +1,12 @@
-"""Box report of the detection evaluation: best/worst test cases drawn, static plots, model card.
+"""Box report of the detection evaluation: best/worst test cases drawn, and the model card.
 
 Inputs:  test images (uint8 (N, S, S)), predictions and ground truth per image, the metrics dict
-         and FROC result of stages.detector.evaluate.
-Outputs (in the report dir): cases/{best,worst}_<rank>_id<image id>.png, cases_best.png,
-         cases_worst.png (grids), froc.png, ap_per_class.png, model_card.md.
+         of stages.detector.evaluate.
+Outputs (in the report dir): cases_best.png, cases_worst.png (grids; dvc.yaml image plots),
+         cases/{best,worst}_<rank>.png (each case at full size), cases/cases.csv (which test image
+         each one is, with its scores) and model_card.md. The FROC and AP-per-class curves are
+         Vega plots of plots/froc.csv and plots/ap_per_class.csv (written by the caller), not
+         pictures here.
 Run:     python -m stages.evaluate --task detection (called from stages.detector.evaluate).
 
 Case ranking: per-image F1 of the boxes with score >= ``score_thresh``, matched to ground truth
@@ -11,22 +14,22 @@ as in the FROC (same class, IoU >= ``iou``, greedy by score, each GT box hit onc
 F1 = 2TP / (2TP + FP + FN); an image with no GT and no shown box scores 1. Best = highest F1
 (ties: more GT boxes first, so clean hits on findings beat empty normals); worst = lowest F1
 (ties: more errors first), never repeating a best case. Drawn: GT green, TP orange, FP red.
+Case files are named by rank only (best_01.png ...): a new run rewrites the same files instead
+of deleting and adding tracked files named by image id; the image id is in each picture's
+caption and in cases.csv.
 """
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-
-from stages.common.config import to_dict  # noqa: E402
-from stages.detector.froc import FrocResult, match_image  # noqa: E402
+from stages.common.config import to_dict
+from stages.detector.froc import match_image
 
 GT_COLOR, TP_COLOR, FP_COLOR = (0, 200, 0), (255, 165, 0), (230, 30, 30)
 CASE_SIZE, TILE_SIZE, GRID_COLS = 512, 320, 3
@@ -127,52 +130,6 @@ def grid(tiles: Sequence[Image.Image], cols: int = GRID_COLS, tile: int = TILE_S
     return out
 
 
-def plot_froc(path: Path, froc: FrocResult, curve: tuple, names: dict[int, str]) -> None:
-    """Per-class staircases (thin), the class mean (thick) and the scored operating points."""
-    xs, ys = curve
-    max_fp = float(xs[-1]) if len(xs) else 1.0
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for c, cv in froc.curves.items():
-        if cv.n_gt == 0:
-            continue
-        x = np.append(cv.fps_per_image, max_fp)
-        y = np.append(cv.sensitivity, cv.sensitivity[-1])
-        inside = x <= max_fp
-        ax.plot(x[inside], y[inside], lw=0.8, alpha=0.6, label=names[c])
-    ax.step(xs, ys, where="post", color="black", lw=2.5, label="mean over classes")
-    rates = list(froc.recall_at)
-    ax.plot(rates, [froc.recall_at[r] for r in rates], "ko", ms=7)
-    ax.set_xscale("symlog", linthresh=min(rates))
-    ax.set(
-        xlim=(0, max_fp), ylim=(0, 1.02), xlabel="false positives per image", ylabel="sensitivity"
-    )
-    avg = froc.avg_recall if froc.avg_recall is not None else float("nan")
-    ax.set_title(f"FROC (IoU >= {froc.iou_thresh:g}); avg recall at {rates} = {avg:.3f}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_ap(path: Path, ap50: dict[str, float | None], compare: bool = False) -> None:
-    """Horizontal bars of AP@0.5 per class; with ``compare``, seed 004's epoch-10 value beside."""
-    known = [(n, v) for n, v in ap50.items() if v is not None]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(known), 2) + 1.2))
-    y = np.arange(len(known))
-    ax.barh(y, [v for _, v in known], height=0.4, color="tab:orange", label="this model")
-    seed = [_seed_ap(n) if compare else None for n, _ in known]
-    if any(s is not None for s in seed):
-        vals = [s if s is not None else 0.0 for s in seed]
-        ax.barh(y + 0.4, vals, height=0.4, color="tab:gray", label="seed 004, epoch 10")
-    ax.set_yticks(y + (0.2 if any(s is not None for s in seed) else 0), [n for n, _ in known])
-    ax.set(xlim=(0, 1), xlabel="AP@0.5", title="Per-class AP@0.5 (test split)")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _seed_ap(name: str) -> float | None:
     return {k.lower(): v for k, v in SEED004_AP.items()}.get(name.lower())
 
@@ -196,7 +153,11 @@ def model_card(metrics: dict, meta: dict, model_config: object, sources: Sequenc
     lines = [
         "# Model card: thoracic finding detector (RetinaNet)",
         "",
-        "Written by `python -m stages.evaluate --task detection`; regenerate, do not edit.",
+        "Written by `python -m stages.evaluate --task detection`; regenerate, do not edit. "
+        "Figures in this folder: cases_best.png and cases_worst.png (the test images with the "
+        "highest and lowest F1 of the boxes shown; each at full size in cases/, which "
+        "cases/cases.csv names). The FROC and AP-per-class curves: `dvc plots show` "
+        "(plots/froc.csv, plots/ap_per_class.csv).",
         "",
         "## Data",
         f"- Sources: {', '.join(sources) or 'unknown'}; cache image size {meta.get('image_size')} px "
@@ -264,6 +225,15 @@ def model_card(metrics: dict, meta: dict, model_config: object, sources: Sequenc
     return "\n".join(lines)
 
 
+CASES_NAME = "cases"  # the folder of the full-size cases inside the report dir
+CASES_COLUMNS = ("file", "kind", "rank", "image_id", "image", "f1", "tp", "fp", "fn", "n_gt")
+
+
+def case_file(kind: str, rank: int) -> str:
+    """Stable name of a case picture: the same files every run, whatever images they show."""
+    return f"{kind}_{rank:02d}.png"
+
+
 def write_report(
     out_dir: Path,
     *,
@@ -272,44 +242,48 @@ def write_report(
     gts: Sequence[tuple],
     names: dict[int, str],
     metrics: dict,
-    froc: FrocResult,
-    curve: tuple,
     score_thresh: float,
     iou: float,
     n_cases: int,
     meta: dict,
     model_config: object,
     sources: Sequence[str] = (),
+    image_names: Sequence[str] = (),
 ) -> None:
-    """Everything of the report into ``out_dir`` (the caller makes it atomic)."""
+    """Everything of the report into ``out_dir`` (the caller makes it atomic). ``image_names``
+    (one per test image, e.g. its path in the split index) go into cases.csv."""
     out_dir = Path(out_dir)
-    cases_dir = out_dir / "cases"
+    cases_dir = out_dir / CASES_NAME
     cases_dir.mkdir(parents=True, exist_ok=True)
     scores = image_scores(preds, gts, score_thresh, iou)
     best, worst = select_cases(scores, n_cases)
+    rows = []
     for kind, ids in (("best", best), ("worst", worst)):
         tiles = []
         for rank, i in enumerate(ids, start=1):
             s = scores[i]
             caption = f"id {i}  F1 {s['f1']:.2f}  TP {s['tp']} FP {s['fp']} FN {s['fn']}"
             img = draw_case(images[i], gts[i], preds[i], names, score_thresh, iou, caption)
-            img.save(cases_dir / f"{kind}_{rank:02d}_id{i}.png")
+            img.save(cases_dir / case_file(kind, rank))
             tiles.append(img)
+            image = str(image_names[i]) if len(image_names) else ""
+            rows.append([case_file(kind, rank), kind, rank, i, image, f"{s['f1']:.4f}"] +
+                        [s[k] for k in ("tp", "fp", "fn", "n_gt")])  # fmt: skip
         grid(tiles).save(out_dir / f"cases_{kind}.png")
-    plot_froc(out_dir / "froc.png", froc, curve, names)
-    ap50 = metrics["ap_50_per_class"]
-    plot_ap(out_dir / "ap_per_class.png", ap50, bool(seed_matched(list(ap50), sources)))
+    with (cases_dir / "cases.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CASES_COLUMNS)
+        writer.writerows(rows)
     (out_dir / "model_card.md").write_text(model_card(metrics, meta, model_config, sources))
 
 
 __all__ = [
     "SEED004_AP",
+    "case_file",
     "draw_case",
     "grid",
     "image_scores",
     "model_card",
-    "plot_ap",
-    "plot_froc",
     "seed_matched",
     "select_cases",
     "write_report",
