@@ -62,6 +62,7 @@ DATA_ROOTS = (paths.RAW, paths.SPLIT, paths.AUGMENT)
 BUDGET = 4_000_000  # floats per resample chunk (a chunk of weights is r x n)
 IOU = 0.5
 MAX_DETS = 100
+MAX_DIFF_LINES = 300
 RECALL_GRID = np.linspace(0.0, 1.0, 101)
 COLOR = {"A": "#1f77b4", "B": "#d62728"}
 
@@ -1010,15 +1011,19 @@ def params_section(r: Review, doc: Doc) -> None:
     pa, pb = r.a.text("params.yaml") or "", r.b.text("params.yaml") or ""
     missing = " and ".join(t.label for t in r.sides if t.json(resolved) is None)
     doc.p(f"`{resolved}` is absent at {missing} (an older revision): the raw `params.yaml` diff.")
-    diff = "".join(
+    lines = list(
         difflib.unified_diff(
             pa.splitlines(True), pb.splitlines(True), "A/params.yaml", "B/params.yaml"
         )
     )
-    if diff:
+    if lines:
         inner = Doc()
-        inner.code(diff, "diff")
-        doc.details(f"params.yaml: {diff.count(chr(10))} diff lines", inner)
+        # a pull-request comment holds 65536 characters: the head of a long diff only
+        more = (
+            f"... {len(lines) - MAX_DIFF_LINES} more lines\n" if len(lines) > MAX_DIFF_LINES else ""
+        )
+        inner.code("".join(lines[:MAX_DIFF_LINES]) + more, "diff")
+        doc.details(f"params.yaml: {len(lines)} diff lines", inner)
     else:
         doc.p("`params.yaml` is identical.")
 
