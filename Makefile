@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 WORKERS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup repro test test-fast lint format dag docs compare plots-page ablations seeds scoreboard serve remote
+.PHONY: setup repro test test-fast lint format dag docs compare review plots-page ablations seeds scoreboard serve remote
 
 setup: $(VENV)/.installed
 
@@ -88,3 +88,12 @@ seeds: setup  ## one recipe over several training seeds (DVC queue) -> reports/r
 scoreboard: setup  ## every seed system on the real data (113 min on 2 cores) -> reports/seeds.md
 	$(BIN)/python -m stages.scoreboard --data-root $(DATA_ROOT)
 
+
+# --- make review (owner: stages/tools/review.py) -----------------------------------------------
+# A = baseline, B = candidate: a commit, branch, tag or DVC experiment name. Reads committed
+# outputs with `git show` only (no DVC cache, no network); docs/review.md explains the report.
+A ?= HEAD
+B ?=
+review: setup  ## A vs B -> reports/review/<A>_vs_<B>.md (PR comment) and .html (offline page)
+	$(if $(B),,$(error give the candidate: make review A=<rev|exp> B=<rev|exp>))
+	$(BIN)/python -m stages.review '$(A)' '$(B)'

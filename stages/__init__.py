@@ -7,7 +7,8 @@ Layout (each layer imports only the layers below it):
   data, model, training core, evaluation, reports); they never import each other.
 - ``stages.sources``: the data-source loaders of the download stage.
 - ``stages.serve``: the models served (web page, ``python -m stages.predict``).
-- ``stages.tools``: commands that are not stages (experiments, ablations, remote, docs, seeds).
+- ``stages.tools``: commands that are not stages (experiments, ablations, remote, docs, seeds,
+  review).
 - ``stages.common``: what every layer uses (params parsing, paths, atomic files, image decoding,
   the augment cache, downloads).
 
@@ -47,6 +48,7 @@ COMMANDS = {
     "scoreboard": "stages.tools.scoreboard",
     "weights": "stages.tools.weights",
     "shift": "stages.tools.shift",
+    "review": "stages.tools.review",
 }
 _TF_ROOTS = ("tensorflow", "keras", "tf_keras")
 

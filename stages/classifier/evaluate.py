@@ -7,7 +7,8 @@ Outputs: metrics/classifier.json (headline: accuracy, roc_auc, specificity, reca
          f1, pr_auc, CI bounds, threshold, per test set accuracy/roc_auc), and
          reports/classifier/: evaluation.json (everything, including the decision rule that
          serving applies), plots/{roc,pr,confusion}.csv (DVC Vega plots), samples.png and
-         gradcam.png (DVC image plots), model_card.md
+         gradcam.png (DVC image plots), model_card.md, predictions.csv (one row per test image:
+         what ``python -m stages.review`` pairs two revisions on)
 Run:     python -m stages.evaluate --task classification [--model a.keras --model b.keras]
 
 The threshold (and the temperature, with ``calibration: temperature``) are fitted on VALIDATION
@@ -233,6 +234,32 @@ def _write_plot_data(
     )
 
 
+def predictions_table(
+    index: pd.DataFrame,
+    sources: np.ndarray,
+    classes: list[str],
+    y: np.ndarray,
+    bt: np.ndarray,
+    pt: np.ndarray,
+    threshold: float,
+) -> pd.DataFrame:
+    """predictions.csv: per test image its key (cache index path and sha256), source, true
+    class, positive-vs-rest label, probability of the positive class(es) and the prediction at
+    the validation threshold (1 = positive)."""
+    n = len(index)
+    return pd.DataFrame(
+        {
+            "path": index["path"].astype(str).to_numpy() if "path" in index else [""] * n,
+            "sha256": index["sha256"].astype(str).to_numpy() if "sha256" in index else [""] * n,
+            "source": sources,
+            "label": [classes[v] for v in y],
+            "positive": bt.astype(int),
+            "p_positive": pt,
+            "predicted": (pt >= threshold).astype(int),
+        }
+    )
+
+
 def run(
     cfg: EvalClassificationConfig,
     cache_dir: Path,
@@ -305,6 +332,11 @@ def run(
         card = report.model_card(doc, meta, _split_tables(cache_dir), model_info, to_dict(cfg))
         (tmp / "model_card.md").write_text(card)
         write_json(tmp / paths.EVALUATION_NAME, doc)
+        table = predictions_table(
+            test_index, test_sets, classes, y["test"], bt, pt, doc["threshold"]
+        )
+        # 9 significant digits round-trip float32: saturated probabilities keep their order
+        table.to_csv(tmp / paths.CLASSIFICATION.predictions.name, index=False, float_format="%.9g")
     write_json(metrics_path, headline(doc))
     log.info(
         "test: accuracy %.4f roc_auc %.4f specificity %.4f (threshold %.4f from val, %s)",

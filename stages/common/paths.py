@@ -26,6 +26,7 @@ REPORTS = Path("reports")
 EVALUATION_NAME = "evaluation.json"  # inside reports/<model>/
 PLOTS_NAME = "plots"  # reports/<model>/plots: the DVC plot data
 TRAINING_NAME = "training.json"  # inside reports/live/<model>/
+REVIEW = REPORTS / "review"  # python -m stages.review: <A>_vs_<B>.md / .html and their figures
 PARAMS_REPORT = REPORTS / "params"  # check-params: the resolved params and the checked marker
 RESOLVED_PARAMS_NAME = "resolved.json"
 CHECKED_PARAMS_NAME = "checked.json"
@@ -86,6 +87,14 @@ class TaskPaths:
     def evaluation(self) -> Path:
         """Every figure of the evaluation, and (classification) the decision rule served."""
         return self.report_dir / EVALUATION_NAME
+
+    @property
+    def predictions(self) -> Path:
+        """One row per test image (key, truth, the model's output; git-tracked, in the evaluate
+        report folder): what a review pairs two revisions on. classifier: predictions.csv,
+        detector: predictions.json."""
+        suffix = "csv" if self.task == "classification" else "json"
+        return self.report_dir / f"predictions.{suffix}"
 
     @property
     def live_dir(self) -> Path:

@@ -2,8 +2,10 @@
 
 Inputs:  data/augment/detection/ (meta.json, test/images.npy, test/annotations.json),
          models/detector.pt, params ``evaluate.detection``.
-Outputs: metrics/detector.json, plot data reports/detector/plots/{froc,ap_per_class}.csv and the
-         box report (stages.detector.report) in reports/detector/.
+Outputs: metrics/detector.json, plot data reports/detector/plots/{froc,ap_per_class}.csv, the
+         box report (stages.detector.report) and predictions.json (per test image: key, ground
+         truth, detections; what ``python -m stages.review`` pairs two revisions on) in
+         reports/detector/.
 Run:     python -m stages.evaluate --task detection   (the dispatcher calls ``run`` below)
 
 Metrics (``metrics/detector.json``):
@@ -21,6 +23,7 @@ Metrics (``metrics/detector.json``):
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from pathlib import Path
 
@@ -152,6 +155,36 @@ def write_plot_data(plots_dir: Path, xs: np.ndarray, ys: np.ndarray, ap50: dict)
         writer.writerows([n, f"{v:.6g}"] for n, v in ap50.items() if v is not None)
 
 
+def write_predictions(
+    path: Path, index, gts: list[Boxes], preds: list[dict], names: dict[int, str]
+) -> None:
+    """predictions.json: the class names, then one line per test image: its key (cache index
+    path and sha256), source, ground-truth boxes and classes, predicted boxes, scores and classes
+    (boxes xyxy in cache pixels, rounded to 0.1 px)."""
+
+    def column(name: str) -> list[str]:
+        return index[name].astype(str).tolist() if name in index else [""] * len(gts)
+
+    lines = []
+    for key, sha, src, (gb, gl), p in zip(
+        column("path"), column("sha256"), column("source"), gts, preds, strict=True
+    ):
+        image = {
+            "key": key,
+            "sha256": sha,
+            "source": src,
+            "gt_boxes": np.round(np.asarray(gb, dtype=np.float64), 1).tolist(),
+            "gt_classes": np.asarray(gl).astype(int).tolist(),
+            "boxes": np.round(np.asarray(p["boxes"], dtype=np.float64), 1).tolist(),
+            "scores": np.round(np.asarray(p["scores"], dtype=np.float64), 6).tolist(),
+            "classes": np.asarray(p["labels"]).astype(int).tolist(),
+        }
+        lines.append(json.dumps(image, separators=(",", ":")))
+    head = json.dumps({str(c): n for c, n in names.items()})
+    # one image a line: small, and a diff of two revisions stays readable
+    path.write_text('{"classes": ' + head + ',\n"images": [\n' + ",\n".join(lines) + "\n]}\n")
+
+
 def run(
     cfg: EvalDetectionConfig,
     cache_dir: Path,
@@ -201,6 +234,7 @@ def run(
     with atomic_dir(report_dir) as tmp:
         write_plot_data(tmp / paths.PLOTS_NAME, xs, ys, metrics["ap_50_per_class"])
         write_json(tmp / paths.EVALUATION_NAME, metrics)
+        write_predictions(tmp / paths.DETECTION.predictions.name, split.index, gts, preds, names)
         report.write_report(
             tmp,
             images=split.images,
