@@ -38,7 +38,7 @@ format: setup
 dag: setup
 	$(BIN)/dvc dag
 
-docs: setup  ## regenerate README's tables and docs/experiments.md (after editing experiments or dvc.yaml)
+docs: setup  ## regenerate docs/experiments.md, docs/params.md and the tables of docs/recipes.md and docs/reproducibility.md
 	$(BIN)/python -m stages.docs --write
 
 COMPARE_ARGS ?=

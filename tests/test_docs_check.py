@@ -18,7 +18,8 @@ def test_stale_diff_of_a_missing_file_is_not_empty(tmp_path):
 
 
 def test_check_fails_when_a_generated_file_is_missing(tmp_path, capsys):
-    for name in ("README.md", "dvc.yaml", "params.yaml"):
+    for name in ("dvc.yaml", "params.yaml", *(b.path for b in R.BLOCKS)):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, tmp_path / name)
     assert not (tmp_path / R.EXPERIMENTS_DOC).exists()
     with pytest.raises(SystemExit) as exc:

@@ -1,7 +1,7 @@
 """Named experiments (stages.tools.experiments) and the seed 002 ablation runner/report (stages.tools.ablations).
 
 Fast tests: every named experiment's overrides apply to the real params.yaml the way DVC applies
-them and every stage's schema accepts the result; the shell commands round-trip; README.md's
+them and every stage's schema accepts the result; the shell commands round-trip; the
 generated table and commands are current (tests/test_docs.py); the
 report is checked on a `dvc exp show --json` structure shaped like DVC 3.67's. Slow: a temporary git+DVC
 repository where two tiny rows are queued, run by a queue worker and reported end to end.

@@ -6,8 +6,8 @@
 - `dvc status` is clean right after `dvc repro`; no stage writes outside its declared outputs
   (workspace snapshot around each `dvc repro -s <stage>` of the shared tiny build).
 - The params -> stages table (`python -m stages.param_table`) matches DVC's own view of dvc.yaml
-  and what `dvc status` reports after a change of each params section, and README.md carries the
-  current table.
+  and what `dvc status` reports after a change of each params section, and docs/reproducibility.md
+  carries the current table.
 """
 
 from __future__ import annotations

@@ -207,7 +207,8 @@ def write_json(path: str | Path, obj: Any) -> None:
 def replace_marked(text: str, begin: str, end: str, block: str, where: str, fix: str) -> str:
     """``text`` with the part between the marker lines ``begin`` and ``end`` replaced by ``block``.
 
-    Generated README sections live between such markers; ``fix`` is the command that writes them.
+    Generated parts of hand-written docs live between such markers; ``fix`` is the command that
+    writes them.
     """
     if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
         raise StageError(

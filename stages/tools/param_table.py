@@ -1,8 +1,9 @@
 """Which params invalidate which stages: a markdown table generated from dvc.yaml.
 
 Inputs:  dvc.yaml (foreach stages expanded; `params:` entries name params.yaml sections).
-Outputs: the table on stdout (``python -m stages.docs --write`` puts it into README.md between
-         ``<!-- param-table:begin -->`` and ``<!-- param-table:end -->``).
+Outputs: the table on stdout (``python -m stages.docs --write`` puts it into
+         docs/reproducibility.md between ``<!-- param-table:begin -->`` and
+         ``<!-- param-table:end -->``).
 Run:     python -m stages.param_table [--dvc-yaml dvc.yaml]
 
 A change of any key under a section makes `dvc repro` / `dvc exp run -S` re-run the stages that
