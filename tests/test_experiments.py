@@ -506,50 +506,6 @@ def test_queue_run_report_end_to_end(tmp_path):
     assert res[names[0]].test == res[names[1]].test
 
 
-def test_ablation_rows_fit_a_160_column_terminal(tmp_path):
-    """Seed 002's seven rows in `dvc exp show` (as `python -m stages.ablations show` runs it):
-    every line within 160 columns, no column cut ("…"), each row and each figure present. The
-    experiments are saved with `dvc exp save` from the real params and headline metric files."""
-    from tests.dvc_helpers import dvc, git, init_repo, tool_env
-
-    base = yaml.safe_load((REPO / "params.yaml").read_text())
-    (tmp_path / "data" / "kermany224").mkdir(parents=True)
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    (repo / "dvc.yaml").write_text(
-        "metrics:\n  - metrics/classifier.json\n  - metrics/train_classifier.json\n"
-    )
-    (repo / "metrics").mkdir()
-
-    def write(i: int) -> None:
-        test = dict.fromkeys(("n_test", "recall", "precision", "f1", "pr_auc", "threshold"), 0.5)
-        test.update(accuracy=0.8 + i / 97, roc_auc=0.9 + i / 201, specificity=0.6 + i / 53,
-                    accuracy_at_0_5=0.7 + i / 89, accuracy_ci_low=0.1 * i, roc_auc_ci_high=i)  # fmt: skip
-        train = {"train_accuracy": 0.9 + i / 301, "val_accuracy": 0.93 + i / 211, "val_loss": i}
-        (repo / "metrics/classifier.json").write_text(json.dumps(test))
-        (repo / "metrics/train_classifier.json").write_text(json.dumps(train))
-
-    (repo / "params.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
-    write(0)
-    init_repo(repo)
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "init")
-    for i, name in enumerate(X.SEED002_ROWS, 1):
-        params = X.apply_overrides(base, X.overrides_for(name, str(tmp_path / "data")))
-        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        write(i)
-        dvc(repo, "exp", "save", "-n", name, "-f")
-        git(repo, "checkout", "--", ".")
-    env = {**tool_env(), "COLUMNS": "160"}
-    text = re.sub(r"\x1b\[[0-9;]*m", "", dvc(repo, *A.show_argv(), env=env))
-    lines = text.splitlines()
-    assert max(len(line) for line in lines) <= 160 and "…" not in text, text
-    header = next(line for line in lines if "Experiment" in line)
-    assert header.split() == ["Experiment", *A.SHOW_COLUMNS]
-    for name in X.SEED002_ROWS:
-        assert name in text
-
-
 # ----------------------------------------------------------------------------- repeat / scoreboard
 
 

@@ -7,7 +7,7 @@ Run (``make ablations`` chains the three):
     python -m stages.ablations queue --data-root ../shared/data [--names ...] [--set k=v] [--replace]
     python -m stages.ablations run --workers 1 [--timeout 86400]
     python -m stages.ablations report --out reports/ablations.md [--show-json saved.json]
-    python -m stages.ablations show     (`dvc exp show` of the rows, the columns that matter)
+The rows in a table while they run: ``python -m stages.compare`` (``make compare``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,24 +189,10 @@ def report(
     return text
 
 
-# The columns that matter for seed 002's tables: the experiment (its name says the row: loss,
-# activation, optimizer, generator, dropout) and the figures of the seed's table, ours on test.
-SHOW_COLUMNS = ("accuracy", "roc_auc", "specificity", "accuracy_at_0_5", "train_accuracy",
-                "val_accuracy")  # fmt: skip
-
-
-def show_argv(extra: Sequence[str] = ()) -> list[str]:
-    """``dvc exp show`` arguments giving seed 002's rows in a 160-column terminal."""
-    keep = "^(Experiment|" + "|".join(SHOW_COLUMNS) + ")$"
-    return ["exp", "show", "--no-pager", "--hide-workspace", "--hide-queued", "--drop", ".*",
-            "--keep", keep, "--precision", "3", *extra]  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     q, r, p = (sub.add_parser(c) for c in ("queue", "run", "report"))
-    sub.add_parser("show", help="dvc exp show of the rows, the columns that matter")
     for s in (q, r, p):
         s.add_argument("--names", nargs="+", default=list(X.SEED002_ROWS), help="experiments")
     q.add_argument("--data-root", default=X.DEFAULT_DATA_ROOT)
@@ -222,9 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--show-json", type=Path, help="saved `dvc exp show --json` output")
     p.add_argument("--all-commits", action="store_true", help="also experiments of older commits")
     args = parser.parse_args(argv)
-    if args.command == "show":
-        subprocess.run([sys.executable, "-m", "dvc", *show_argv()], check=False, env=Q._env())
-    elif args.command == "queue":
+    if args.command == "queue":
         queue(args.names, args.data_root, args.set, args.replace)
     elif args.command == "run":
         Q.run(args.names, args.workers, args.timeout, args.poll)
