@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-TASKS = ("classification", "detection")
+TASKS = ("classification", "detection", "segmentation")
+# the model each task trains
+MODEL_NAMES = {"classification": "classifier", "detection": "detector", "segmentation": "segmenter"}
 SPLITS = ("train", "val", "test")
 
 INPUTS = Path("data/inputs")  # data/inputs/<task>: the default data.<task>.root (empty folders)
@@ -55,8 +57,8 @@ class TaskPaths:
 
     @property
     def name(self) -> str:
-        """The model's name: classifier | detector."""
-        return "classifier" if self.task == "classification" else "detector"
+        """The model's name: classifier | detector | segmenter."""
+        return MODEL_NAMES[self.task]
 
     @property
     def metrics(self) -> Path:
@@ -86,7 +88,7 @@ class TaskPaths:
 
     @property
     def model(self) -> Path:
-        return MODELS / ("classifier.keras" if self.task == "classification" else "detector.pt")
+        return MODELS / ("classifier.keras" if self.task == "classification" else f"{self.name}.pt")
 
 
 def task_paths(task: str) -> TaskPaths:
@@ -101,4 +103,8 @@ CLASSIFIER_MODEL = CLASSIFICATION.model
 CLASSIFIER_SIDECAR = MODELS / "classifier.meta.json"  # classes, head, resize (written beside it)
 DETECTOR_MODEL = DETECTION.model
 DETECTOR_CHECKPOINTS = MODELS / "detector_ckpt"  # resume checkpoints (persist: true in dvc.yaml)
+SEGMENTATION = TaskPaths("segmentation")
+SEGMENTER_MODEL = SEGMENTATION.model
+SEGMENTER_CHECKPOINTS = MODELS / "segmenter_ckpt"  # resume checkpoints (persist: true in dvc.yaml)
+MASKS_DIR = "masks"  # data/raw/segmentation/masks/<source>/...: the lung masks beside images/
 DVC_LOCK = Path("dvc.lock")
