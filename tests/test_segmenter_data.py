@@ -220,3 +220,26 @@ def test_cache_mask_resize_is_the_image_resize():
     moved = cache.prepare_mask(m.astype(np.uint8) * 255, 30, "pad")
     direct = cache.resize_gray(m.astype(np.uint8) * 255, 30, "pad")[0] >= 128
     assert np.array_equal(moved, direct) and moved[:, :5].sum() == 0  # pad border is background
+
+
+def test_synthetic_phantoms_come_with_valid_lung_masks(tmp_path):
+    from stages.sources.base import Context, Notes
+    from stages.sources.config import SegmentationSource
+    from stages.sources.segmentation import lung_masks
+    from stages.sources.synthetic import SyntheticSegmentationConfig, generate_segmentation
+
+    cfg = SyntheticSegmentationConfig(n_patients=8, image_size=64, test_fraction=0.25, seed=3)
+    root = generate_segmentation(cfg, tmp_path / "a")
+    again = generate_segmentation(cfg, tmp_path / "b")
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    assert files == sorted(p.relative_to(again).as_posix() for p in again.rglob("*.png"))
+    assert all((root / f).read_bytes() == (again / f).read_bytes() for f in files)  # seeded
+    ctx = Context(key="synthetic", patient_prefix="synthetic", work_dir=tmp_path, notes=Notes())
+    recs = lung_masks.load(root, SegmentationSource("synthetic"), ctx)
+    assert len(recs) == len(files) // 2 and not ctx.notes.unparsed_names
+    by_split = {s: {r.patient_id for r in recs if r.source_split == s} for s in ("train", "test")}
+    assert len(by_split["test"]) == 2 and not by_split["test"] & by_split["train"]
+    for r in recs:
+        image = load_gray(r.src)
+        mask = M.read_mask(r.mask, image.shape) > 0  # passes every rule
+        assert image[mask].mean() < image[~mask & (image > 40)].mean()  # lungs are dark
