@@ -1,10 +1,12 @@
 """cxr-mlops: the DVC pipeline's stages and the code they share.
 
 Layout (each layer imports only the layers below it):
-- ``stages.<stage>``: the six DVC stages, run as ``python -m stages.<stage>`` (download, split,
-  augment, train_classifier, train_detector, evaluate); thin command lines over the packages.
-- ``stages.classifier`` / ``stages.detector``: one package per task (params schema, augmentation,
-  data, model, training core, evaluation, reports); they never import each other.
+- ``stages.<stage>``: the seven DVC stages, run as ``python -m stages.<stage>`` (download, split,
+  augment, train_classifier, train_detector, train_segmenter, evaluate); thin command lines over
+  the packages.
+- ``stages.classifier`` / ``stages.detector`` / ``stages.segmenter``: one package per task (params
+  schema, augmentation, data, model, training core, evaluation, reports); they never import each
+  other.
 - ``stages.sources``: the data-source loaders of the download stage.
 - ``stages.serve``: the models served (web page, ``python -m stages.predict``).
 - ``stages.tools``: commands that are not stages (experiments, ablations, remote, docs, seeds,

@@ -1,21 +1,24 @@
 """Augment stage: resize every split once into the uint8 cache and preview the augmentation policy.
 
 Inputs:  data/split/<task>/{train,val,test}.csv (+ detection {split}.json, COCO in original pixels),
-         the image files at each row's ``path``; params section ``augment.<task>``.
+         the image files at each row's ``path`` (segmentation: and its ``mask_path``); params
+         section ``augment.<task>``.
 Outputs: data/augment/<task>/ (``stages.common.cache``: meta.json, policy.json,
-         <split>/images.npy, index.csv, detection <split>/annotations.json in cache pixels) and
+         <split>/images.npy, index.csv, detection <split>/annotations.json in cache pixels,
+         segmentation <split>/masks.npy: 0/1, resized like the image then thresholded) and
          reports/augment/<task>_preview.png.
-         index.csv ``label_index``: classification = index into meta classes; detection = 1 if the
-         image has boxes else 0.
-Run:     python -m stages.augment --task classification|detection
+         index.csv ``label_index``: classification and segmentation = index into meta classes;
+         detection = 1 if the image has boxes else 0.
+Run:     python -m stages.augment --task classification|detection|segmentation
 
 The task's policy schema and preview drawing live in its package (``stages.classifier`` /
-``stages.detector``) and are loaded for the task being run only, so the two chains share no code
-dependency in dvc.yaml (``task_module``).
+``stages.detector`` / ``stages.segmenter``) and are loaded for the task being run only, so the
+chains share no code dependency in dvc.yaml (``task_module``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -105,6 +108,28 @@ def _load_resized(
     return cache.prepare_gray(img, cfg.image_size, cfg.resize, cfg.intensity)[0]
 
 
+def _load_pair(
+    path: str, mask_path: str, cfg: cache.AugmentConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Segmentation: the cache image and its 0/1 mask, moved by the same resize."""
+    try:
+        mask = load_gray(mask_path)
+        img = load_gray(path)
+    except FileNotFoundError as exc:
+        raise StageError(
+            f"{exc.filename}: listed in the split but missing; re-run download"
+        ) from None
+    except ImageRejected as exc:
+        raise StageError(f"{exc.name}: cannot decode ({exc}); re-run download") from None
+    if mask.shape != img.shape:
+        raise StageError(
+            f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {path} is "
+            f"{img.shape[1]}x{img.shape[0]}; re-run download"
+        )
+    image = cache.prepare_gray(img, cfg.image_size, cfg.resize, cfg.intensity)[0]
+    return image, cache.prepare_mask(mask, cfg.image_size, cfg.resize)
+
+
 # ----------------------------------------------------------------------------- cache
 
 
@@ -148,7 +173,7 @@ def cache_coco(
 
 
 def _classes(task: str, splits: dict[str, tuple[pd.DataFrame, dict | None]]) -> list[str]:
-    if task == "classification":  # what the model can learn: a label train lacks is not a class
+    if task != "detection":  # what the model can learn: a label train lacks is not a class
         return sorted({str(v) for v in splits["train"][0]["label"]})
     cats = sorted(splits["train"][1]["categories"], key=lambda c: int(c["id"]))
     return [str(c["name"]) for c in cats]
@@ -163,6 +188,17 @@ def _images(
     return tqdm(loaded, total=len(index), desc=f"augment {task}/{split}", mininterval=2.0)
 
 
+def _pairs(split: str, index: pd.DataFrame, cfg: cache.AugmentConfig):
+    """Segmentation: (images, masks), two iterators to consume in step (one decoding pass)."""
+    if "mask_path" not in index:
+        raise StageError(f"the {split} split has no mask_path column; re-run download and split")
+    jobs = zip(index["path"], index["mask_path"], strict=True)
+    loaded = _bounded_map(lambda job: _load_pair(job[0], job[1], cfg), jobs, cfg.workers)
+    bar = tqdm(loaded, total=len(index), desc=f"augment segmentation/{split}", mininterval=2.0)
+    a, b = itertools.tee(bar)
+    return (pair[0] for pair in a), (pair[1] for pair in b)
+
+
 def run(task: str, cfg: cache.AugmentConfig, split_dir: Path, out_dir: Path, preview: Path) -> dict:
     """Build the cache for ``task`` from ``split_dir`` into ``out_dir``; returns a summary."""
     t0 = time.perf_counter()
@@ -172,8 +208,8 @@ def run(task: str, cfg: cache.AugmentConfig, split_dir: Path, out_dir: Path, pre
     dropped = 0
     with atomic_dir(out_dir) as tmp:
         for split, (index, coco) in splits.items():
-            index, out_coco, shapes = index.copy(), None, None
-            if task == "classification":
+            index, out_coco, shapes, masks = index.copy(), None, None, None
+            if task != "detection":
                 index["label_index"] = [
                     classes.index(v) if v in classes else -1 for v in index["label"].astype(str)
                 ]
@@ -182,8 +218,11 @@ def run(task: str, cfg: cache.AugmentConfig, split_dir: Path, out_dir: Path, pre
                 dropped += n_drop
                 has_box = {a["image_id"] for a in out_coco["annotations"]}
                 index["label_index"] = [int(i in has_box) for i in range(len(index))]
-            images = _images(task, split, index, shapes, cfg)
-            cache.write_split(tmp, split, images, index, cfg.image_size, coco=out_coco)
+            if task == "segmentation":
+                images, masks = _pairs(split, index, cfg)
+            else:
+                images = _images(task, split, index, shapes, cfg)
+            cache.write_split(tmp, split, images, index, cfg.image_size, out_coco, masks)
             counts[split] = len(index)
         meta = {"task": task, "image_size": cfg.image_size, "resize": cfg.resize}
         meta["intensity"] = cfg.intensity
@@ -259,9 +298,11 @@ def preview_figure(task: str, cfg: cache.AugmentConfig, split: cache.CacheSplit)
     )
     for r, (row, row_cells) in enumerate(zip(rows, cells, strict=True)):
         label = str(split.index["label"].iloc[row])
-        for c, (img, boxes, cats) in enumerate(row_cells):
+        for c, (img, boxes, cats, *mask) in enumerate(row_cells):
             ax = axes[r, c]
             ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            if mask and np.any(mask[0]):  # segmentation: the (augmented) lung outline
+                ax.contour(mask[0], levels=[0.5], colors="lime", linewidths=0.8)
             ax.set_axis_off()
             ax.set_title(f"{label} (cache)" if c == 0 else f"augmented #{c}", fontsize=8)
             for (x1, y1, x2, y2), cat in zip(boxes, cats, strict=True):

@@ -11,14 +11,16 @@ the server reports changed: ``stages.common.fetch`` revalidates the cached downl
 files with reasons, missing images, clipped/dropped boxes, and per source its ``origin``: what
 was fetched from where, with the file's sha256, and ``refused``: entries of a source folder not
 read, with the reason: a link that loops, is broken or leaves the source folder, an unreadable
-folder) and, for detection, ``annotations.json`` (COCO,
-boxes in pixels of the written images).
+folder) and, for detection, ``annotations.json`` (COCO, boxes in pixels of the written images);
+for segmentation ``masks/<source>/...`` (each image's lung mask, 8-bit 0/255 PNG at the image's
+size, same relative path) and a ``mask_path`` manifest column.
 
 Patient ids are namespaced by data set name (``kermany:person63``), so two entries of one data set
 (its train folder and its test folder with ``split: test``) share ids and the split stage sees
 leaks across them; ``folder`` entries are unrelated collections, namespaced per entry.
 
-Run: ``python -m stages.download --task classification|detection [--params params.yaml]``
+Run: ``python -m stages.download --task classification|detection|segmentation``
+``[--params params.yaml]``
 """
 
 from __future__ import annotations
@@ -38,8 +40,19 @@ from stages.common.walk import FolderWalk
 from stages.sources import loader
 from stages.sources.base import Box, Context, Notes, apply_limit
 from stages.sources.config import ROOT_KEY, DataConfig, load_data_config
-from stages.sources.intake import MANIFEST_COLUMNS, IntakeResult, Item, ingest_all, output_names
-from stages.sources.synthetic import generate_classification, generate_detection
+from stages.sources.intake import (
+    MANIFEST_COLUMNS,
+    SEGMENTATION_COLUMNS,
+    IntakeResult,
+    Item,
+    ingest_all,
+    output_names,
+)
+from stages.sources.synthetic import (
+    generate_classification,
+    generate_detection,
+    generate_segmentation,
+)
 
 log = logging.getLogger("stages.download")
 
@@ -52,6 +65,8 @@ WHAT = {
     "chestxdet10": "ChestX-Det10 (train.json, test.json and the images, github.com/Deepwise-AILab/"
     "ChestX-Det10-Dataset)",
     "nih_bbox": "the NIH ChestX-ray14 BBox_List_2017.csv and its images (nihcc.app.box.com)",
+    "lung_masks": "a lung mask set in the lung_masks layout (images/<name>.png + masks/<name>.png,"
+    " e.g. Montgomery/Shenzhen from Kaggle 'Chest Xray Masks and Labels')",
 }
 PATIENT_PREFIX = {"nih_bbox": "nih"}  # NIH file names carry the NIH patient number
 # Sources whose entries are not one data set: two `folder` entries are two unrelated collections
@@ -83,6 +98,8 @@ def _resolve(src, task: str, cfg: DataConfig, work_dir: Path, param: str, stack)
         log.info("generating synthetic %s data", task)
         if task == "classification":
             root = generate_classification(cfg.synthetic, out)
+        elif task == "segmentation":
+            root = generate_segmentation(cfg.synthetic, out)
         else:
             root = generate_detection(cfg.synthetic, out)
         return fetch.Fetched(root, {"kind": "generated"})
@@ -133,7 +150,10 @@ def load_sources(cfg: DataConfig, task: str, work_dir: Path, stack) -> tuple[lis
         log.info("source %s: %d images listed from %s", key, len(records), root)
         names = output_names(records, key)
         render = getattr(src, "render_size", None)
-        items += [Item(r, src.name, key, n, render) for r, n in zip(records, names, strict=True)]
+        bad = getattr(src, "bad_masks", "error")
+        items += [
+            Item(r, src.name, key, n, render, bad) for r, n in zip(records, names, strict=True)
+        ]
         loaded.append((src, key, fetched, ctx.notes, len(records)))
     return items, loaded
 
@@ -236,7 +256,8 @@ def run(cfg: DataConfig, task: str, out_dir: Path, work_dir: Path, workers: int 
                     f"every one of the {len(items)} images was rejected "
                     f"({Counter(r['reason'] for r in result.rejected)}); check the source files"
                 )
-            manifest = pd.DataFrame(result.rows, columns=list(MANIFEST_COLUMNS))
+            columns = SEGMENTATION_COLUMNS if task == "segmentation" else MANIFEST_COLUMNS
+            manifest = pd.DataFrame(result.rows, columns=list(columns))
             order = manifest["path"].argsort(kind="stable").to_numpy()
             manifest = manifest.iloc[order].reset_index(drop=True)
             manifest.to_csv(tmp / "manifest.csv", index=False, lineterminator="\n")

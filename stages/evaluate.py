@@ -1,18 +1,18 @@
 """evaluate@<task>: score the trained model on the held-out TEST split of its task.
 
-Inputs:  data/augment/<task>/ (val + test caches), models/classifier.keras | models/detector.pt,
-         metrics/train_<model>.json (the training run, for the model card); params
-         ``evaluate.<task>``
-Outputs: metrics/classifier.json | metrics/detector.json (the headline figures `dvc exp show`
-         compares), reports/<classifier|detector>/ (the full evaluation json, plots, figures,
-         model card)
-Run:     python -m stages.evaluate --task classification   (or --task detection)
+Inputs:  data/augment/<task>/ (val + test caches), models/classifier.keras | models/detector.pt |
+         models/segmenter.pt, metrics/train_<model>.json (the training run, for the model card);
+         params ``evaluate.<task>``
+Outputs: metrics/<classifier|detector|segmenter>.json (the headline figures `dvc exp show`
+         compares), reports/<classifier|detector|segmenter>/ (the full evaluation json, plots,
+         figures, model card)
+Run:     python -m stages.evaluate --task classification   (or --task detection|segmentation)
          python -m stages.evaluate --task classification --model a.keras --model b.keras
              scores the mean probability of several classifiers as one model (an ensemble)
 
-The two halves live in stages.classifier.evaluate and stages.detector.evaluate; each reads only
-its own params section (evaluate.classification / evaluate.detection), so the chains stay
-independent in DVC. Frameworks load only after the params have parsed.
+The halves live in stages.classifier.evaluate, stages.detector.evaluate and
+stages.segmenter.evaluate; each reads only its own params section (evaluate.<task>), so the
+chains stay independent in DVC. Frameworks load only after the params have parsed.
 """
 
 from __future__ import annotations

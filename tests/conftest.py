@@ -90,6 +90,14 @@ def shrink_params(params: dict) -> dict:
     section("train_detector").update(epochs=1, batch_size=2, warmup_iters=2, threads=2)
     section("evaluate", "classification").update(bootstrap=20, n_samples_grid=4, n_gradcam=2)
     section("evaluate", "detection").update(n_report_images=1)
+    section("data", "segmentation", "synthetic").update(
+        n_patients=12, images_per_patient=[1, 2], image_size=64
+    )
+    section("augment", "segmentation").update(image_size=64, preview_count=2)
+    section("train_segmenter").update(
+        epochs=1, batch_size=4, channels=[8, 16, 32], res_units=1, warmup_iters=2, threads=2
+    )
+    section("evaluate", "segmentation").update(bootstrap=20, n_report_images=1)
     return params
 
 

@@ -9,8 +9,6 @@ params and the test figures, which a 160-column terminal never folds.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 import shutil

@@ -36,7 +36,7 @@ def layer(module: str) -> tuple[int, str]:
     parts = module.split(".")
     if module == "stages" or parts[1] == "common":
         return 0, "common"
-    if parts[1] in ("sources", "classifier", "detector"):
+    if parts[1] in ("sources", "classifier", "detector", "segmenter"):
         return 1, parts[1]
     if parts[1] == "serve":
         return 2, "serve"
@@ -164,17 +164,19 @@ def test_every_stage_output_path_comes_from_the_paths_module():
         expected[f"split@{task}"] = {p.split.as_posix(), p.split_report.as_posix()}
         expected[f"augment@{task}"] = {p.augment.as_posix(), p.preview.as_posix()}
         expected[f"evaluate@{task}"] = {p.report_dir.as_posix(), p.metrics.as_posix()}
-    c, d = paths.CLASSIFICATION, paths.DETECTION
+    for p in (paths.task_paths(t) for t in paths.TASKS if t != "classification"):
+        expected[f"train-{p.name}"] = {
+            p.model.as_posix(),
+            p.checkpoints.as_posix(),
+            p.live_dir.as_posix(),
+        }
+    c = paths.CLASSIFICATION
     expected["train-classifier"] = {
         paths.CLASSIFIER_MODEL.as_posix(),
         paths.CLASSIFIER_SIDECAR.as_posix(),
         c.live_dir.as_posix(),
     }
-    expected["train-detector"] = {
-        paths.DETECTOR_MODEL.as_posix(),
-        paths.DETECTOR_CHECKPOINTS.as_posix(),
-        d.live_dir.as_posix(),
-    }
+
     got = {e.name: set(e.outs) for e in stage_entries()}
     assert got == expected
 

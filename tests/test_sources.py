@@ -396,3 +396,103 @@ def test_config_root_checksums_and_external_split():
             parse(ClassificationData, {"root": bad}, "data.classification")
     for good in ("data/inputs", "data/inputs/classification", "/srv/xray", "data/rawdata"):
         assert parse(DetectionData, {"root": good}, "data.detection").root == good
+
+
+# ------------------------------------------------------------------------------- lung_masks
+def test_lung_masks_pairs_by_name_with_spaces_and_mask_suffix(tmp_path):
+    from stages.sources.config import SegmentationSource
+    from stages.sources.segmentation import lung_masks
+    from tests.segmenter_helpers import pair, save
+
+    root = tmp_path / "set" / "Lung Masks"  # found below a wrapper folder, any casing
+    pair(root, "CHNCXR_0001_0")
+    pair(root, "CHNCXR_0001_1", seed=1)  # a second film of patient CHNCXR_0001
+    pair(root, "covid case 7_2")  # spaces in the name
+    m = pair(root, "MCUCXR_0005_1")
+    (root / "masks/MCUCXR_0005_1.png").rename(root / "masks/MCUCXR_0005_1_mask.png")  # Kaggle
+    save(root / "images/odd name.jpg", np.zeros((8, 8), np.uint8))  # no _<n> part, jpg
+    save(root / "masks/odd name.png", m[:8, :8].astype(np.uint8) * 255)
+    (root / "masks/Thumbs.db").write_text("x")
+    c = ctx(tmp_path, "lung_masks")
+    recs = lung_masks.load(tmp_path / "set", SegmentationSource("lung_masks"), c)
+    got = {r.rel: (r.patient_id, r.mask.name, r.label, r.source_split) for r in recs}
+    assert got == {
+        "CHNCXR_0001_0.png": ("lung_masks:CHNCXR_0001", "CHNCXR_0001_0.png", "lungs", ""),
+        "CHNCXR_0001_1.png": ("lung_masks:CHNCXR_0001", "CHNCXR_0001_1.png", "lungs", ""),
+        "MCUCXR_0005_1.png": ("lung_masks:MCUCXR_0005", "MCUCXR_0005_1_mask.png", "lungs", ""),
+        "covid case 7_2.png": ("lung_masks:covid case 7", "covid case 7_2.png", "lungs", ""),
+        "odd name.jpg": ("lung_masks:odd name", "odd name.png", "lungs", ""),
+    }
+    assert c.notes.unparsed_names == ["odd name.jpg"]
+    assert [Path(p).name for p in c.notes.ignored] == ["Thumbs.db"]
+
+
+def test_lung_masks_split_folders_and_unpaired_files(tmp_path):
+    from stages.sources.config import SegmentationSource
+    from stages.sources.segmentation import lung_masks
+    from tests.segmenter_helpers import pair
+
+    for split, name in (("train", "A_1_0"), ("test", "A_1_0"), ("test", "B_2_0")):
+        pair(tmp_path / "d" / split, name)
+    recs = lung_masks.load(tmp_path / "d", SegmentationSource("lung_masks"), ctx(tmp_path, "k"))
+    assert sorted((r.rel, r.source_split) for r in recs) == [
+        ("test/A_1_0.png", "test"),
+        ("test/B_2_0.png", "test"),
+        ("train/A_1_0.png", "train"),
+    ]
+    root = tmp_path / "flat"
+    pair(root, "P_1_0")
+    pair(root, "P_2_0")
+    (root / "masks/P_2_0.png").unlink()  # an image without its mask
+    with pytest.raises(StageError, match=r"images/P_2_0\.png: no mask for this image.*bad_masks"):
+        lung_masks.load(root, SegmentationSource("lung_masks"), ctx(tmp_path, "k"))
+    (root / "images/P_2_0.png").unlink()
+    pair(root, "P_3_0")
+    (root / "images/P_3_0.png").unlink()  # a mask without its image
+    with pytest.raises(StageError, match=r"masks/P_3_0\.png: no image for this mask"):
+        lung_masks.load(root, SegmentationSource("lung_masks"), ctx(tmp_path, "k"))
+    c = ctx(tmp_path, "k")
+    recs = lung_masks.load(root, SegmentationSource("lung_masks", bad_masks="skip"), c)
+    assert [r.rel for r in recs] == ["P_1_0.png"]
+    assert [Path(p.split(" (")[0]).name for p in c.notes.ignored] == ["P_3_0.png"]
+    with pytest.raises(StageError, match="no lung_masks layout"):
+        lung_masks.load(tmp_path / "d" / "train" / "images", SegmentationSource("lung_masks"), c)
+
+
+def test_segmentation_config_and_patient_names():
+    from stages.sources.config import SegmentationData
+    from stages.sources.segmentation.lung_masks import patient_of
+
+    assert patient_of("CHNCXR_0001_0") == "CHNCXR_0001"
+    assert patient_of("a_b_12") == "a_b"
+    assert patient_of("scan") is None and patient_of("_3") is None
+    cfg = parse(
+        SegmentationData,
+        {
+            "root": "../shared/data",
+            "sources": [
+                {"name": "lung_masks", "path": "lung_masks"},
+                {"name": "lung_masks", "path": "lung_masks_external", "split": "test"},
+            ],
+        },
+        "data.segmentation",
+    )
+    assert [s.split for s in cfg.effective_sources()] == [None, "test"]
+    with pytest.raises(ConfigError, match="bad_masks.*'error' \\| 'skip'"):
+        parse(SegmentationData, {"source": "lung_masks", "bad_masks": "maybe"}, "d")
+    with pytest.raises(ConfigError, match="data.segmentation.source.*'lung_masks'"):
+        parse(SegmentationData, {"source": "kermany"}, "data.segmentation")
+    with pytest.raises(ConfigError, match="bad_masks.*inside its entries"):
+        parse(SegmentationData, {"bad_masks": "skip", "sources": [{"name": "lung_masks"}]}, "d")
+
+
+def test_lung_masks_real_folder(shared_data, tmp_path):
+    from stages.sources.config import SegmentationSource
+    from stages.sources.segmentation import lung_masks
+
+    c = ctx(tmp_path, "lung_masks")
+    recs = lung_masks.load(shared_data / "lung_masks", SegmentationSource("lung_masks"), c)
+    assert len(recs) == 704 and not c.notes.unparsed_names and not c.notes.ignored
+    patients = Counter(r.patient_id for r in recs)
+    assert patients["lung_masks:CHNCXR_0001"] == 1
+    assert all(r.mask.name == r.src.name for r in recs)

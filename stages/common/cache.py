@@ -11,6 +11,7 @@ Layout of ``data/augment/<task>/``::
     <split folder>/images.npy        uint8 (N, S, S), written through np.lib.format.open_memmap
     <split folder>/index.csv         the split csv rows in the same order + label_index
     <split folder>/annotations.json  detection only: COCO, boxes in cache pixels, id = row index
+    <split folder>/masks.npy         segmentation only: uint8 (N, S, S) lung masks, 0/1 by row
 
 Writers are used by ``python -m stages.augment --task <task>`` (and by tests to build tiny caches
 from arrays); readers by the training and evaluation stages. No run command of its own.
@@ -39,6 +40,7 @@ STANDARD_MEAN, STANDARD_SD = 128.0, 48.0
 META_FILE = "meta.json"
 POLICY_FILE = "policy.json"
 IMAGES_FILE = "images.npy"
+MASKS_FILE = "masks.npy"
 INDEX_FILE = "index.csv"
 COCO_FILE = "annotations.json"
 FIT_DIR = "fit"  # meta, policy, train and val: the training inputs
@@ -166,6 +168,12 @@ def prepare_gray(
     return resize_gray(img, size, mode)
 
 
+def prepare_mask(mask: np.ndarray, size: int, mode: ResizeMode) -> np.ndarray:
+    """A 0/255 uint8 (H, W) mask moved exactly like its image by ``prepare_gray`` (intensity
+    aside): the same smooth resize, then thresholded at 128 into 0/1 uint8 (size, size)."""
+    return (resize_gray(mask, size, mode)[0] >= 128).astype(np.uint8)
+
+
 def transform_boxes(boxes_xyxy: np.ndarray, affine: Affine, size: int) -> np.ndarray:
     """Apply ``affine`` to (K, 4) xyxy boxes and clip them to the (size, size) image."""
     b = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
@@ -185,8 +193,10 @@ def write_split(
     index: pd.DataFrame,
     image_size: int,
     coco: dict | None = None,
+    masks: Iterable[np.ndarray] | np.ndarray | None = None,
 ) -> None:
-    """Stream ``len(index)`` uint8 (S, S) images into ``out_dir/split/images.npy`` (+ index, coco).
+    """Stream ``len(index)`` uint8 (S, S) images into ``out_dir/split/images.npy`` (+ index, coco;
+    segmentation: ``masks``, consumed in step with the images, into ``masks.npy``).
 
     Memory stays flat in N: each image is copied into the memory map as it arrives.
     """
@@ -194,25 +204,33 @@ def write_split(
     split_dir.mkdir(parents=True, exist_ok=True)
     n = len(index)
     shape = (n, image_size, image_size)
-    arr = np.lib.format.open_memmap(split_dir / IMAGES_FILE, mode="w+", dtype=np.uint8, shape=shape)
+    files = [(IMAGES_FILE, "image", images)]
+    if masks is not None:
+        files.append((MASKS_FILE, "mask", masks))
+    arrs = [
+        np.lib.format.open_memmap(split_dir / name, mode="w+", dtype=np.uint8, shape=shape)
+        for name, _, _ in files
+    ]
     count = 0
     try:
-        for img in images:
+        for items in zip(*(source for _, _, source in files), strict=False):
             if count >= n:
                 raise ValueError(f"write_split({split}): more images than index rows ({n})")
-            img = np.asarray(img)
-            if img.shape != shape[1:] or img.dtype != np.uint8:
-                raise ValueError(
-                    f"write_split({split}): image {count} is {img.dtype} {img.shape}, "
-                    f"expected uint8 {shape[1:]}"
-                )
-            arr[count] = img
+            for arr, (_, what, _), img in zip(arrs, files, items, strict=True):
+                img = np.asarray(img)
+                if img.shape != shape[1:] or img.dtype != np.uint8:
+                    raise ValueError(
+                        f"write_split({split}): {what} {count} is {img.dtype} {img.shape}, "
+                        f"expected uint8 {shape[1:]}"
+                    )
+                arr[count] = img
             count += 1
         if count != n:
             raise ValueError(f"write_split({split}): got {count} images for {n} index rows")
-        arr.flush()
+        for arr in arrs:
+            arr.flush()
     finally:
-        del arr
+        del arrs
     index.to_csv(split_dir / INDEX_FILE, index=False)
     if coco is not None:
         write_json(split_dir / COCO_FILE, coco)
@@ -294,6 +312,7 @@ class CacheSplit:
     index: pd.DataFrame
     meta: dict
     coco: dict | None = None
+    masks: np.ndarray | None = None  # segmentation: uint8 (N, S, S) 0/1, a memory map
     _coco_index: CocoIndex | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -341,7 +360,15 @@ def open_split(cache_dir: Path, split: str) -> CacheSplit:
             f"{split_dir}: {images.shape[0]} images but {len(index)} index rows; re-run augment"
         )
     coco = read_json(split_dir / COCO_FILE) if (split_dir / COCO_FILE).is_file() else None
-    return CacheSplit(images=images, index=index, meta=meta, coco=coco)
+    masks = None
+    if (split_dir / MASKS_FILE).is_file():
+        masks = np.load(split_dir / MASKS_FILE, mmap_mode="r")
+        if masks.shape != images.shape:
+            raise StageError(
+                f"{split_dir}: masks {masks.shape} do not match images {images.shape}; "
+                "re-run augment"
+            )
+    return CacheSplit(images=images, index=index, meta=meta, coco=coco, masks=masks)
 
 
 __all__ = [
@@ -355,6 +382,7 @@ __all__ = [
     "load_meta",
     "load_policy",
     "open_split",
+    "prepare_mask",
     "read_index",
     "resize_affine",
     "resize_gray",

@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-TASKS = ("classification", "detection")
+TASKS = ("classification", "detection", "segmentation")
+# the model each task trains
+MODEL_NAMES = {"classification": "classifier", "detection": "detector", "segmentation": "segmenter"}
 SPLITS = ("train", "val", "test")
 
 INPUTS = Path("data/inputs")  # data/inputs/<task>: the default data.<task>.root (empty folders)
@@ -61,8 +63,8 @@ class TaskPaths:
 
     @property
     def name(self) -> str:
-        """The model's name: classifier | detector."""
-        return "classifier" if self.task == "classification" else "detector"
+        """The model's name: classifier | detector | segmenter."""
+        return MODEL_NAMES[self.task]
 
     @property
     def metrics(self) -> Path:
@@ -92,7 +94,9 @@ class TaskPaths:
     def predictions(self) -> Path:
         """One row per test image (key, truth, the model's output; git-tracked, in the evaluate
         report folder): what a review pairs two revisions on. classifier: predictions.csv,
-        detector: predictions.json."""
+        detector: predictions.json, segmenter: per_image.csv (its Dice, IoU, HD95 per image)."""
+        if self.task == "segmentation":
+            return self.report_dir / "per_image.csv"
         suffix = "csv" if self.task == "classification" else "json"
         return self.report_dir / f"predictions.{suffix}"
 
@@ -102,7 +106,7 @@ class TaskPaths:
 
     @property
     def model(self) -> Path:
-        return MODELS / ("classifier.keras" if self.task == "classification" else "detector.pt")
+        return MODELS / ("classifier.keras" if self.task == "classification" else f"{self.name}.pt")
 
     @property
     def checkpoints(self) -> Path | None:
@@ -122,4 +126,8 @@ CLASSIFIER_MODEL = CLASSIFICATION.model
 CLASSIFIER_SIDECAR = MODELS / "classifier.meta.json"  # classes, head, resize (written beside it)
 DETECTOR_MODEL = DETECTION.model
 DETECTOR_CHECKPOINTS = DETECTION.checkpoints  # resume checkpoints (persist: true in dvc.yaml)
+SEGMENTATION = TaskPaths("segmentation")
+SEGMENTER_MODEL = SEGMENTATION.model
+SEGMENTER_CHECKPOINTS = SEGMENTATION.checkpoints  # resume checkpoints (persist: true in dvc.yaml)
+MASKS_DIR = "masks"  # data/raw/segmentation/masks/<source>/...: the lung masks beside images/
 DVC_LOCK = Path("dvc.lock")

@@ -337,11 +337,15 @@ SECONDS = float_in(0, lo_open=True)
 
 # The task packages a task-dispatching stage (augment, evaluate) loads: one task's run never
 # imports the other task's package, so each chain's dvc.yaml deps name only its own code.
-TASK_PACKAGES = {"classification": "stages.classifier", "detection": "stages.detector"}
+TASK_PACKAGES = {
+    "classification": "stages.classifier",
+    "detection": "stages.detector",
+    "segmentation": "stages.segmenter",
+}
 
 
 def task_module(task: str, name: str) -> types.ModuleType:
-    """``stages.<classifier|detector>.<name>`` for ``task``, imported on demand."""
+    """``stages.<classifier|detector|segmenter>.<name>`` for ``task``, imported on demand."""
     return importlib.import_module(f"{TASK_PACKAGES[task]}.{name}")
 
 

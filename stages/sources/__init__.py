@@ -1,8 +1,9 @@
 """Data sources of the download stage: one loader module per on-disk format.
 
 Each loader is ``load(root: Path, source_entry, ctx: Context) -> list[Record]`` (see
-``stages.sources.base``). ``synthetic`` has no loader of its own: it writes the Kermany or
-ChestX-Det10 layout and is read back by that loader, so real and synthetic data share one path.
+``stages.sources.base``). ``synthetic`` has no loader of its own: it writes the Kermany,
+ChestX-Det10 or lung_masks layout and is read back by that loader, so real and synthetic data
+share one path.
 
 ``LOADERS`` names modules rather than importing them: ``loader()`` imports only the loaders of
 the task being run, so each chain's download stage depends on its own loaders alone (dvc.yaml).
@@ -29,6 +30,10 @@ LOADERS: dict[str, dict[str, str]] = {
         "synthetic": "stages.sources.detection.chestxdet10",
         "chestxdet10": "stages.sources.detection.chestxdet10",
         "nih_bbox": "stages.sources.detection.nih_bbox",
+    },
+    "segmentation": {
+        "synthetic": "stages.sources.segmentation.lung_masks",
+        "lung_masks": "stages.sources.segmentation.lung_masks",
     },
 }
 

@@ -3,7 +3,8 @@
 A loader turns one resolved local folder (or file) into a list of ``Record`` objects: where the
 pixels come from, where the image goes under ``data/raw/<task>/images/<source>/``, its label,
 patient and (detection) boxes. Loaders only read annotations and list files; the pixels are
-decoded later by ``stages.sources.intake``. Anything a loader leaves out on purpose (an image
+decoded later by ``stages.sources.intake`` (segmentation: with its mask, checked by
+``stages.sources.masks``). Anything a loader leaves out on purpose (an image
 named in the annotations but missing on disk, a class not selected) is noted in ``Notes`` so the
 download report can list it: nothing vanishes silently.
 Inputs/Outputs: none (types and helpers).
@@ -52,6 +53,7 @@ class Record:
     pixels: np.ndarray | None = None
     boxes: tuple[Box, ...] = ()
     where: str = ""  # human-readable origin for messages, e.g. "train.json record #12"
+    mask: Path | None = None  # segmentation: the lung mask file of this image
 
 
 @dataclass

@@ -14,6 +14,10 @@ Extras of a source entry:
   whole match) is the patient id. Without it every file is its own patient.
 - ``missing_images`` (detection): ``error`` (default) or ``skip`` images named in the
   annotations but absent on disk.
+- ``bad_masks`` (segmentation): ``error`` (default: the stage stops with one line naming the file)
+  or ``skip`` an image without its mask, a mask without its image, and a mask that fails the
+  rules of ``stages.sources.masks`` (size, binary, empty, lung-shaped); skipped pairs are listed
+  in the download report.
 - ``limit``: keep at most this many images of the source (deterministic subset, quick runs).
 - ``split: test``: every image of this source is a test image (an external test set, e.g. a
   second hospital or Kermany's official test folder), whatever folders it has; with
@@ -46,12 +50,17 @@ from typing import Literal
 from stages.common import paths
 from stages.common.config import ConfigError, check, get_section, optional, parse, read_params
 from stages.sources.base import norm_key
-from stages.sources.synthetic import SyntheticClassificationConfig, SyntheticDetectionConfig
+from stages.sources.synthetic import (
+    SyntheticClassificationConfig,
+    SyntheticDetectionConfig,
+    SyntheticSegmentationConfig,
+)
 
 ClassificationName = Literal[
     "synthetic", "kermany", "pneumoniamnist", "covid_radiography", "folder"
 ]
 DetectionName = Literal["synthetic", "chestxdet10", "nih_bbox"]
+SegmentationName = Literal["synthetic", "lung_masks"]
 
 KERMANY_CATEGORIES = ("NORMAL", "PNEUMONIA", "BACTERIA", "VIRUS")
 CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -166,6 +175,20 @@ class DetectionSource(SourceExtras):
             check(len(set(self.classes)) == len(self.classes), "classes: names must be unique")
 
 
+@dataclass(frozen=True)
+class SegmentationSource(SourceExtras):
+    name: SegmentationName
+    path: str | None = optional(None)
+    bad_masks: Literal["error", "skip"] = optional("error")
+    limit: int | None = optional(None)
+
+    def __post_init__(self) -> None:
+        self._check_extras()
+        _check_limit(self.limit)
+        _check_path(self.name, self.path)
+
+
+DEFAULT_ROOT = paths.INPUTS.as_posix() + "/<task>"  # one folder per task: chains stay apart
 DEFAULT_ROOT = paths.INPUTS.as_posix()
 ROOT_KEY = "data.root"
 # what the pipeline writes: a data root holding one of these would depend on the stage's outputs
@@ -283,8 +306,55 @@ class DetectionData:
         )
 
 
-DataConfig = ClassificationData | DetectionData
-SCHEMAS: dict[str, type] = {"classification": ClassificationData, "detection": DetectionData}
+@dataclass(frozen=True)
+class SegmentationData:
+    root: str = DEFAULT_ROOT  # data.root (filled in by data_section)
+    source: SegmentationName = "synthetic"  # synthetic | lung_masks
+    path: str | None = None  # folder (images/ + masks/) or archive under data.root
+    # error | skip: a bad mask (missing, another size, not binary, empty, no lungs) stops the
+    # stage naming the file, or (skip) the pair is left out and listed in report.json
+    bad_masks: Literal["error", "skip"] = optional("error")
+    limit: int | None = optional(None)  # at most this many images of the source (quick runs)
+    md5: str | None = optional(None)  # checksum of the file at path (a download or an archive)
+    sha256: str | None = optional(None)  # checksum of the file at path
+    # several sources merged into one manifest: [{name, path, bad_masks, limit, split: test}, ...]
+    # (split: test = an external test set, e.g. lung_masks_external), used instead of source/path
+    sources: tuple[SegmentationSource, ...] = ()
+    synthetic: SyntheticSegmentationConfig = field(default_factory=SyntheticSegmentationConfig)
+
+    def __post_init__(self) -> None:
+        _check_root(self.root)
+        extras = [k for k in ("limit", "md5", "sha256") if getattr(self, k) is not None]
+        if self.bad_masks != "error":
+            extras.append("bad_masks")
+        check(
+            not (self.sources and extras),
+            f"{', '.join(extras)}: with a 'sources' list put these keys inside its entries",
+        )
+        if not self.sources:
+            self.effective_sources()
+
+    def effective_sources(self) -> tuple[SegmentationSource, ...]:
+        if self.sources:
+            return self.sources
+        return (
+            SegmentationSource(
+                name=self.source,
+                path=self.path,
+                bad_masks=self.bad_masks,
+                limit=self.limit,
+                md5=self.md5,
+                sha256=self.sha256,
+            ),
+        )
+
+
+DataConfig = ClassificationData | DetectionData | SegmentationData
+SCHEMAS: dict[str, type] = {
+    "classification": ClassificationData,
+    "detection": DetectionData,
+    "segmentation": SegmentationData,
+}
 
 
 def data_section(params: dict, task: str) -> dict:

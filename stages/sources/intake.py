@@ -4,7 +4,11 @@ Input: the loaders' records. Output: 8-bit grayscale PNGs under ``<images_dir>/<
 (relative structure kept, suffix ``.png``), one manifest row per written image, and for
 detection the boxes clipped to the written image. Files the decoder rejects or that cannot be
 read are skipped and listed with their reason; boxes partly outside are clipped, empty or
-inverted ones dropped, and both are counted. Decoding runs in a small thread pool (PIL and zlib release the GIL).
+inverted ones dropped, and both are counted. Segmentation records carry a mask: it is checked by
+``stages.sources.masks`` and written as 8-bit 0/255 PNG under ``<images_dir>/../masks/`` with
+the image's relative path (manifest column ``mask_path``); a bad mask stops the stage naming the
+file, or with the source's ``bad_masks: skip`` rejects the pair like an undecodable image.
+Decoding runs in a small thread pool (PIL and zlib release the GIL).
 Run: no CLI; called by ``stages.download``, tested by tests/test_download.py.
 """
 
@@ -23,7 +27,10 @@ from tqdm import tqdm
 
 from stages.common.cache import resize_gray
 from stages.common.imageio import ImageRejected, load_gray, pixel_sha256, to_gray_uint8
+from stages.common.paths import MASKS_DIR
+from stages.common.utils import StageError
 from stages.sources.base import Box, Record
+from stages.sources.masks import MaskRejected, read_mask
 
 MANIFEST_COLUMNS = (
     "path",
@@ -36,6 +43,7 @@ MANIFEST_COLUMNS = (
     "height",
     "sha256",
 )
+SEGMENTATION_COLUMNS = (*MANIFEST_COLUMNS, "mask_path")  # the mask beside each image
 
 
 @dataclass
@@ -47,6 +55,7 @@ class Item:
     key: str  # folder below images/
     out_rel: str  # path below images/, e.g. kermany/train/NORMAL/IM-0001-0001.png
     render_size: int | None = None  # classification: store the image resized to N x N
+    bad_masks: str = "error"  # segmentation: error (stop the stage) | skip (reject the pair)
 
 
 @dataclass
@@ -95,8 +104,23 @@ def _ingest(item: Item, images_dir: Path) -> tuple[int, int, str] | dict:
         return {"path": rec.where, "reason": "unsupported", "detail": str(exc)}
     except OSError as exc:  # a file without read permission, or gone since it was listed
         return {"path": str(rec.src), "reason": "unreadable", "detail": exc.strerror or str(exc)}
+    mask = None
+    if rec.mask is not None:
+        try:
+            mask = read_mask(rec.mask, arr.shape)
+        except MaskRejected as exc:
+            if item.bad_masks == "error":
+                raise StageError(
+                    f"{rec.mask}: {exc}; fix or remove the pair, or set bad_masks: skip on "
+                    "this source to leave such pairs out (listed in report.json)"
+                ) from None
+            return {"path": str(rec.mask), "reason": exc.reason, "detail": exc.detail}
     dest = images_dir / item.out_rel
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if mask is not None:
+        mask_dest = images_dir.parent / MASKS_DIR / item.out_rel
+        mask_dest.parent.mkdir(parents=True, exist_ok=True)
+        write_png(mask, mask_dest)
     if item.render_size:  # e.g. 28 px like MedMNIST's files (whole film: see render_size)
         arr = resize_gray(arr, item.render_size, "stretch")[0]
         write_png(arr, dest)
@@ -173,4 +197,7 @@ def ingest_all(
                     "sha256": sha,
                 }
             )
+            if rec.mask is not None:
+                mask_path = final_images_dir.parent / MASKS_DIR / item.out_rel
+                result.rows[-1]["mask_path"] = mask_path.as_posix()
     return result

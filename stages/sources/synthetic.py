@@ -1,11 +1,14 @@
-"""Synthetic chest X-ray phantoms: the default data source of both tasks.
+"""Synthetic chest X-ray phantoms: the default data source of every task.
 
 Inputs: a frozen config (params `data.<task>.synthetic`). Outputs, in the real sets' own formats so
 real and synthetic data go through one loader:
 - classification: `<out>/chest_xray/{train,test}/{NORMAL,PNEUMONIA}/*.jpeg` (Kermany 2018 layout and
   file names: `person{pid}_{bacteria|virus}_{k}.jpeg`, `IM-{pid:04d}-{k:04d}.jpeg`);
 - detection: `<out>/{train,test}.json` (ChestX-Det10 records plus `patient_id`) and
-  `<out>/images/<id>.png`; boxes are [x1, y1, x2, y2] pixels, x2/y2 exclusive, tight.
+  `<out>/images/<id>.png`; boxes are [x1, y1, x2, y2] pixels, x2/y2 exclusive, tight;
+- segmentation: `<out>/lung_masks/[train/|test/]{images,masks}/PHANTOM_{pid:04d}_{k}.png` (the
+  lung_masks layout: 0/255 masks of both lungs, the phantom's soft lung maps thresholded at 0.5;
+  the split folders only when `test_fraction` > 0).
 Every image is drawn from its own child seed (config seed, task, patient, image), so the same
 config gives byte-identical files whatever the generation order. No CLI: the download stage's
 `synthetic` source calls `generate_classification` / `generate_detection`.
@@ -31,7 +34,7 @@ from stages.common.utils import atomic_dir, write_json
 from stages.sources import phantom
 
 LesionKind = Literal["Consolidation", "Nodule", "Mass", "Effusion", "Atelectasis", "Pneumothorax"]
-CLASSIFICATION, DETECTION = 1, 2  # task codes mixed into the child seeds
+CLASSIFICATION, DETECTION, SEGMENTATION = 1, 2, 3  # task codes mixed into the child seeds
 
 
 def _check_common(n_patients: int, ipp: tuple[int, int], size: int, test_fraction: float) -> None:
@@ -87,6 +90,24 @@ class SyntheticDetectionConfig:
         check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         check(0.0 <= self.label_noise <= 0.5, "label_noise must be in [0, 0.5]")
         check(self.label_noise == 0.0 or len(self.classes) >= 2, "label_noise needs >= 2 classes")
+
+
+@dataclass(frozen=True)
+class SyntheticSegmentationConfig:
+    n_patients: int = 80  # patients drawn (the default chain adds well under a minute)
+    images_per_patient: tuple[int, int] = (1, 2)  # films per patient, min and max
+    image_size: int = 256  # px, square films
+    # images with pneumonia-like opacities inside the lungs (the mask stays the whole lungs)
+    opacity_fraction: float = 0.3
+    # share of patients written to a test/ folder (the real lung_masks set has none: 0 = one
+    # flat folder, split by patient like the real set)
+    test_fraction: float = 0.0
+    seed: int = 13  # seed of the generator (same seed, same files)
+
+    def __post_init__(self) -> None:
+        _check_common(self.n_patients, self.images_per_patient, self.image_size, self.test_fraction)
+        check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
+        check(0.0 <= self.opacity_fraction <= 1.0, "opacity_fraction must be in [0, 1]")
 
 
 # ------------------------------------------------------------------ rendering (one image)
@@ -145,6 +166,23 @@ def render_classification(
         if draw_findings:
             dens = dens + opacity
     return phantom.expose(dens, rng)
+
+
+def render_segmentation(
+    patient_key: tuple[int, ...], image_key: tuple[int, ...], size: int, subtype: str | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One (S, S) uint8 film and its (S, S) bool lung mask (both lungs; the soft lung maps of
+    ``phantom.render_body`` at 0.5). ``subtype`` 'bacteria' | 'virus' adds opacities inside the
+    lungs, None draws clear lungs."""
+    anatomy = phantom.sample_anatomy(np.random.default_rng(patient_key))
+    rng = np.random.default_rng(image_key)
+    x, y = pose_grid(rng, size)
+    body = phantom.render_body(anatomy, x, y, rng)
+    dens = body.density
+    if subtype is not None:
+        dens = dens + pneumonia_opacity(anatomy, body, rng, subtype, subtle=False)
+    mask = (body.lungs[0] + body.lungs[1]) >= 0.5
+    return phantom.expose(dens, rng), mask
 
 
 def _intersection(a: list[int], b: list[int]) -> int:
@@ -224,6 +262,13 @@ def _detection_job(job: tuple) -> list[list[int]]:
     arr, boxes = render_detection(*args)
     Image.fromarray(arr).save(path, format="PNG")
     return boxes
+
+
+def _segmentation_job(job: tuple) -> None:
+    *args, image_path, mask_path = job
+    arr, mask = render_segmentation(*args)
+    Image.fromarray(arr).save(image_path, format="PNG")
+    Image.fromarray(mask.astype(np.uint8) * np.uint8(255)).save(mask_path, format="PNG")
 
 
 def _run_jobs(fn: Callable[[tuple], Any], jobs: Sequence[tuple], desc: str) -> Iterator[Any]:
@@ -339,12 +384,52 @@ def generate_detection(cfg: SyntheticDetectionConfig, out_dir: Path) -> Path:
     return out_dir
 
 
+def generate_segmentation(cfg: SyntheticSegmentationConfig, out_dir: Path) -> Path:
+    """Write the lung_masks-layout set under ``out_dir/lung_masks`` and return that folder."""
+    rng = np.random.default_rng([cfg.seed, SEGMENTATION])
+    n = cfg.n_patients
+    pids, counts = _patients(rng, n, cfg.images_per_patient)
+    test = _pick(rng, n, cfg.test_fraction)
+    images = [(p, k) for p in range(n) for k in range(int(counts[p]))]
+    sick = _pick(rng, len(images), cfg.opacity_fraction)
+    virus = rng.random(len(images)) < 0.5
+    root = Path(out_dir) / "lung_masks"
+    with atomic_dir(root) as tmp:
+        folders = {False: tmp, True: tmp}
+        if cfg.test_fraction > 0:
+            folders = {False: tmp / "train", True: tmp / "test"}
+        for folder in folders.values():
+            (folder / "images").mkdir(parents=True, exist_ok=True)
+            (folder / "masks").mkdir(parents=True, exist_ok=True)
+        jobs = []
+        for i, (p, k) in enumerate(images):
+            subtype = ("virus" if virus[i] else "bacteria") if sick[i] else None
+            name = f"PHANTOM_{pids[p]:04d}_{k}.png"
+            folder = folders[bool(test[p])]
+            jobs.append(
+                (
+                    (cfg.seed, SEGMENTATION, p),
+                    (cfg.seed, SEGMENTATION, p, k),
+                    cfg.image_size,
+                    subtype,
+                    folder / "images" / name,
+                    folder / "masks" / name,
+                )
+            )
+        for _ in _run_jobs(_segmentation_job, jobs, "synthetic segmentation"):
+            pass
+    return root
+
+
 __all__ = [
     "SyntheticClassificationConfig",
     "SyntheticDetectionConfig",
+    "SyntheticSegmentationConfig",
     "generate_classification",
     "generate_detection",
+    "generate_segmentation",
     "pose_grid",
     "render_classification",
     "render_detection",
+    "render_segmentation",
 ]

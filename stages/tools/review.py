@@ -218,24 +218,13 @@ class Model:
 
 
 def _models() -> list[Model]:
-    """The classifier, the detector and (when its evaluation exists) the segmenter, whose
-    per-image figures are its per_image.csv."""
+    """The classifier, the detector and the segmenter (a revision without a model's evaluation
+    skips it), with their per-image predictions (the segmenter's: its per_image.csv)."""
     out = []
-    for name in ("classifier", "detector", "segmenter"):
-        report_dir = paths.REPORTS / name
-        predictions = report_dir / "per_image.csv"
-        for task in paths.TASKS:
-            if paths.task_paths(task).name == name and name != "segmenter":
-                predictions = paths.task_paths(task).predictions
+    for task in paths.TASKS:
+        p = paths.task_paths(task)
         out.append(
-            Model(
-                name,
-                name.capitalize(),
-                paths.METRICS / f"{name}.json",
-                report_dir,
-                paths.REPORTS / "live" / name,
-                predictions,
-            )
+            Model(p.name, p.name.capitalize(), p.metrics, p.report_dir, p.live_dir, p.predictions)
         )
     return out
 
