@@ -12,13 +12,13 @@ import numpy as np
 from PIL import Image
 
 from stages.common.config import to_dict
+from stages.common.split_config import SplitConfig
 from stages.segmenter.config import (
     EvalSegmentationConfig,
     SegmentationAugmentConfig,
     TrainSegmenterConfig,
 )
 from stages.sources.config import SegmentationData
-from stages.common.split_config import SplitConfig
 
 
 def lungs(h: int, w: int, shift: float = 0.0) -> np.ndarray:
