@@ -2,10 +2,13 @@
 
 Inputs:  data/split/<task>/{train,val,test}.csv (+ detection {split}.json, COCO in original pixels),
          the image files at each row's ``path`` (segmentation: and its ``mask_path``); params
-         section ``augment.<task>``.
+         section ``augment.<task>``; classification with ``lungs`` crop | mask: data/lungs/
+         classification/ (``stages.lungs``: each film's lung mask and box).
 Outputs: data/augment/<task>/ (``stages.common.cache``: meta.json, policy.json,
          <split>/images.npy, index.csv, detection <split>/annotations.json in cache pixels,
-         segmentation <split>/masks.npy: 0/1, resized like the image then thresholded) and
+         segmentation <split>/masks.npy: 0/1, resized like the image then thresholded;
+         classification with lungs: the films cropped to / masked by their lungs before
+         resizing, and <split>/masks.npy their lung masks in the cache's frame) and
          reports/augment/<task>_preview.png.
          index.csv ``label_index``: classification and segmentation = index into meta classes;
          detection = 1 if the image has boxes else 0.
@@ -29,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from tqdm import tqdm
 
 from stages.common import cache, paths
@@ -94,12 +98,7 @@ def _bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -
 def _load_resized(
     path: str, cfg: cache.AugmentConfig, expect: tuple[int, int] | None
 ) -> np.ndarray:
-    try:
-        img = load_gray(path)
-    except FileNotFoundError:
-        raise StageError(f"{path}: image listed in the split is missing; re-run download") from None
-    except ImageRejected as exc:
-        raise StageError(f"{path}: cannot decode ({exc}); re-run download") from None
+    img = _decode(path)
     if expect is not None and img.shape != expect:
         raise StageError(
             f"{path}: file is {img.shape[1]}x{img.shape[0]} but its COCO entry says "
@@ -188,6 +187,56 @@ def _images(
     return tqdm(loaded, total=len(index), desc=f"augment {task}/{split}", mininterval=2.0)
 
 
+class Lungs:
+    """The lungs@<task> output (``stages.lungs``) the cache's lung-aware preprocessing reads."""
+
+    def __init__(self, folder: Path, cfg: cache.AugmentConfig) -> None:
+        info_path = Path(folder) / paths.LUNGS_INFO_NAME
+        if not info_path.is_file():
+            raise StageError(f"{info_path} not found: run the lungs stage first (dvc repro)")
+        info = read_json(info_path)
+        if info.get("lungs") != cfg.lungs:
+            raise StageError(
+                f"{folder} holds lungs {info.get('lungs')}, the params ask for {cfg.lungs}: "
+                "re-run the lungs stage (dvc repro)"
+            )
+        boxes = pd.read_csv(Path(folder) / paths.LUNGS_BOXES_NAME, dtype={"sha256": str})
+        self.folder, self.mode, self.margin = Path(folder), cfg.lungs, cfg.lungs_margin
+        self.segmenter = str(info.get("segmenter", ""))
+        self.boxes = {r.path: r for r in boxes.itertuples(index=False)}
+
+    def load(self, path: str, cfg: cache.AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
+        """(cache image, cache lung mask 0/1) of one film after the lungs' preprocessing."""
+        from stages.common.lungs import apply
+
+        row = self.boxes.get(path)
+        if row is None:
+            raise StageError(f"{path}: not in {self.folder}: re-run the lungs stage (dvc repro)")
+        film = _decode(path)
+        mask = np.asarray(Image.open(self.folder / paths.LUNGS_MASKS_NAME / f"{row.sha256}.png"))
+        film, mask = apply(film, mask > 127, (row.x0, row.y0, row.x1, row.y1), self.mode,
+                           self.margin)  # fmt: skip
+        image = cache.prepare_gray(film, cfg.image_size, cfg.resize, cfg.intensity)[0]
+        return image, cache.prepare_mask(mask.astype(np.uint8) * 255, cfg.image_size, cfg.resize)
+
+
+def _lunged(split: str, index: pd.DataFrame, cfg: cache.AugmentConfig, lungs: Lungs):
+    """Classification with lungs: (images, lung masks), consumed in step like ``_pairs``."""
+    loaded = _bounded_map(lambda p: lungs.load(p, cfg), index["path"], cfg.workers)
+    bar = tqdm(loaded, total=len(index), desc=f"augment classification/{split}", mininterval=2.0)
+    a, b = itertools.tee(bar)
+    return (pair[0] for pair in a), (pair[1] for pair in b)
+
+
+def _decode(path: str) -> np.ndarray:
+    try:
+        return load_gray(path)
+    except FileNotFoundError:
+        raise StageError(f"{path}: image listed in the split is missing; re-run download") from None
+    except ImageRejected as exc:
+        raise StageError(f"{path}: cannot decode ({exc}); re-run download") from None
+
+
 def _pairs(split: str, index: pd.DataFrame, cfg: cache.AugmentConfig):
     """Segmentation: (images, masks), two iterators to consume in step (one decoding pass)."""
     if "mask_path" not in index:
@@ -199,11 +248,23 @@ def _pairs(split: str, index: pd.DataFrame, cfg: cache.AugmentConfig):
     return (pair[0] for pair in a), (pair[1] for pair in b)
 
 
-def run(task: str, cfg: cache.AugmentConfig, split_dir: Path, out_dir: Path, preview: Path) -> dict:
-    """Build the cache for ``task`` from ``split_dir`` into ``out_dir``; returns a summary."""
+def run(
+    task: str,
+    cfg: cache.AugmentConfig,
+    split_dir: Path,
+    out_dir: Path,
+    preview: Path,
+    lungs_dir: Path | None = None,
+) -> dict:
+    """Build the cache for ``task`` from ``split_dir`` into ``out_dir``; returns a summary. With
+    ``lungs`` crop | mask (classification), each film first goes through the lungs of
+    ``lungs_dir`` (``stages.lungs``), and the cache keeps the lung masks beside the images."""
     t0 = time.perf_counter()
     splits = read_splits(task, Path(split_dir))
     classes = _classes(task, splits)
+    lung_mode = getattr(cfg, "lungs", "none")
+    lungs_dir = lungs_dir or paths.task_paths(task).lungs_preprocess
+    lungs = Lungs(lungs_dir, cfg) if lung_mode != "none" else None
     counts: dict[str, int] = {}
     dropped = 0
     with atomic_dir(out_dir) as tmp:
@@ -220,12 +281,17 @@ def run(task: str, cfg: cache.AugmentConfig, split_dir: Path, out_dir: Path, pre
                 index["label_index"] = [int(i in has_box) for i in range(len(index))]
             if task == "segmentation":
                 images, masks = _pairs(split, index, cfg)
+            elif lungs is not None:
+                images, masks = _lunged(split, index, cfg, lungs)
             else:
                 images = _images(task, split, index, shapes, cfg)
             cache.write_split(tmp, split, images, index, cfg.image_size, out_coco, masks)
             counts[split] = len(index)
         meta = {"task": task, "image_size": cfg.image_size, "resize": cfg.resize}
         meta["intensity"] = cfg.intensity
+        if hasattr(cfg, "lungs"):  # serving repeats it: training copies it into the model
+            meta.update(lungs=cfg.lungs, lungs_margin=cfg.lungs_margin)
+            meta["lungs_segmenter"] = lungs.segmenter if lungs is not None else ""
         # train/val only: meta.json is a training input, and a new test set must not retrain
         fit = {s: counts[s] for s in ("train", "val")}
         cache.write_meta(tmp, {**meta, "classes": classes, "counts": fit})

@@ -12,6 +12,7 @@ from typing import Literal
 
 from stages.common.cache import AugmentConfig
 from stages.common.config import check
+from stages.common.lungs import LungsConfig
 
 Arch = Literal[
     "as_is",
@@ -356,11 +357,18 @@ class ClassificationPolicy:
 
 
 @dataclass(frozen=True)
-class ClassificationAugmentConfig(AugmentConfig):
+class ClassificationAugmentConfig(AugmentConfig, LungsConfig):
+    """``augment.classification``: the cache geometry, the lungs (``stages.common.lungs``: none |
+    crop | mask, applied before resizing) and the training augmentation policy."""
+
     image_size: int = 128  # px of the square cache images the classifier sees
     # stretch (the seeds' target_size) | pad (keep the aspect ratio)
     resize: Literal["stretch", "pad"] = "stretch"
     policy: ClassificationPolicy = field(default_factory=ClassificationPolicy)
+
+    def __post_init__(self) -> None:
+        AugmentConfig.__post_init__(self)
+        LungsConfig.__post_init__(self)
 
 
 AUGMENT_CONFIG = (

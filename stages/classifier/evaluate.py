@@ -189,6 +189,8 @@ def headline(doc: dict) -> dict:
     several test sets each adds its accuracy and ROC-AUC. Keys carry no dots (DVC flattens
     nested keys with them)."""
     out = {key: doc["recall" if key == "sensitivity" else key] for key in HEADLINE}
+    if doc.get("cam_in_lungs"):  # where it looks: the share of Grad-CAM mass in the lungs
+        out["cam_in_lungs"] = doc["cam_in_lungs"]["all"]
     if "multiclass_accuracy" in doc:
         out["multiclass_accuracy"] = doc["multiclass_accuracy"]
     for name, block in doc.get("test_sets", {}).items():
@@ -267,10 +269,13 @@ def run(
     metrics_path: Path,
     report_dir: Path,
     training_path: Path | None = None,
+    lungs_meter: Path | None = None,
 ) -> dict:
     """Evaluate the model (or the mean of several: an ensemble) on the cache's val/test splits;
-    write the headline metrics and the report folder. Returns the full evaluation document."""
-    from stages.classifier import predict, report  # TensorFlow / matplotlib: only here
+    write the headline metrics and the report folder. Returns the full evaluation document.
+    ``lungs_meter``: the test films' lungs (``stages.lungs``), for cam_in_lungs (default the
+    pipeline's; without lungs there, in the cache or here, cam_in_lungs is left out)."""
+    from stages.classifier import meter, predict, report  # TensorFlow / matplotlib: only here
 
     seed_everything(cfg.seed)
     cache_dir, metrics_path, report_dir = Path(cache_dir), Path(metrics_path), Path(report_dir)
@@ -319,6 +324,20 @@ def run(
         actual = [classes[v] for v in y["test"]]
         predicted = [classes[v] for v in proba["test"].argmax(axis=1)]
 
+    # Where it looks: Grad-CAM mass inside the segmenter's lungs, over the test images.
+    masks = meter.lung_masks(
+        splits["test"], rows["test"], Path(lungs_meter or paths.CLASSIFICATION.lungs_meter)
+    )
+    share = cams = kinds = None
+    if masks is not None:
+        pos = positive_indices(classes, cfg.positives)
+        log.info("cam_in_lungs: Grad-CAM of %d test images", len(masks))
+        share, cams = meter.measure(models[0], images["test"], masks, proba["test"], pos)
+        kinds = meter.outcomes(bt, pt >= doc["threshold"])
+        doc["cam_in_lungs"] = meter.summary(share, kinds)
+    else:
+        log.warning("cam_in_lungs: no lung masks for the test films (run the lungs stage)")
+
     training_path = Path(training_path or paths.CLASSIFICATION.training)
     model_info = {
         "model": info.to_json(),
@@ -335,6 +354,9 @@ def run(
         table = predictions_table(
             test_index, test_sets, classes, y["test"], bt, pt, doc["threshold"]
         )
+        if share is not None:
+            table["cam_in_lungs"] = share
+            meter.plot(tmp / "cam_lungs.png", images["test"], cams, masks, share, kinds, pt)
         # 9 significant digits round-trip float32: saturated probabilities keep their order
         table.to_csv(tmp / paths.CLASSIFICATION.predictions.name, index=False, float_format="%.9g")
     write_json(metrics_path, headline(doc))

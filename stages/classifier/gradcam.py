@@ -112,6 +112,16 @@ class GradCam:
         self._model = _with_activation(model, self.path)
 
     def __call__(self, image: np.ndarray, class_index: int) -> np.ndarray:
+        """The heatmap min-max scaled to [0, 1] (for pictures)."""
+        cam = self.raw(image, class_index)
+        # Min-max scaling: a map that is positive everywhere would otherwise saturate.
+        low, span = float(cam.min()), float(cam.max() - cam.min())
+        cam = (cam - low) / span if span > 0 else np.zeros_like(cam)
+        return np.clip(cam, 0.0, 1.0).astype(np.float32)
+
+    def raw(self, image: np.ndarray, class_index: int) -> np.ndarray:
+        """The heatmap as Grad-CAM defines it (ReLU of the weighted feature maps, resized to
+        the image), not scaled: where its mass lies is what ``metrics.cam_in_lungs`` measures."""
         img = np.asarray(image)
         if img.ndim != 2:
             raise ValueError(f"grad_cam expects one (S, S) image, got shape {img.shape}")
@@ -126,10 +136,7 @@ class GradCam:
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # GAP of gradients
         cam = tf.nn.relu(tf.reduce_sum(weights * activation, axis=-1))[0]
         cam = tf.image.resize(cam[:, :, None], img.shape, method="bilinear")[:, :, 0].numpy()
-        # Min-max scaling: a map that is positive everywhere would otherwise saturate.
-        low, span = float(cam.min()), float(cam.max() - cam.min())
-        cam = (cam - low) / span if span > 0 else np.zeros_like(cam)
-        return np.clip(cam, 0.0, 1.0).astype(np.float32)
+        return np.maximum(cam, 0.0).astype(np.float32)  # bilinear can undershoot 0 a little
 
 
 def grad_cam(model: keras.Model, image: np.ndarray, class_index: int) -> np.ndarray:

@@ -39,6 +39,11 @@ class ClassifierInfo:
     # How images were brought to image_size (stages.common.cache.resize_gray): predict must match it.
     resize: str = "stretch"
     intensity: str = "none"  # stages.common.cache.prepare_gray's intensity normalisation
+    # The lungs' preprocessing before resizing (stages.common.lungs): serving repeats it with the
+    # segmenter whose md5 is recorded here (the one lungs@classification used).
+    lungs: str = "none"
+    lungs_margin: float = 0.05
+    lungs_segmenter: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -50,6 +55,9 @@ class ClassifierInfo:
             "arch": self.arch,
             "resize": self.resize,
             "intensity": self.intensity,
+            "lungs": self.lungs,
+            "lungs_margin": self.lungs_margin,
+            "lungs_segmenter": self.lungs_segmenter,
             # For readers of the file: probability columns follow "classes"; with 1 sigmoid
             # unit the model outputs P(classes[1]).
             "input": "float32 (S, S, 1) grey in [0, 255]; rescaling is inside the model",
@@ -94,6 +102,9 @@ def load_info(model_path: str | Path) -> ClassifierInfo:
         arch=d["arch"],
         resize=d.get("resize", "stretch"),  # sidecars older than the field: the cache default
         intensity=d.get("intensity", "none"),
+        lungs=d.get("lungs", "none"),
+        lungs_margin=float(d.get("lungs_margin", 0.05)),
+        lungs_segmenter=d.get("lungs_segmenter", ""),
     )
 
 
@@ -101,9 +112,9 @@ def check_one_cache(model_paths: Sequence[Path], infos: Sequence[ClassifierInfo]
     """StageError unless every model of an ensemble was trained on one cache: the same classes,
     image size, resize and intensity modes (the page, ``predict`` and evaluate average them)."""
     first = infos[0]
-    ref = (first.classes, first.image_size, first.resize, first.intensity)
+    ref = (first.classes, first.image_size, first.resize, first.intensity, first.lungs)
     for path, info in zip(model_paths[1:], infos[1:], strict=True):
-        key = (info.classes, info.image_size, info.resize, info.intensity)
+        key = (info.classes, info.image_size, info.resize, info.intensity, info.lungs)
         if key != ref:
             raise StageError(
                 f"{path} does not match {model_paths[0]} (classes / image size / resize / "
@@ -114,18 +125,19 @@ def check_one_cache(model_paths: Sequence[Path], infos: Sequence[ClassifierInfo]
 def check_fits_cache(model_path: Path, info: ClassifierInfo, meta: dict, cache_dir: Path) -> None:
     """StageError unless the model takes the cache's images as they are: its image size,
     resize and intensity modes are the cache's (``meta.json``)."""
-    model = (info.image_size, info.resize, info.intensity)
+    model = (info.image_size, info.resize, info.intensity, info.lungs)
     cache = (
         int(meta.get("image_size", -1)),
         str(meta.get("resize", "stretch")),
         str(meta.get("intensity", "none")),
+        str(meta.get("lungs", "none")),
     )
     if model != cache:
         raise StageError(
             f"{model_path} was trained on {model[0]} px images (resize {model[1]}, intensity "
-            f"{model[2]}), the cache {cache_dir} holds {cache[0]} px (resize {cache[1]}, "
-            f"intensity {cache[2]}): evaluate a model trained on this cache, or re-run "
-            "train-classifier"
+            f"{model[2]}, lungs {model[3]}), the cache {cache_dir} holds {cache[0]} px (resize "
+            f"{cache[1]}, intensity {cache[2]}, lungs {cache[3]}): evaluate a model trained on "
+            "this cache, or re-run train-classifier"
         )
 
 

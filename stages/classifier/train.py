@@ -241,6 +241,9 @@ def train(
         arch=cfg.arch,
         resize=str(meta.get("resize", "stretch")),
         intensity=str(meta.get("intensity", "none")),
+        lungs=str(meta.get("lungs", "none")),
+        lungs_margin=float(meta.get("lungs_margin", 0.05)),
+        lungs_segmenter=str(meta.get("lungs_segmenter", "")),
     )
     accs = history["val_accuracy"]
     metrics["val_accuracy_per_epoch"] = [round(float(a), 4) for a in accs]

@@ -22,6 +22,10 @@ DOWNLOADS = Path("data/downloads")  # fetched archives and their extractions (gi
 RAW = Path("data/raw")
 SPLIT = Path("data/split")
 AUGMENT = Path("data/augment")
+LUNGS = Path("data/lungs")  # data/lungs/<task>/{preprocess,meter}/ (stages.lungs)
+LUNGS_INFO_NAME = "lungs.json"
+LUNGS_BOXES_NAME = "boxes.csv"
+LUNGS_MASKS_NAME = "masks"
 MODELS = Path("models")
 METRICS = Path("metrics")
 REPORTS = Path("reports")
@@ -51,6 +55,21 @@ class TaskPaths:
     @property
     def augment(self) -> Path:
         return AUGMENT / self.task
+
+    @property
+    def lungs(self) -> Path:
+        """The segmenter's lungs of the task's films (lungs@<task>; classification only)."""
+        return LUNGS / self.task
+
+    @property
+    def lungs_preprocess(self) -> Path:
+        """What the cache's lung-aware preprocessing reads: constant with ``lungs: none``."""
+        return self.lungs / "preprocess"
+
+    @property
+    def lungs_meter(self) -> Path:
+        """The test films' lungs, always: what evaluate's cam_in_lungs measures against."""
+        return self.lungs / "meter"
 
     @property
     def preview(self) -> Path:
