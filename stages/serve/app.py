@@ -19,6 +19,9 @@ page serves lives there, and the folder is removed when the server stops - norma
 Gradio never phones home here: analytics off (GRADIO_ANALYTICS_ENABLED=False), no share link,
 no server-side rendering, the theme's fonts are served locally. Gradio, TensorFlow and torch
 are imported only after the arguments are parsed (``--help`` stays fast).
+``--model classifier@prod`` (``@v1.2.0``, ``detector@...``, a file; repeatable) and
+``--registry`` as in ``python -m stages.predict``: the page then names each registry model's
+name, version, stage and commit above the provenance.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 from stages.common import paths  # noqa: E402
 from stages.common.imageio import ImageRejected  # noqa: E402
 from stages.common.utils import read_json, run_cli  # noqa: E402
+from stages.serve import registry  # noqa: E402
 from stages.serve.inference import (  # noqa: E402
     DEFAULT,
     DETECTOR_PATH,
@@ -169,6 +173,8 @@ def build_app(
         if warning:
             gr.Markdown(f"## {warning}", elem_id="synthetic-warning")
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
+        if predictor.served:
+            gr.Markdown(registry.registry_markdown(predictor.served), elem_id="registry")
         gr.Markdown(about, elem_id="provenance")
         for text in predictor.missing.values():
             gr.Markdown(f"*Model missing:* {text}")
@@ -207,9 +213,11 @@ def create(
     detector: Path | None = DETECTOR_PATH,
     metrics: Path = EVALUATION_PATH,
     min_score: float = MIN_SCORE,
+    registry: dict[str, Any] | None = None,
 ) -> tuple[gr.Blocks, Predictor]:
-    """Load the models and build the page (what ``main`` and the tests start)."""
-    predictor = Predictor(classifiers, detector, metrics, min_score)
+    """Load the models and build the page (what ``main`` and the tests start); ``registry``:
+    {role: ServedModel} of the models fetched from the model registry."""
+    predictor = Predictor(classifiers, detector, metrics, min_score, registry=registry)
     about, warning = page_texts(predictor)
     return build_app(predictor, about, split_examples(), warning), predictor
 
@@ -307,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a .keras classifier; repeat for an ensemble. Default: the decision's models in "
         f"{EVALUATION_PATH} when they all exist, else the pipeline's model",
     )
-    parser.add_argument("--detector", type=Path, default=DETECTOR_PATH)
+    parser.add_argument("--detector", type=Path, help=f"default: {DETECTOR_PATH}")
+    registry.add_model_arguments(parser)
     parser.add_argument(
         "--evaluation", "--metrics", dest="evaluation", type=Path, default=EVALUATION_PATH
     )
@@ -327,8 +336,14 @@ def main(argv: list[str] | None = None) -> None:
                 signal.signal(sig, stop)
             log.info("uploads and pictures kept in %s (removed when the server stops)", temp)
             set_threads(args.threads)
-            classifiers = args.classifier if args.classifier else DEFAULT
-            demo, predictor = create(classifiers, args.detector, args.evaluation, args.min_score)
+            chosen = registry.select_models(args, DEFAULT, DETECTOR_PATH)
+            demo, predictor = create(
+                chosen.classifier,
+                chosen.detector,
+                chosen.evaluation,
+                args.min_score,
+                registry=chosen.registry,
+            )
             for text in predictor.missing.values():
                 log.warning("%s", text)
             launch(demo, args.host, args.port, args.max_upload_mb)
