@@ -8,7 +8,8 @@ export PATH := $(abspath $(BIN)):$(PATH)
 WORKERS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup repro test test-fast lint format dag docs compare review plots-page ablations seeds scoreboard serve remote
+.PHONY: setup repro test test-fast lint format dag docs compare review plots-page ablations seeds scoreboard serve remote \
+	register promote models
 
 setup: $(VENV)/.installed
 
@@ -54,11 +55,32 @@ REMOTE_ARGS ?=
 remote: setup  ## configure the team's DVC remote from environment variables
 	$(BIN)/python -m stages.remote setup $(REMOTE_ARGS)
 
+# --- the model registry (owner: stages/tools/registry.py; docs/registry.md) -------------------
+# make register NAME=classifier [VERSION=v1.2.0 | BUMP=minor]: a GTO tag on HEAD (refused when
+# the pipeline is stale); make promote NAME=classifier VERSION=v1.2.0 STAGE=prod; make models.
+# PUSH=1 pushes the tag to origin. Serve a version: make serve MODEL=classifier@prod.
+NAME ?=
+VERSION ?=
+BUMP ?=
+STAGE ?=
+PUSH ?=
+register: setup  ## register a model version (git tag): NAME=classifier [VERSION=v1.2.0|BUMP=minor]
+	$(if $(NAME),,$(error NAME=<model> is required, e.g. make register NAME=classifier))
+	$(BIN)/python -m stages.registry register $(NAME) $(if $(VERSION),--version $(VERSION),) $(if $(BUMP),--bump $(BUMP),) $(if $(PUSH),--push,)
+
+promote: setup  ## put a model version in a stage: NAME=classifier VERSION=v1.2.0 STAGE=prod
+	$(if $(and $(NAME),$(VERSION),$(STAGE)),,$(error NAME=, VERSION= and STAGE= are required))
+	$(BIN)/python -m stages.registry promote $(NAME) $(VERSION) --stage $(STAGE) $(if $(PUSH),--push,)
+
+models: setup  ## the model registry: each model's latest version, stages, commit, metrics
+	$(BIN)/python -m stages.registry show
+
 HOST ?= 127.0.0.1
 PORT ?= 7860
 MAX_UPLOAD_MB ?= 50
-serve: setup  ## the web page for the models of the current pipeline (dvc repro / dvc pull first)
-	$(BIN)/python -m stages.serve --host $(HOST) --port $(PORT) --max-upload-mb $(MAX_UPLOAD_MB)
+MODEL ?=
+serve: setup  ## the web page: the current pipeline's models, or MODEL=classifier@prod (registry)
+	$(BIN)/python -m stages.serve --host $(HOST) --port $(PORT) --max-upload-mb $(MAX_UPLOAD_MB) $(foreach m,$(MODEL),--model $(m))
 
 # --- make ablations (owner: stages/tools/ablations.py) ---------------------------------------
 # WORKERS (defined above, default 1) = parallel DVC queue workers; DATA_ROOT = folder holding

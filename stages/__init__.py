@@ -45,6 +45,7 @@ COMMANDS = {
     "ablations": "stages.tools.ablations",
     "param_table": "stages.tools.param_table",
     "remote": "stages.tools.remote",
+    "registry": "stages.tools.registry",
     "docs": "stages.tools.docs",
     "repeat": "stages.tools.repeat",
     "scoreboard": "stages.tools.scoreboard",

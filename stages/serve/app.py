@@ -21,6 +21,9 @@ page serves lives there, and the folder is removed when the server stops - norma
 Gradio never phones home here: analytics off (GRADIO_ANALYTICS_ENABLED=False), no share link,
 no server-side rendering, the theme's fonts are served locally. Gradio, TensorFlow and torch
 are imported only after the arguments are parsed (``--help`` stays fast).
+``--model classifier@prod`` (``@v1.2.0``, ``detector@...``, a file; repeatable) and
+``--registry`` as in ``python -m stages.predict``: the page then names each registry model's
+name, version, stage and commit above the provenance.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from stages.common.utils import (  # noqa: E402
     read_json,
     run_cli,
 )
+from stages.serve import registry  # noqa: E402
 from stages.serve.inference import (  # noqa: E402
     DEFAULT,
     DETECTOR_PATH,
@@ -193,6 +197,8 @@ def build_app(
         if warning:
             gr.Markdown(f"## {warning}", elem_id="synthetic-warning")
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
+        if predictor.served:
+            gr.Markdown(registry.registry_markdown(predictor.served), elem_id="registry")
         gr.Markdown(about, elem_id="provenance")
         for text in predictor.missing.values():
             gr.Markdown(f"*Model missing:* {text}")
@@ -232,10 +238,12 @@ def create(
     metrics: Path = EVALUATION_PATH,
     min_score: float = MIN_SCORE,
     example_dir: Path | None = None,
+    registry: dict[str, Any] | None = None,
 ) -> tuple[gr.Blocks, Predictor]:
     """Load the models and build the page (what ``main`` and the tests start). The test-split
-    examples are copied into ``example_dir`` and shown from there (None: no examples)."""
-    predictor = Predictor(classifiers, detector, metrics, min_score)
+    examples are copied into ``example_dir`` and shown from there (None: no examples);
+    ``registry``: {role: ServedModel} of the models fetched from the model registry."""
+    predictor = Predictor(classifiers, detector, metrics, min_score, registry=registry)
     about, warning = page_texts(predictor)
     examples = copy_examples(split_examples(), example_dir) if example_dir is not None else []
     return build_app(predictor, about, examples, warning), predictor
@@ -345,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a .keras classifier; repeat for an ensemble. Default: the decision's models in "
         f"{EVALUATION_PATH} when they all exist, else the pipeline's model",
     )
-    parser.add_argument("--detector", type=Path, default=DETECTOR_PATH)
+    parser.add_argument("--detector", type=Path, help=f"default: {DETECTOR_PATH}")
+    registry.add_model_arguments(parser)
     parser.add_argument(
         "--evaluation", "--metrics", dest="evaluation", type=Path, default=EVALUATION_PATH
     )
@@ -365,10 +374,15 @@ def main(argv: list[str] | None = None) -> None:
                 signal.signal(sig, stop)
             log.info("uploads and pictures kept in %s (removed when the server stops)", temp)
             set_threads(args.threads)
-            classifiers = args.classifier if args.classifier else DEFAULT
+            chosen = registry.select_models(args, DEFAULT, DETECTOR_PATH)
             examples = temp / "examples"
             demo, predictor = create(
-                classifiers, args.detector, args.evaluation, args.min_score, examples
+                chosen.classifier,
+                chosen.detector,
+                chosen.evaluation,
+                args.min_score,
+                examples,
+                registry=chosen.registry,
             )
             for text in predictor.missing.values():
                 log.warning("%s", text)

@@ -332,7 +332,9 @@ class Predictor:
     ``classifier``: ``DEFAULT``, one path, several paths (an ensemble, averaged as evaluate
     does) or None. Thread-safe (one lock around the models): the page may call it from several
     workers. ``provenance_root``: the repository whose git/DVC/data records say where the
-    models came from (None: not looked up).
+    models came from (None: not looked up). ``registry``: {role: ``ServedModel``} of the models
+    fetched from the model registry (``stages.serve.registry``): the paths given are theirs,
+    and their records (name, version, stage, commit) go into the provenance.
     """
 
     def __init__(
@@ -343,8 +345,10 @@ class Predictor:
         min_score: float = MIN_SCORE,
         max_pixels: int = MAX_PIXELS,
         provenance_root: Path | None = Path("."),
+        registry: dict[str, Any] | None = None,
     ) -> None:
         self.max_pixels, self.min_score = max_pixels, min_score
+        self.served: dict[str, Any] = dict(registry or {})
         self.notes: list[str] = []
         self.missing: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -372,6 +376,7 @@ class Predictor:
                 Path(detector_path) if self.detector is not None else None,
                 root=Path(provenance_root),
                 evaluated=[Path(m) for m in (self.rule.models if self.rule else ())],
+                registry=self.served,
             )
             self.model_records = {
                 "classifier": [m.to_json() for m in self.provenance.of("classifier")],
@@ -411,7 +416,9 @@ class Predictor:
         if self.rule.note:
             self.notes.append(self.rule.note)
         served = sorted(str(p.resolve()) for p in paths_)
-        chosen_for = sorted(str(Path(m).resolve()) for m in self.rule.models)
+        # a registry version's decision names its models by their paths in that version
+        base = self.served["classifier"].root if "classifier" in self.served else Path(".")
+        chosen_for = sorted(str((base / m).resolve()) for m in self.rule.models)
         if chosen_for and chosen_for != served:
             self.notes.append(
                 f"the threshold in {metrics_path} was chosen for {list(self.rule.models)}, "

@@ -24,6 +24,11 @@ Run:     python -m stages.predict <files|folders> [--out preds.jsonl] [--gradcam
 The preprocessing is the training code (stages.common.imageio + stages.common.cache.prepare_gray),
 shared with the web page through ``stages.serve.inference.Predictor``. TensorFlow and torch are
 imported only after the arguments are parsed (``--help`` stays fast).
+``--model classifier@prod`` (or ``@v1.2.0``, ``detector@...``, or a model file; repeatable)
+serves exactly the models named, from the model registry (``stages.serve.registry``: the
+version's files and decision rule, fetched into a cache); each JSON line names their name,
+version, stage and commit ("models"[i]["registry"]). ``--registry URL`` reads another
+repository's tags.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from typing import IO, Any
 from stages.common.imageio import ImageRejected, is_candidate
 from stages.common.utils import THREADS, ArgumentParser, StageError, atomic_file, run_cli
 from stages.common.walk import FolderWalk, Skipped
+from stages.serve import registry
 from stages.serve.inference import (
     DEFAULT,
     DETECTOR_PATH,
@@ -203,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"Default: the decision's models in {EVALUATION_PATH} when they all exist, else "
         "the pipeline's model",
     )
-    parser.add_argument("--detector", type=Path, default=DETECTOR_PATH)
+    parser.add_argument("--detector", type=Path, help=f"default: {DETECTOR_PATH}")
+    registry.add_model_arguments(parser)
     parser.add_argument(
         "--evaluation",
         "--metrics",
@@ -224,8 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     if not items:
         raise StageError("no image files found in the given inputs")
     set_threads(args.threads)
-    classifier = args.classifier if args.classifier else DEFAULT
-    predictor = Predictor(classifier, args.detector, args.evaluation, args.min_score)
+    chosen = registry.select_models(args, DEFAULT, DETECTOR_PATH)
+    predictor = Predictor(
+        chosen.classifier,
+        chosen.detector,
+        chosen.evaluation,
+        args.min_score,
+        registry=chosen.registry,
+    )
     for note in predictor.notes + list(predictor.missing.values()):
         print(f"note: {note}", file=sys.stderr)
     if predictor.provenance is not None and predictor.provenance.synthetic_sentence():

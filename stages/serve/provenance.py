@@ -9,6 +9,9 @@ from (first found: the augment cache index ``data/augment/<task>/{fit/train,fit/
 ``source`` column / line) and the headline metrics ``metrics/<model>.json``. Output: a
 ``Provenance``; ``markdown()`` is the page's text, ``ModelProvenance.to_json()`` what the predict
 command writes beside every prediction. A missing git, lock or data file leaves that part out.
+A model served from the model registry (``stages.serve.registry``) is described by its version:
+name, version, stage and commit, its md5 checked against the dvc.lock of that commit, its data
+and figures read from the model card and metrics of that commit (fetched with it).
 No run command.
 
 - DVC experiment: only real experiment refs count (``refs/exps/<2 hex>/<rest of the baseline
@@ -241,6 +244,7 @@ class ModelProvenance:
     data_note: str = ""  # why the data are unknown
     metrics: dict[str, Any] = field(default_factory=dict)
     metrics_from: str | None = None
+    registry: dict[str, Any] | None = None  # name, version, stage, commit (registry models)
 
     @property
     def synthetic(self) -> bool:
@@ -248,6 +252,10 @@ class ModelProvenance:
 
     @property
     def origin(self) -> str:
+        if self.registry:
+            r = self.registry
+            stage = f", stage {r['stage']}" if r.get("stage") else ""
+            return f"model registry `{r['name']}` {r['version']}{stage}, git commit `{self.commit}`"
         if self.experiment is not None:
             return f"DVC experiment `{self.experiment.name}` ({self.experiment.sha[:7]})"
         if self.commit:
@@ -274,6 +282,7 @@ class ModelProvenance:
             "data_from": self.data_from,
             "synthetic_data": self.synthetic,
             "data": self.data_text(),
+            **({"registry": dict(self.registry)} if self.registry else {}),
         }
 
     def markdown(self) -> str:
@@ -350,12 +359,15 @@ def collect(
     root: Path = Path("."),
     metrics_files: dict[str, Path] | None = None,
     evaluated: Sequence[Path] = (),
+    registry: dict[str, Any] | None = None,
 ) -> Provenance:
     """The provenance of the served models (absent ones reported as such).
 
     ``evaluated``: models the classification evaluation names (its decision block): their data
     and figures are the pipeline's. ``metrics_files``: {role: headline metrics file} (default:
-    the pipeline's, under ``root``).
+    the pipeline's, under ``root``). ``registry``: {role: ``stages.serve.registry.ServedModel``}
+    for models served from the model registry: their records (dvc.lock, model card, metrics)
+    are those of the version's commit, in its cache folder, not this checkout's.
     """
     root = Path(root)
     git = _Git.read(root)
@@ -368,10 +380,15 @@ def collect(
     data_cache: dict[str, tuple[dict, dict, str] | None] = {}
     roles = [("classifier", Path(p)) for p in classifiers]
     roles += [("detector", Path(detector))] if detector is not None else []
+    registry = registry or {}
     for role, path in roles:
-        model = _model(role, path, root, git, workspace_lock)
+        served = registry.get(role)
+        if served is not None:
+            model, role_root = _registry_model(role, path, served), Path(served.root)
+        else:
+            model, role_root = _model(role, path, root, git, workspace_lock), root
         task = ROLE_TASK[role]
-        rel = _relative(path, root)
+        rel = _relative(path, role_root)
         pipeline = (
             rel == task.model.as_posix()
             or rel in evaluated_rel
@@ -388,13 +405,15 @@ def collect(
             )
         else:
             if role not in data_cache:
-                data_cache[role] = task_data(task, root)
+                data_cache[role] = task_data(task, role_root)
             found = data_cache[role]
             if found is None:
                 model.data_note = "no split, cache or model card of the pipeline found"
             else:
                 model.trained_on, model.tested_on, model.data_from = found
             metrics_path = metrics_files.get(role)
+            if served is not None:
+                metrics_path = role_root / task.metrics
             if metrics_path is not None and Path(metrics_path).is_file():
                 doc = read_json(metrics_path)
                 keys = CLASSIFIER_KEYS if role == "classifier" else DETECTOR_KEYS
@@ -405,6 +424,22 @@ def collect(
         if model.experiment and model.experiment.name not in prov.experiments:
             prov.experiments.append(model.experiment.name)
     return prov
+
+
+def _registry_model(role: str, path: Path, served: Any) -> ModelProvenance:
+    """A registry version: checked against the dvc.lock of its own commit."""
+    model = ModelProvenance(role=role, path=str(path), state="absent")
+    model.registry = served.to_json()
+    model.commit = served.commit[:7]
+    if not path.is_file():
+        return model
+    model.md5 = md5 = _md5(path)
+    locked = lock_md5s(Path(served.root) / paths.DVC_LOCK).get(served.artifact.path)
+    if locked == md5:
+        model.state = f"matches the dvc.lock of {served.commit[:7]} (md5 {md5[:8]})"
+    else:
+        model.state = f"differs from the dvc.lock of {served.commit[:7]}"
+    return model
 
 
 def _model(
