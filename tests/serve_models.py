@@ -31,7 +31,7 @@ from PIL import Image
 import stages  # noqa: F401  (torch before TensorFlow)
 from stages.classifier.augment import ClassificationPolicy
 from stages.common import paths
-from stages.common.cache import write_meta, write_policy, write_split
+from stages.common.cache import split_path, write_meta, write_policy, write_split
 from stages.common.config import parse, to_dict
 from stages.common.utils import write_json
 from stages.detector.config import TrainDetectorConfig
@@ -147,7 +147,7 @@ def _write_data_records(base: Path) -> None:
         folder = base / paths.CLASSIFICATION.split
         folder.mkdir(parents=True, exist_ok=True)
         rows.to_csv(folder / f"{split}.csv", index=False)
-        index = base / paths.DETECTION.augment / split
+        index = split_path(base / paths.DETECTION.augment, split)
         index.mkdir(parents=True, exist_ok=True)
         rows.assign(source="synthetic").to_csv(index / "index.csv", index=False)
 
@@ -179,7 +179,11 @@ def tiny_models(base: Path) -> dict[str, Path]:
     return _BUILT[base]
 
 
-def _save_keras(model, path: Path, size: int, resize: str, intensity: str, arch: str) -> Path:
+def _save_keras(
+    model, path: Path, size: int, resize: str, intensity: str, arch: str, **lungs
+) -> Path:
+    """Save ``model`` with its sidecar; ``lungs``: ClassifierInfo's lungs fields (lungs,
+    lungs_margin, lungs_segmenter) of a lung-aware model."""
     from stages.classifier.predict import ClassifierInfo, save_info
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +198,7 @@ def _save_keras(model, path: Path, size: int, resize: str, intensity: str, arch:
         arch=arch,
         resize=resize,
         intensity=intensity,
+        **lungs,
     )
     save_info(path, info)
     return path
@@ -224,7 +229,7 @@ LEFT_WEIGHT = 0.02  # per grey level of the mean of the image's left half
 
 
 def left_half_classifier(
-    path: Path, size: int = 32, resize: str = "pad", intensity: str = "none"
+    path: Path, size: int = 32, resize: str = "pad", intensity: str = "none", **lungs
 ) -> Path:
     """P(PNEUMONIA) = sigmoid(LEFT_WEIGHT * mean(left half of the input) - 1), see
     ``left_half_probability``: a mirrored image gets another probability (what TTA averages),
@@ -237,7 +242,7 @@ def left_half_classifier(
     kernel = np.zeros((size, size), np.float32)
     kernel[:, : size // 2] = LEFT_WEIGHT / (size * (size // 2))
     head.set_weights([kernel.reshape(-1, 1), np.array([-1.0], np.float32)])
-    return _save_keras(model, path, size, resize, intensity, "left_half")
+    return _save_keras(model, path, size, resize, intensity, "left_half", **lungs)
 
 
 def left_half_probability(x: np.ndarray) -> float:

@@ -62,7 +62,7 @@ def test_dvc_yaml_lists_every_model_with_the_paths_module_paths():
     cls, det = artifacts["classifier"], artifacts["detector"]
     c, d = paths.CLASSIFICATION, paths.DETECTION
     assert cls.path == paths.CLASSIFIER_MODEL.as_posix()
-    assert cls.companions == (paths.CLASSIFIER_SIDECAR.as_posix(),)
+    assert cls.companions == (paths.CLASSIFIER_SIDECAR.as_posix(), paths.SEGMENTER_MODEL.as_posix())
     assert cls.decision == c.evaluation.as_posix()
     assert (cls.metrics, cls.card) == (
         c.metrics.as_posix(),

@@ -239,11 +239,14 @@ def create(
     min_score: float = MIN_SCORE,
     example_dir: Path | None = None,
     registry: dict[str, Any] | None = None,
+    segmenter: Path | None = None,
 ) -> tuple[gr.Blocks, Predictor]:
     """Load the models and build the page (what ``main`` and the tests start). The test-split
     examples are copied into ``example_dir`` and shown from there (None: no examples);
     ``registry``: {role: ServedModel} of the models fetched from the model registry."""
-    predictor = Predictor(classifiers, detector, metrics, min_score, registry=registry)
+    predictor = Predictor(
+        classifiers, detector, metrics, min_score, registry=registry, segmenter_path=segmenter
+    )
     about, warning = page_texts(predictor)
     examples = copy_examples(split_examples(), example_dir) if example_dir is not None else []
     return build_app(predictor, about, examples, warning), predictor
@@ -383,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.min_score,
                 examples,
                 registry=chosen.registry,
+                segmenter=chosen.segmenter,
             )
             for text in predictor.missing.values():
                 log.warning("%s", text)

@@ -26,6 +26,7 @@ TensorFlow and torch are imported only when a model is loaded. No run command (s
 
 from __future__ import annotations
 
+import hashlib
 import math
 import pickle
 import threading
@@ -43,7 +44,7 @@ from stages.common.cache import INTENSITY_MODES, prepare_gray
 from stages.common.imageio import MAX_PIXELS, ImageRejected, decode_gray_bytes, load_gray
 from stages.common.utils import StageError, float_in, read_json
 from stages.serve import provenance
-from stages.serve.render import boxes_to_original, cam_to_original, draw_boxes
+from stages.serve.render import boxes_to_original, cam_to_original, draw_boxes, draw_outline
 
 CLASSIFIER_PATH = paths.CLASSIFIER_MODEL
 DETECTOR_PATH = paths.DETECTOR_MODEL
@@ -269,6 +270,32 @@ def _load_sidecar(path: Path) -> Any:
     return info
 
 
+def load_lungs_checked(info: Any, segmenter_path: Path) -> Any:
+    """The segmenter a lung-aware classifier was trained with (its sidecar's md5), loaded, or a
+    StageError naming what to fetch: another segmenter would show the model other lungs."""
+    from stages.segmenter.predict import LungSegmenter
+
+    path = Path(segmenter_path)
+    if not path.is_file():
+        raise StageError(
+            f"the classifier was trained on lungs {info.lungs} and needs its segmenter, but "
+            f"{path} is absent: `dvc pull {path}` (or `dvc repro train-segmenter`)"
+        )
+    if info.lungs_segmenter:
+        h = hashlib.md5()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != info.lungs_segmenter:
+            raise StageError(
+                f"{path} is not the segmenter the classifier was trained with (md5 "
+                f"{h.hexdigest()[:12]}, the model's sidecar says {info.lungs_segmenter[:12]}): "
+                "check out the segmenter of the classifier's commit (`dvc checkout`, or serve "
+                "both from the registry)"
+            )
+    return LungSegmenter(path)
+
+
 def load_detector_checked(path: Path) -> tuple[Any, Any, list[str], dict[str, Any]]:
     """(model, config, classes, checkpoint) of a detector file, or a one-line ``StageError``.
 
@@ -301,6 +328,7 @@ class Prediction:
     classification: dict[str, Any] | None = None
     detection: dict[str, Any] | None = None
     gradcam: np.ndarray | None = None  # float32 (H, W) in [0, 1]
+    lungs: np.ndarray | None = None  # bool (H, W): the segmenter's lungs (a lung-aware model)
     timings_ms: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -346,6 +374,7 @@ class Predictor:
         max_pixels: int = MAX_PIXELS,
         provenance_root: Path | None = Path("."),
         registry: dict[str, Any] | None = None,
+        segmenter_path: Path | None = None,
     ) -> None:
         self.max_pixels, self.min_score = max_pixels, min_score
         self.served: dict[str, Any] = dict(registry or {})
@@ -358,6 +387,9 @@ class Predictor:
         self.classifier_paths = _as_paths(classifier, Path(metrics_path))
         self.detector_path = detector_path
         self._load_classifiers(Path(metrics_path))
+        self.lungs = None
+        if self.info is not None and self.info.lungs != "none":
+            self.lungs = load_lungs_checked(self.info, segmenter_path or paths.SEGMENTER_MODEL)
         if detector_path is not None and Path(detector_path).is_file():
             self.detector, cfg, self.det_classes, ckpt = load_detector_checked(detector_path)
             self.det_size = int(ckpt.get("image_size") or cfg.min_size)
@@ -472,8 +504,9 @@ class Predictor:
         with self._lock:
             if self.classifier is not None:
                 t0 = time.perf_counter()
-                pred.classification, x, affine = self._classify(gray)
+                pred.classification, x, affine, lungs = self._classify(gray)
                 pred.timings_ms["classify"] = (time.perf_counter() - t0) * 1000
+                pred.lungs = lungs.mask if lungs is not None else None
                 if gradcam:
                     t0 = time.perf_counter()
                     index = self.info.classes.index(pred.classification["gradcam_class"])
@@ -494,9 +527,30 @@ class Predictor:
         return self._gradcam
 
     def preprocess_classifier(self, gray: np.ndarray) -> tuple[np.ndarray, Any]:
-        """The classifier's input (S, S) uint8 and the affine: the augment cache's code."""
+        """The classifier's input (S, S) uint8 and the affine from the film: the augment
+        cache's code, after the lungs' preprocessing when the model was trained with it."""
+        x, affine, _ = self.preprocess_with_lungs(gray)
+        return x, affine
+
+    def preprocess_with_lungs(self, gray: np.ndarray) -> tuple[np.ndarray, Any, Any]:
+        """(input, affine from the film, the segmenter's ``Lungs`` or None): what augment does
+        (``stages.common.lungs.apply`` before ``prepare_gray``), so serve = train."""
         info = self.info
-        return prepare_gray(gray, info.image_size, info.resize, info.intensity)
+        if self.lungs is None:
+            x, affine = prepare_gray(gray, info.image_size, info.resize, info.intensity)
+            return x, affine, None
+        from stages.common.cache import Affine
+        from stages.common.lungs import apply, grow
+
+        found = self.lungs.segment([gray], margin=0.0)[0]
+        film, _ = apply(gray, found.mask, found.box, info.lungs, info.lungs_margin)
+        x, affine = prepare_gray(film, info.image_size, info.resize, info.intensity)
+        if info.lungs == "crop" and found.found:  # the crop's offset, so maps land on the film
+            x0, y0, _, _ = grow(found.box, info.lungs_margin, gray.shape)
+            affine = Affine(
+                affine.sx, affine.sy, affine.tx - affine.sx * x0, affine.ty - affine.sy * y0
+            )
+        return x, affine, found
 
     def preprocess_detector(self, gray: np.ndarray) -> tuple[np.ndarray, Any]:
         """The detector's input (S, S) uint8 and the affine, with the checkpoint's modes."""
@@ -514,9 +568,10 @@ class Predictor:
             proba = apply_temperature(proba, self.rule.temperature).astype(np.float32)
         return proba
 
-    def _classify(self, gray: np.ndarray) -> tuple[dict[str, Any], np.ndarray, Any]:
+    def _classify(self, gray: np.ndarray) -> tuple[dict[str, Any], np.ndarray, Any, Any]:
+        """(result, the model's input, its affine from the film, the lungs found or None)."""
         rule = self.rule
-        x, affine = self.preprocess_classifier(gray)
+        x, affine, lungs = self.preprocess_with_lungs(gray)
         proba = self.probabilities(x[None])[0]
         classes = list(self.info.classes)
         pos_idx = [classes.index(c) for c in rule.positives]
@@ -540,9 +595,16 @@ class Predictor:
             "top_class": classes[int(np.argmax(proba))],
             "gradcam_class": cam_class,
         }
+        if lungs is not None:  # a lung-aware model: what it was shown
+            result["lungs"] = {
+                "mode": self.info.lungs,
+                "found": bool(lungs.found),
+                "box_xyxy": [int(v) for v in lungs.box],
+                "lung_share": round(float(lungs.mask.mean()), 4),
+            }
         if self.model_records:
             result["models"] = self.model_records["classifier"]
-        return result, x, affine
+        return result, x, affine, lungs
 
     def run_detector(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """The detector on one preprocessed (S, S) image: boxes in model-input pixels."""
@@ -573,11 +635,13 @@ class Predictor:
 
     # ------------------------------------------------------------------------------ pictures
     def gradcam_overlay(self, gray: np.ndarray, pred: Prediction) -> np.ndarray | None:
+        """The Grad-CAM over the film; with a lung-aware model, the lungs it was given outlined."""
         if pred.gradcam is None:
             return None
         from stages.classifier.gradcam import overlay
 
-        return overlay(gray, pred.gradcam)
+        picture = overlay(gray, pred.gradcam)
+        return draw_outline(picture, pred.lungs) if pred.lungs is not None else picture
 
     def boxes_image(self, gray: np.ndarray, pred: Prediction) -> np.ndarray | None:
         if pred.detection is None:

@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen.evaluation,
         args.min_score,
         registry=chosen.registry,
+        segmenter_path=chosen.segmenter,
     )
     for note in predictor.notes + list(predictor.missing.values()):
         print(f"note: {note}", file=sys.stderr)

@@ -708,6 +708,7 @@ class Selection:
     detector: Path | None
     evaluation: Path
     registry: dict[str, ServedModel] = field(default_factory=dict)  # role -> version
+    segmenter: Path | None = None  # the lungs of a lung-aware classifier (its version's own)
 
 
 def _role_of_path(value: str) -> str:
@@ -767,9 +768,12 @@ def select(
         raise StageError("more than one detector given: serve one")
     cls = [served["classifier"].path] if "classifier" in served else files["classifier"]
     det = served["detector"].path if "detector" in served else next(iter(files["detector"]), None)
+    segmenter = None
     if "classifier" in served:
         evaluation = served["classifier"].decision
-    return Selection(cls or None, det, evaluation, served)
+        if paths.SEGMENTER_MODEL.as_posix() in served["classifier"].artifact.companions:
+            segmenter = served["classifier"].root / paths.SEGMENTER_MODEL
+    return Selection(cls or None, det, evaluation, served, segmenter)
 
 
 def copy_out(model: ServedModel, out: Path) -> list[Path]:

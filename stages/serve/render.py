@@ -25,13 +25,35 @@ _COLOURS = ((255, 64, 64), (64, 200, 255), (255, 200, 0), (120, 255, 120), (255,
 
 
 def cam_to_original(cam: np.ndarray, affine: Affine, shape: tuple[int, int]) -> np.ndarray:
-    """Undo the resize: crop the padded border (pad mode) and scale back to ``shape`` (H, W)."""
+    """Undo the resize: crop the padded border (pad mode) and scale back to ``shape`` (H, W).
+    A film cropped to its lungs first (a negative offset) gets the map inside the crop, 0
+    around it."""
     h, w = shape
+    if affine.tx < 0 or affine.ty < 0:
+        src = Image.fromarray(np.ascontiguousarray(cam, dtype=np.float32), mode="F")
+        # each film pixel's centre, in cache pixels: x' = sx * x + tx (PIL maps output -> input)
+        data = (affine.sx, 0.0, affine.tx + 0.5 * affine.sx - 0.5, 0.0, affine.sy,
+                affine.ty + 0.5 * affine.sy - 0.5)  # fmt: skip
+        out = src.transform((w, h), Image.Transform.AFFINE, data, Image.Resampling.BILINEAR)
+        return np.clip(np.asarray(out), 0.0, 1.0).astype(np.float32)
     nw, nh = max(1, round(affine.sx * w)), max(1, round(affine.sy * h))
     left, top = int(affine.tx), int(affine.ty)
     inner = np.ascontiguousarray(cam[top : top + nh, left : left + nw], dtype=np.float32)
     out = np.asarray(Image.fromarray(inner, mode="F").resize((w, h), Image.Resampling.BILINEAR))
     return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def draw_outline(rgb: np.ndarray, mask: np.ndarray, colour=(0, 255, 0)) -> np.ndarray:
+    """``rgb`` (H, W, 3) with the border of the bool ``mask`` (H, W) drawn in ``colour``: the
+    lungs a lung-aware classifier was given."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    width = max(1, round(min(mask.shape) / 200))
+    edge = mask & ~ndimage.binary_erosion(mask, iterations=width)
+    out = np.array(rgb, copy=True)
+    out[edge] = colour
+    return out
 
 
 def boxes_to_original(boxes: np.ndarray, affine: Affine, shape: tuple[int, int]) -> np.ndarray:
@@ -80,4 +102,4 @@ def save_png(rgb: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["boxes_to_original", "cam_to_original", "draw_boxes", "save_png"]
+__all__ = ["boxes_to_original", "cam_to_original", "draw_boxes", "draw_outline", "save_png"]
