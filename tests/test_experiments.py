@@ -180,10 +180,9 @@ def test_titles_are_unique_and_name_the_configured_size():
     assert all(titles) and len(set(titles)) == len(titles)
     for e in X.EXPERIMENTS.values():
         assert not {"target", "placeholder"} & set(e.title.lower().replace("(", " ").split())
-        params = dict(e.set_params)
         for size in re.findall(r"(\d+) px", e.title):
-            key = f"augment.{e.target.split('@')[1]}.image_size"
-            got = params.get(key, 128)  # a recipe leaves the 128 px default unset
+            section = f"augment.{e.target.split('@')[1]}"
+            got = resolve(X.resolved_params(e.name))[section]["image_size"]
             assert got == int(size), f"{e.name}: title says {size} px, params {got}"
 
 

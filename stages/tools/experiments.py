@@ -41,7 +41,7 @@ _PLAIN = re.compile(r"[A-Za-z_./][A-Za-z0-9_./\-]*")  # strings Hydra reads back
 _KEY = re.compile(r"[A-Za-z0-9_./\-]+")  # Hydra dict keys cannot be quoted
 _RESERVED = {"null", "true", "false", "nan", "inf"}
 _FIELDS = {"title", "description", "params", "published", "target", "table", "row", "seeds"}
-_FIELDS |= {"ensemble"}
+_FIELDS |= {"ensemble", "when_present"}
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,19 @@ class Experiment:
     row: tuple[str, ...] = ()
     seeds: tuple[int, ...] = ()
     ensemble: bool = False
+    # (folder under the data root, overrides applied instead when it exists): an external test
+    # set the maintainers hold out is scored when it is there, the grouped hold-out otherwise
+    when_present: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def params_for(self, data_root: str = DEFAULT_DATA_ROOT) -> tuple[tuple[str, Any], ...]:
+        """``set_params`` with the ``when_present`` overrides of the folders that exist under
+        ``data_root`` (a key given there replaces the recipe's, a new key is added)."""
+        merged = dict(self.set_params)
+        for folder, extra in self.when_present:
+            if (Path(data_root) / folder).is_dir():
+                merged.update(extra)
+        return tuple(merged.items())
 
 
 def _frozen(value: Any) -> Any:
@@ -111,6 +123,10 @@ def _experiment(name: str, entry: Any) -> Experiment:
         row=tuple(str(r) for r in entry.get("row", ())),
         seeds=tuple(int(s) for s in entry.get("seeds", ())),
         ensemble=bool(entry.get("ensemble", False)),
+        when_present=tuple(
+            (str(folder), tuple((str(k), _frozen(v)) for k, v in extra.items()))
+            for folder, extra in (entry.get("when_present") or {}).items()
+        ),
     )
 
 
@@ -205,7 +221,7 @@ def overrides_for(
     params.yaml lists, ``++key=value`` (add or change) for one it leaves to the defaults."""
     params = read_params(PARAMS_FILE) if params is None else params
     out = []
-    for key, value in get(name).set_params:
+    for key, value in get(name).params_for(data_root):
         prefix = "" if listed(key, params) else "++"
         out.append(f"{prefix}{key}={format_value(_resolve(value, data_root))}")
     return out

@@ -218,7 +218,7 @@ def check_params(runs: Sequence[Run], data_root: str, params_file: str | Path = 
 
 def missing_inputs(name: str, data_root: str) -> list[str]:
     """Local data folders experiment ``name`` reads below ``data_root`` that do not exist."""
-    params = dict(X.get(name).set_params)
+    params = dict(X.get(name).params_for(data_root))
     found: list[str] = []
     if params.get("data.root") != X.ROOT:
         return found

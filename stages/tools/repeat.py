@@ -44,7 +44,8 @@ from stages.tools import queue as Q
 from stages.tools import weights as W
 
 log = logging.getLogger("stages.tools.repeat")
-FIGURES = ("accuracy", "roc_auc", "specificity", "sensitivity", "n_test")
+FIGURES = ("accuracy", "roc_auc", "specificity", "sensitivity", "cam_in_lungs", "n_test")
+FINISHED = FIGURES[:4]  # a finished run has these (cam_in_lungs needs a model Grad-CAM reads)
 # Hold-out (validation) figures of the training run, beside the test ones: the gap between the
 # two is the distribution shift; the largest epoch-to-epoch fall says whether training was stable.
 HOLDOUT = {"val_accuracy": "val acc", "val_auc": "val AUC", "val_accuracy_max_drop": "max val drop"}
@@ -131,7 +132,7 @@ def render(
     for run, figs in results.items():
         cells = [_fmt(figs.get(k)) for k in (*FIGURES, *HOLDOUT)]
         lines.append(f"| `{run}` | " + " | ".join(cells) + " |")
-    done = [f for f in results.values() if all(f.get(k) is not None for k in FIGURES[:-1])]
+    done = [f for f in results.values() if all(f.get(k) is not None for k in FINISHED)]
     if len(done) > 1:  # a mean +- sd of one run says nothing
         cells = []
         for k in (*FIGURES[:-1], None, *HOLDOUT):
