@@ -31,6 +31,8 @@ def evaluate(
     schema = task_module(task, "config").EVALUATE_CONFIG
     cfg = load_section(schema, f"evaluate.{task}", params_path)
     half = task_module(task, "evaluate")  # the other task's package is never imported
+    # the classifier's cam_in_lungs reads the test films' lungs (lungs@classification)
+    meter = {"lungs_meter": p.lungs_meter} if task == "classification" else {}
     return half.run(
         cfg,
         cache_dir=p.augment,
@@ -38,6 +40,7 @@ def evaluate(
         metrics_path=p.metrics,
         report_dir=p.report_dir,
         training_path=p.training,
+        **meter,
     )
 
 

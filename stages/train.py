@@ -4,11 +4,12 @@ best epoch by validation.
 Inputs:  data/augment/<task>/fit/ (meta.json, policy.json, train/, val/: ``stages.common.cache``);
          params ``train_<model>`` (``stages.<package>.config.TRAIN_CONFIG``)
 Outputs: the task's model (models/classifier.keras + its models/classifier.meta.json sidecar,
-         models/detector.pt), reports/live/<model>/ (dvclive's per-epoch curves, and
-         training.json: VALIDATION figures at the best epoch, never test) and, for the tasks
-         that resume (the detector), models/<model>_ckpt/ (checkpoints while a run is
-         unfinished; ``persist: true`` in dvc.yaml, so an interrupted `dvc repro` continues)
-Run:     python -m stages.train --task classification|detection [--params params.yaml]
+         models/detector.pt, models/segmenter.pt) and reports/live/<model>/ (dvclive's
+         per-epoch curves, and training.json: VALIDATION figures at the best epoch, never test),
+         both DVC-tracked, so the run cache restores the stage. The tasks that resume (detector,
+         segmenter) keep checkpoints in models/<model>_ckpt/ while a run is unfinished: not a
+         DVC out (git-ignored), so DVC leaves it alone and an interrupted `dvc repro` continues.
+Run:     python -m stages.train --task classification|detection|segmentation [--params ...]
          torchrun --nproc_per_node N -m stages.train --task detection   (DistributedDataParallel)
 
 The cores are ``stages.classifier.train.train`` and ``stages.detector.train.train``; only the

@@ -27,7 +27,7 @@ def _data(lr: float, epochs: int, acc: float, det_map: float = 0.25) -> dict:
         }
     }
     metrics = {
-        CLS: {"data": {"accuracy": acc, "roc_auc": 0.9, "specificity": 0.8, "sensitivity": 0.7}},
+        CLS: {"data": {"accuracy": acc, "roc_auc": 0.9, "specificity": 0.8, "cam_in_lungs": 0.5}},
         DET: {"data": {"map": det_map, "map_50": 0.7, "froc": 0.6}},
     }
     return {"params": params, "metrics": metrics, "timestamp": "2026-12-07T05:00:00"}
@@ -54,8 +54,8 @@ def show() -> list:
 def test_rows_show_changed_params_and_only_varying_tasks():
     t = C.table(C.rows(show()))
     assert t.header == [
-        "experiment", "state", "acc", "auc", "spec", "sens", "learning_rate", "epochs"
-    ] or t.header == ["experiment", "state", "acc", "auc", "spec", "sens", "epochs",
+        "experiment", "state", "acc", "auc", "spec", "cam", "learning_rate", "epochs"
+    ] or t.header == ["experiment", "state", "acc", "auc", "spec", "cam", "epochs",
                       "learning_rate"]  # fmt: skip
     by_name = {r[0].strip(): dict(zip(t.header, r, strict=True)) for r in t.rows}
     assert by_name["lr-high"]["acc"] == "0.860" and by_name["lr-high"]["learning_rate"] == "0.01"

@@ -2,7 +2,7 @@
 git+DVC copy of this repository, built once by tests/dvc_helpers.py).
 
 Checks what users rely on: `dvc repro` built everything, a second `dvc repro` runs nothing, the
-classification and detection chains never invalidate each other, `dvc exp run -S` re-runs only
+task chains never invalidate each other, the run cache restores a configuration run before, `dvc exp run -S` re-runs only
 the stages that read the changed key, and `dvc exp show` is readable: its columns are the few
 params and the test figures, which a 160-column terminal never folds.
 """
@@ -44,7 +44,7 @@ DET_STAGES = {
     "train-detector",
     "evaluate@detection",
 }
-FIGURES = {"accuracy", "roc_auc", "specificity", "sensitivity", "map", "map_50", "froc"}
+FIGURES = {"accuracy", "roc_auc", "specificity", "cam_in_lungs", "map", "map_50", "froc"}
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +72,15 @@ def test_repro_builds_every_output(built: Path) -> None:
         assert (built / path).exists(), path
     cls = json.loads((built / "metrics/classifier.json").read_text())
     det = json.loads((built / "metrics/detector.json").read_text())
-    assert set(cls) == {"accuracy", "roc_auc", "specificity", "sensitivity"}
+    assert set(cls) == {"accuracy", "roc_auc", "specificity", "cam_in_lungs"}
     assert all(0.0 <= v <= 1.0 for v in cls.values())
     assert set(det) == {"map", "map_50", "froc"}
+    seg = json.loads((built / "metrics/segmenter.json").read_text())
+    assert set(seg) == {"n_test", "dice", "iou", "hd95"} and 0.0 <= seg["dice"] <= 1.0
     # What `dvc metrics show` compares: the test figures of each task, each name once.
     shown = json.loads(dvc(built, "metrics", "show", "--json"))
     files = {path for entry in shown.values() for path in entry.get("data", {})}
-    assert files == {"metrics/classifier.json", "metrics/detector.json"}
+    assert files == {f"metrics/{m}.json" for m in ("classifier", "detector", "segmenter")}
 
 
 def test_second_repro_runs_nothing(built: Path) -> None:
@@ -149,6 +151,30 @@ def test_exp_run_as_is_reruns_only_classifier_and_reports_metrics(built: Path) -
     assert '"asis"' in text
     found = experiment_metrics(shown, "asis")
     assert 0.0 <= found["accuracy"] <= 1.0 and 0.0 <= found["roc_auc"] <= 1.0
+
+
+def test_run_cache_restores_augment_lungs_and_training_instead_of_running_them(built) -> None:
+    """A configuration run once is restored, not recomputed, when it comes back (a queued
+    seed, a teammate after `dvc pull --run-cache`): every stage but the cheap reports keeps a
+    run-cache record (no untracked plain output, no persist), so `dvc repro` of a changed and
+    then restored param checks the outputs out of the cache."""
+    before = (built / "params.yaml").read_text()
+    model = _digest(built / "models/segmenter.pt")
+    try:
+        size = yaml.safe_load(before)["augment"]["segmentation"]["image_size"]
+        _set_param(built, "augment.segmentation.image_size", size - 16)
+        ran = ran_stages(dvc(built, "repro"))
+        assert {"augment@segmentation", "train-segmenter", "lungs@classification"} <= ran, ran
+        assert not ran & {"train-classifier", "augment@classification"}, ran  # lungs: none
+        (built / "params.yaml").write_text(before)
+        out = dvc(built, "repro")
+        cached = set(re.findall(r"Stage '([^']+)' is cached - skipping run", out))
+        assert {"augment@segmentation", "train-segmenter", "lungs@classification"} <= cached, out
+        assert not ran_stages(out) & cached, out[-3000:]
+        assert _digest(built / "models/segmenter.pt") == model
+        assert "changed" not in dvc(built, "status")
+    finally:
+        (built / "params.yaml").write_text(before)
 
 
 def test_bad_value_stops_before_any_output_is_removed(built: Path) -> None:

@@ -172,11 +172,7 @@ def test_every_stage_output_path_comes_from_the_paths_module():
         expected[f"evaluate@{task}"] = {p.report_dir.as_posix(), p.metrics.as_posix()}
     expected["lungs@classification"] = {paths.CLASSIFICATION.lungs.as_posix()}
     for p in (paths.task_paths(t) for t in paths.TASKS if t != "classification"):
-        expected[f"train-{p.name}"] = {
-            p.model.as_posix(),
-            p.checkpoints.as_posix(),
-            p.live_dir.as_posix(),
-        }
+        expected[f"train-{p.name}"] = {p.model.as_posix(), p.live_dir.as_posix()}
     c = paths.CLASSIFICATION
     expected["train-classifier"] = {
         paths.CLASSIFIER_MODEL.as_posix(),
@@ -186,6 +182,27 @@ def test_every_stage_output_path_comes_from_the_paths_module():
 
     got = {e.name: set(e.outs) for e in stage_entries()}
     assert got == expected
+
+
+def test_the_expensive_stages_keep_run_cache_records():
+    """DVC keeps no run-cache record of a stage with a persist output or a plain cache: false
+    output (dvc/stage/__init__.py, Stage.run): only the cheap stages that write git-tracked
+    reports (check-params, split, evaluate) may have one, so a queued run or a teammate restores
+    download, lungs, augment and training instead of recomputing them."""
+    from dvc.repo import Repo
+
+    cheap = ("check-params", "split@", "evaluate@")
+    with Repo(str(REPO)) as repo:
+        blocked = {
+            stage.addressing: [
+                o.def_path
+                for o in stage.outs
+                if o.persist or not o.use_cache and not (o.is_metric or o.is_plot)
+            ]  # fmt: skip
+            for stage in repo.index.stages
+        }
+    blocked = {k: v for k, v in blocked.items() if v and not k.startswith(cheap)}
+    assert not blocked, blocked
 
 
 def test_no_module_holds_a_pipeline_path_of_its_own():

@@ -354,6 +354,7 @@ def team(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("registry")
     one, origin, store = base / "one", base / "origin.git", base / "dvc-store"
     shutil.copytree(built.path, one, symlinks=True)
+    (one / ".dvc" / "config.local").unlink(missing_ok=True)  # a clone has no local remotes
     shutil.copy2(REPO / ".gto", one / ".gto")
     env = {**tool_env(), registry.CACHE_ENV: str(base / "cache")}
     git(base, "init", "-q", "--bare", str(origin))
@@ -410,7 +411,10 @@ def test_the_page_names_the_registry_version(team, monkeypatch):
     monkeypatch.chdir(team["two"])
     monkeypatch.setenv(registry.CACHE_ENV, team["env"][registry.CACHE_ENV])
     sel = registry.select(["classifier@prod"], None, None, None, Path("x"), "default", Path("d"))
-    demo, predictor = create(sel.classifier, sel.detector, sel.evaluation, 0.3, sel.registry)
+    demo, predictor = create(
+        sel.classifier, sel.detector, sel.evaluation, 0.3, registry=sel.registry,
+        segmenter=sel.segmenter,
+    )  # fmt: skip
     texts = {
         c.get("props", {}).get("elem_id"): str(c.get("props", {}).get("value", ""))
         for c in demo.config["components"]

@@ -178,7 +178,7 @@ def source_keys(paths: pd.Series) -> np.ndarray:
     )
 
 
-HEADLINE = ("accuracy", "roc_auc", "specificity", "sensitivity")
+HEADLINE = ("accuracy", "roc_auc", "specificity")  # sensitivity: evaluation.json's recall
 
 
 def headline(doc: dict) -> dict:
@@ -188,7 +188,7 @@ def headline(doc: dict) -> dict:
     0.5, confusion matrix, multi-class tables) is in reports/classifier/evaluation.json; with
     several test sets each adds its accuracy and ROC-AUC. Keys carry no dots (DVC flattens
     nested keys with them)."""
-    out = {key: doc["recall" if key == "sensitivity" else key] for key in HEADLINE}
+    out = {key: doc[key] for key in HEADLINE}
     if doc.get("cam_in_lungs"):  # where it looks: the share of Grad-CAM mass in the lungs
         out["cam_in_lungs"] = doc["cam_in_lungs"]["all"]
     if "multiclass_accuracy" in doc:
@@ -273,8 +273,8 @@ def run(
 ) -> dict:
     """Evaluate the model (or the mean of several: an ensemble) on the cache's val/test splits;
     write the headline metrics and the report folder. Returns the full evaluation document.
-    ``lungs_meter``: the test films' lungs (``stages.lungs``), for cam_in_lungs (default the
-    pipeline's; without lungs there, in the cache or here, cam_in_lungs is left out)."""
+    ``lungs_meter``: the test films' lungs (``stages.lungs``), for cam_in_lungs (the stage
+    passes the pipeline's; without lungs there or in the cache, cam_in_lungs is left out)."""
     from stages.classifier import meter, predict, report  # TensorFlow / matplotlib: only here
 
     seed_everything(cfg.seed)
@@ -325,9 +325,7 @@ def run(
         predicted = [classes[v] for v in proba["test"].argmax(axis=1)]
 
     # Where it looks: Grad-CAM mass inside the segmenter's lungs, over the test images.
-    masks = meter.lung_masks(
-        splits["test"], rows["test"], Path(lungs_meter or paths.CLASSIFICATION.lungs_meter)
-    )
+    masks = meter.lung_masks(splits["test"], rows["test"], lungs_meter)
     share = cams = kinds = None
     if masks is not None:
         pos = positive_indices(classes, cfg.positives)

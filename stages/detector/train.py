@@ -4,8 +4,7 @@ detection augment cache, validates every epoch and keeps the best epoch by valid
 Inputs: the cache's meta.json, policy.json, train/, val/ (``stages.common.cache``) and a
 ``TrainDetectorConfig``. Outputs: the model file (``stages.detector.model.save_detector``), the
 VALIDATION metrics json, dvclive logs and resumable checkpoints (``last.pt`` every epoch,
-``best.pt``) in the checkpoint folder, replaced by a small ``complete.json`` marker when the run
-finishes. Runs in one process or under torchrun (DistributedDataParallel; gloo on CPU, nccl on
+``best.pt``) in the checkpoint folder, removed when the run finishes. Runs in one process or under torchrun (DistributedDataParallel; gloo on CPU, nccl on
 GPU; rank 0 validates, logs and writes every file). Called by ``python -m stages.train --task detection``
 and by the tests; no run command of its own.
 """
@@ -15,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -224,24 +224,15 @@ def _train(
         }
         save_detector(model_path, model, cfg, classes, extra)
         write_json(summary_path, metrics)
-        _finish_checkpoints(ckpt_dir, best)
+        _finish_checkpoints(ckpt_dir)
     E.barrier(info)
     return metrics
 
 
-def _finish_checkpoints(ckpt_dir: Path, best: dict[str, Any]) -> None:
-    """After a finished run the weights live in the model file: drop the resume checkpoints so
-    the DVC out (``persist``, cached and pushed like any out) is one small marker, not ~200 MB."""
-    write_json(
-        ckpt_dir / "complete.json",
-        {
-            "note": "run finished; last.pt/best.pt exist only while a run is unfinished (resume)",
-            "best_epoch": best["epoch"] + 1,
-        },
-    )
-    # a damaged checkpoint moved aside (E.load_checkpoint) is of no use once the run finished
-    for name in ("last.pt", "best.pt", "last.pt.corrupt", "best.pt.corrupt"):
-        (ckpt_dir / name).unlink(missing_ok=True)
+def _finish_checkpoints(ckpt_dir: Path) -> None:
+    """After a finished run the weights live in the model file: the resume checkpoints (and a
+    damaged one moved aside) go, with their folder (never a DVC output: nothing to keep)."""
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 def _gather_rng(info: E.DistInfo) -> list[dict[str, Any]]:

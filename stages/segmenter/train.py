@@ -5,9 +5,9 @@ Inputs: the cache's meta.json, policy.json, train/ and val/ (images.npy, masks.n
 ``stages.common.cache``) and a ``TrainSegmenterConfig``. Outputs: the model file
 (``stages.segmenter.model.save_segmenter``), the training summary json (VALIDATION figures),
 dvclive logs (with the whole summary as training.json) and resumable checkpoints (``last.pt``
-every epoch, ``best.pt``) in the checkpoint folder, replaced by a small ``complete.json`` marker
-when the run finishes. One process on the CPU. Called by ``python -m stages.train --task segmentation``
-and by the tests; no run command of its own.
+every epoch, ``best.pt``) in the checkpoint folder, removed when the run finishes. One process
+on the CPU. Called by ``python -m stages.train --task segmentation`` and by the tests; no run
+command of its own.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -207,22 +208,14 @@ def train(
     }
     save_segmenter(model_path, model, cfg, extra)
     write_json(summary_path, summary)
-    _finish_checkpoints(ckpt_dir, best)
+    _finish_checkpoints(ckpt_dir)
     return summary
 
 
-def _finish_checkpoints(ckpt_dir: Path, best: dict[str, Any]) -> None:
-    """After a finished run the weights live in the model file: drop the resume checkpoints so
-    the DVC out (``persist``) is one small marker."""
-    write_json(
-        ckpt_dir / "complete.json",
-        {
-            "note": "run finished; last.pt/best.pt exist only while a run is unfinished (resume)",
-            "best_epoch": best["epoch"] + 1,
-        },
-    )
-    for name in ("last.pt", "best.pt"):
-        (ckpt_dir / name).unlink(missing_ok=True)
+def _finish_checkpoints(ckpt_dir: Path) -> None:
+    """After a finished run the weights live in the model file: the resume checkpoints (and a
+    damaged one moved aside) go, with their folder (never a DVC output: nothing to keep)."""
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 def _open_live(live_dir: Path, history: list[dict[str, Any]]) -> Any:

@@ -5,7 +5,7 @@ Inputs:  `dvc exp show --json` of the repository in the current directory (``--a
          ``--rev`` passed through), or a saved copy (``--show-json FILE``).
 Outputs: a table on stdout, one row per commit and experiment: its name and state, the test
          figures of each task whose figures differ between the rows (all tasks when none does:
-         classifier accuracy, ROC-AUC, specificity, sensitivity; detector mAP, mAP@0.5, FROC;
+         classifier accuracy, ROC-AUC, specificity, cam_in_lungs; detector mAP, mAP@0.5, FROC;
          segmenter Dice, IoU, HD95), then the params that differ between the rows (each named
          by the shortest unique tail of its key). A column that does not fit ``--width`` is
          left out and named below the table, never cut. ``--md`` / ``--csv`` print markdown or
@@ -40,7 +40,7 @@ FIGURES: dict[str, tuple[tuple[str, str], ...]] = {
         ("accuracy", "acc"),
         ("roc_auc", "auc"),
         ("specificity", "spec"),
-        ("sensitivity", "sens"),
+        ("cam_in_lungs", "cam"),
     ),
     "detection": (("map", "mAP"), ("map_50", "mAP50"), ("froc", "FROC")),
     "segmentation": (("dice", "Dice"), ("iou", "IoU"), ("hd95", "HD95")),

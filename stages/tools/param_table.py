@@ -150,12 +150,22 @@ def order(stages: dict[str, Stage]) -> list[str]:
     return result
 
 
+CHECK_PARAMS = "check-params"  # declares every section; re-runs on any change
+
+
 def param_rows(stages: dict[str, Stage]) -> list[tuple[str, list[str], list[str]]]:
-    """(params section, stages declaring it, stages downstream of those), in dvc.yaml order."""
+    """(params section, stages declaring it or a section holding it, stages downstream of
+    those), in dvc.yaml order: a change of ``augment.classification.lungs`` re-runs what
+    declares ``augment.classification`` too. ``check-params`` (every section; its output is
+    constant, so nothing below it re-runs for it) is left out."""
     readers: dict[str, list[str]] = {}
     for stage in stages.values():
         for key in stage.params:
-            readers.setdefault(key, []).append(stage.name)
+            if stage.name != CHECK_PARAMS:
+                readers.setdefault(key, []).append(stage.name)
+    for key, names in readers.items():
+        holders = [n for k, ns in readers.items() if key.startswith(k + ".") for n in ns]
+        names[:] = [s for s in stages if s in {*names, *holders}]
     rows = []
     for key, names in readers.items():
         below = {d for n in names for d in downstream(stages, n)} - set(names)

@@ -117,20 +117,31 @@ def iter_experiments(show: list) -> Iterator[tuple[str, str, dict]]:
 
 
 def rev_json(rev: str | None, path: str | Path) -> dict | None:
-    """A git-tracked JSON output (a report, the training summary) as committed at ``rev`` (an
-    experiment's commit: `dvc exp show --json` names it), or None when absent there."""
+    """A JSON output as committed at ``rev`` (an experiment's commit: `dvc exp show --json`
+    names it): git-tracked (a report) or DVC-tracked (the training summary, read from the local
+    DVC cache); None when absent there."""
     if not rev:
         return None
     proc = subprocess.run(
         ["git", "show", f"{rev}:{Path(path).as_posix()}"], capture_output=True, text=True
     )
-    if proc.returncode != 0:
-        return None
+    text = proc.stdout if proc.returncode == 0 else _dvc_text(rev, path)
     try:
-        doc = json.loads(proc.stdout)
+        doc = json.loads(text) if text is not None else None
     except json.JSONDecodeError:
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def _dvc_text(rev: str, path: str | Path) -> str | None:
+    """A DVC-tracked file's text at ``rev`` from the local cache, or None."""
+    from dvc.exceptions import DvcException
+    from dvc.fs import DVCFileSystem
+
+    try:
+        return DVCFileSystem(repo=".", rev=rev).read_text(Path(path).as_posix())
+    except (DvcException, OSError, KeyError, UnicodeDecodeError):
+        return None
 
 
 def collect_metrics(

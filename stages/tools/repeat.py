@@ -44,8 +44,8 @@ from stages.tools import queue as Q
 from stages.tools import weights as W
 
 log = logging.getLogger("stages.tools.repeat")
-FIGURES = ("accuracy", "roc_auc", "specificity", "sensitivity", "cam_in_lungs", "n_test")
-FINISHED = FIGURES[:4]  # a finished run has these (cam_in_lungs needs a model Grad-CAM reads)
+FIGURES = ("accuracy", "roc_auc", "specificity", "cam_in_lungs", "n_test")
+FINISHED = FIGURES[:3]  # a finished run has these (cam_in_lungs needs a model Grad-CAM reads)
 # Hold-out (validation) figures of the training run, beside the test ones: the gap between the
 # two is the distribution shift; the largest epoch-to-epoch fall says whether training was stable.
 HOLDOUT = {"val_accuracy": "val acc", "val_auc": "val AUC", "val_accuracy_max_drop": "max val drop"}

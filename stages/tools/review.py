@@ -3,12 +3,13 @@ images, as a pull-request comment (markdown) and one self-contained HTML page.
 
 Inputs:  A (baseline) and B (candidate): anything git resolves (commit, branch, tag) or a DVC
          experiment name (its ref under refs/exps; a queued experiment must have run). Every
-         input is read at each revision with ``git show <rev>:<path>`` (git-tracked cache:false
-         outputs: no DVC cache, no network): reports/params/resolved.json (params.yaml when
-         absent), reports/split/<task>.json, dvc.lock (md5 of the data outs),
-         metrics/<model>.json, reports/<model>/{evaluation.json, predictions.csv|json,
-         plots/*.csv, gradcam.png}, reports/live/<model>/ (training curves, training.json) and,
-         when a segmenter exists, reports/segmenter/per_image.csv.
+         input is read at each revision without a checkout or network: with ``git show
+         <rev>:<path>`` (the git-tracked cache:false outputs) reports/params/resolved.json
+         (params.yaml when absent), reports/split/<task>.json, dvc.lock (md5 of the data
+         outs), metrics/<model>.json, reports/<model>/{evaluation.json, predictions.csv|json,
+         plots/*.csv, gradcam.png} and, when a segmenter exists,
+         reports/segmenter/per_image.csv; from the local DVC cache, the DVC-tracked
+         reports/live/<model>/ (training curves, training.json; left out when not cached).
 Outputs: reports/review/<A>_vs_<B>.md (a pull-request comment as is: GitHub markdown, images by
          relative path, which `cml comment create` uploads), its PNGs in
          reports/review/<A>_vs_<B>/, and reports/review/<A>_vs_<B>.html (one page, images
@@ -163,7 +164,8 @@ def _unfinished_state(name: str, repo: Path) -> str | None:
 
 
 class Tree:
-    """The git-tracked files of one revision, read with `git show` (no checkout, no DVC)."""
+    """The files of one revision: git-tracked ones read with `git show` (no checkout), the
+    DVC-tracked training outputs (``DVC_FOLDERS``) from the local DVC cache at that revision."""
 
     def __init__(self, rev: Rev, label: str, repo: Path = Path(".")) -> None:
         self.rev, self.label, self.repo = rev, label, Path(repo)
@@ -171,13 +173,18 @@ class Tree:
         if proc.returncode != 0:
             raise StageError(f"{rev.given}: cannot list its files ({proc.stderr.decode().strip()})")
         self.files = set(proc.stdout.decode(errors="surrogateescape").split("\0")) - {""}
+        self.dvc_files: dict[str, bytes] = {}
+        for folder in DVC_FOLDERS:
+            self.dvc_files.update(dvc_tracked(self.repo, rev.sha, folder))
 
     def has(self, path: str | Path) -> bool:
-        return Path(path).as_posix() in self.files
+        return Path(path).as_posix() in self.files or Path(path).as_posix() in self.dvc_files
 
     def bytes(self, path: str | Path) -> bytes | None:
         if not self.has(path):
             return None
+        if Path(path).as_posix() in self.dvc_files:
+            return self.dvc_files[Path(path).as_posix()]
         proc = _git(self.repo, "show", f"{self.rev.sha}:{Path(path).as_posix()}")
         if proc.returncode != 0:
             why = proc.stderr.decode(errors="replace").strip().splitlines()[:1]
@@ -199,7 +206,26 @@ class Tree:
 
     def under(self, folder: str | Path) -> list[str]:
         prefix = Path(folder).as_posix().rstrip("/") + "/"
-        return sorted(f for f in self.files if f.startswith(prefix))
+        return sorted(f for f in (*self.files, *self.dvc_files) if f.startswith(prefix))
+
+
+# the DVC-tracked outputs review reads: each model's training curves and summary
+DVC_FOLDERS = tuple(paths.task_paths(t).live_dir.as_posix() for t in paths.TASKS)
+
+
+def dvc_tracked(repo: Path, sha: str, folder: str) -> dict[str, bytes]:
+    """{path: bytes} of the DVC-tracked ``folder`` as committed at ``sha``, from the local DVC
+    cache (`dvc exp pull` / `dvc pull` bring a teammate's); {} when absent there or not cached."""
+    from dvc.exceptions import DvcException
+    from dvc.fs import DVCFileSystem
+
+    try:
+        fs = DVCFileSystem(repo=str(repo), rev=sha)
+        if not fs.isdir(folder):
+            return {}
+        return {f: fs.read_bytes(f) for f in fs.find(folder)}
+    except (DvcException, OSError, KeyError):
+        return {}
 
 
 # --------------------------------------------------------------------------- models
