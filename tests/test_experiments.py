@@ -160,8 +160,10 @@ def test_queue_argv_has_one_set_per_key():
 
 def test_missing_inputs_names_the_absent_folder(tmp_path):
     train, test = f"{tmp_path}/kermany224", f"{tmp_path}/kermany_test_public"
-    assert Q.missing_inputs("seed002-to-be", str(tmp_path)) == [train, test]
+    lungs = f"{tmp_path}/lung_masks"  # the segmenter of cam_in_lungs
+    assert Q.missing_inputs("seed002-to-be", str(tmp_path)) == [train, test, lungs]
     (tmp_path / "kermany224").mkdir()
+    (tmp_path / "lung_masks").mkdir()
     assert Q.missing_inputs("seed002-to-be", str(tmp_path)) == [test]  # the official test source
     (tmp_path / "kermany_test_public").mkdir()
     assert Q.missing_inputs("seed002-to-be", str(tmp_path)) == []
@@ -223,8 +225,8 @@ def test_failed_run_shows_the_error_not_the_progress_bar_frames(monkeypatch):
 
 
 def test_queue_resumes_requeues_failed_and_replaces(monkeypatch, tmp_path):
-    (tmp_path / "kermany224").mkdir()
-    (tmp_path / "kermany_test_public").mkdir()
+    for folder in ("kermany224", "kermany_test_public", "lung_masks"):
+        (tmp_path / folder).mkdir()
     show = json.dumps(exp_show_json())
     calls = []
 
