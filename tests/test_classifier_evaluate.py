@@ -306,6 +306,21 @@ def test_grad_cam_on_trained_cnn(setup):
     assert find_target_layer(model)[-1].name == GradCam(model).layer_name
 
 
+def test_grad_cam_batches_equal_one_image_at_a_time(setup):
+    """The meter computes Grad-CAM in batches: each image's map is its own, for its own class
+    (sigmoid model here, and the 2-unit softmax of the nested model)."""
+    images = setup["data"]["test"][0][:5]
+    for model in (setup["model"], _nested_model()):
+        gc = GradCam(model)
+        classes = [1, 0, 1, 1, 0]
+        one = np.stack([gc.raw(img, c) for img, c in zip(images, classes, strict=True)])
+        batched = gc.raw_batch(images, classes, batch_size=2)
+        np.testing.assert_allclose(batched, one, rtol=1e-4, atol=1e-6)
+        assert not np.allclose(batched[0], batched[1])  # not one map for all
+    with pytest.raises(ValueError, match="N classes"):
+        gc.raw_batch(images, [1])
+
+
 def _nested_model() -> keras.Model:
     base_in = keras.Input((S, S, 3))
     h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c1")(base_in)

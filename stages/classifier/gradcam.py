@@ -17,6 +17,7 @@ nested model as a two-output sub-model that also returns the activation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -97,10 +98,12 @@ def _with_activation(model: keras.Model, path: list[keras.layers.Layer]) -> kera
     return keras.Model(traced.inputs, [captured[0], *traced.outputs])
 
 
-def _class_score(probs: tf.Tensor, class_index: int) -> tf.Tensor:
+def _class_scores(probs: tf.Tensor, class_indices: tf.Tensor) -> tf.Tensor:
+    """Each row's score of its own class (N,)."""
     if probs.shape[-1] == 1:  # one sigmoid unit = P(class 1); class 0 is its complement
-        return probs[:, 0] if class_index == 1 else 1.0 - probs[:, 0]
-    return probs[:, class_index]
+        p = probs[:, 0]
+        return tf.where(class_indices == 1, p, 1.0 - p)
+    return tf.gather(probs, class_indices, axis=1, batch_dims=1)
 
 
 class GradCam:
@@ -125,18 +128,34 @@ class GradCam:
         img = np.asarray(image)
         if img.ndim != 2:
             raise ValueError(f"grad_cam expects one (S, S) image, got shape {img.shape}")
-        x = tf.convert_to_tensor(img[None, :, :, None].astype(np.float32))
-        with tf.GradientTape() as tape:
-            tape.watch(x)  # records the graph even when the base model's weights are frozen
-            activation, probs = self._model([x], training=False)
-            score = _class_score(probs, class_index)
-        grads = tape.gradient(score, activation)
-        if grads is None:
-            raise ValueError(f"no gradient from the output to layer {self.layer_name!r}")
-        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # GAP of gradients
-        cam = tf.nn.relu(tf.reduce_sum(weights * activation, axis=-1))[0]
-        cam = tf.image.resize(cam[:, :, None], img.shape, method="bilinear")[:, :, 0].numpy()
-        return np.maximum(cam, 0.0).astype(np.float32)  # bilinear can undershoot 0 a little
+        return self.raw_batch(img[None], [class_index])[0]
+
+    def raw_batch(
+        self, images: np.ndarray, class_indices: Sequence[int], batch_size: int = 32
+    ) -> np.ndarray:
+        """``raw`` of each (S, S) image of ``images`` for its own class, ``batch_size`` at a
+        time: inference mode keeps the images independent, so the gradient of the summed
+        scores is each image's own gradient."""
+        images = np.asarray(images)
+        if images.ndim != 3 or len(images) != len(class_indices):
+            raise ValueError(f"raw_batch: (N, S, S) images and N classes, got {images.shape}")
+        out = np.empty(images.shape, dtype=np.float32)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            x = tf.convert_to_tensor(chunk[..., None].astype(np.float32))
+            idx = tf.constant(list(class_indices[start : start + batch_size]), dtype=tf.int32)
+            with tf.GradientTape() as tape:
+                tape.watch(x)  # records the graph even when the base model's weights are frozen
+                activation, probs = self._model([x], training=False)
+                score = tf.reduce_sum(_class_scores(probs, idx))
+            grads = tape.gradient(score, activation)
+            if grads is None:
+                raise ValueError(f"no gradient from the output to layer {self.layer_name!r}")
+            weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # GAP of gradients
+            cam = tf.nn.relu(tf.reduce_sum(weights * activation, axis=-1))[..., None]
+            cam = tf.image.resize(cam, images.shape[1:], method="bilinear")[..., 0].numpy()
+            out[start : start + len(chunk)] = np.maximum(cam, 0.0)  # bilinear undershoots 0
+        return out
 
 
 def grad_cam(model: keras.Model, image: np.ndarray, class_index: int) -> np.ndarray:

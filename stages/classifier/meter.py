@@ -71,13 +71,8 @@ def measure(model, images: np.ndarray, masks: np.ndarray, proba: np.ndarray, pos
     pneumonia evidence?"""
     from stages.classifier.gradcam import GradCam  # TensorFlow: only when needed
 
-    cam_fn = GradCam(model)
-    cams = np.stack(
-        [
-            cam_fn.raw(np.asarray(img), max(pos, key=lambda c, i=i: proba[i, c]))
-            for i, img in enumerate(images)
-        ]
-    )
+    classes = [max(pos, key=lambda c, i=i: proba[i, c]) for i in range(len(images))]
+    cams = GradCam(model).raw_batch(np.asarray(images), classes)
     return M.cam_in_lungs(cams, masks), cams
 
 
