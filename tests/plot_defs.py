@@ -43,6 +43,22 @@ def declared_plots(dvc_yaml: Path = REPO / "dvc.yaml") -> list[Plot]:
     return out
 
 
+def stage_plots(dvc_yaml: Path = REPO / "dvc.yaml") -> list[Plot]:
+    """The plots a stage declares (``plots:`` inside the stage, foreach expanded): images here,
+    drawn on the page after the top-level ones."""
+    out = []
+    for body in yaml.safe_load(dvc_yaml.read_text())["stages"].values():
+        spec = body.get("do", body)
+        keys = body.get("foreach", [None])
+        for key in keys if isinstance(keys, (list, dict)) else [None]:
+            for entry in spec.get("plots", []):
+                pid = entry if isinstance(entry, str) else next(iter(entry))
+                if key is not None:
+                    pid = pid.replace("${key}", str(key)).replace("${item}", str(key))
+                out.append(Plot(pid, (pid,), pid, None))
+    return out
+
+
 def declared_images(dvc_yaml: Path = REPO / "dvc.yaml") -> set[str]:
     return {p.id for p in declared_plots(dvc_yaml) if p.is_image}
 
@@ -69,5 +85,6 @@ __all__ = [
     "declared_images",
     "declared_plots",
     "image_names",
+    "stage_plots",
     "undeclared_report_images",
 ]

@@ -36,7 +36,7 @@ def test_remote_benchmark_copies_every_dependency_of_the_data_stages():
     """remote_transfer.py runs the data stages in a copy of the pipeline: every dep they
     declare that is a source file (not another stage's output) must be in that copy."""
     copied = [Path(p) for p in _remote_pipeline_files()]
-    outs = {o for e in stage_entries() for o in e.outs}
+    outs = [Path(o) for e in stage_entries() for o in e.outs]
     data_stages = [
         e for e in stage_entries() if e.name.split("@")[0] in ("download", "split", "augment")
     ]
@@ -45,7 +45,7 @@ def test_remote_benchmark_copies_every_dependency_of_the_data_stages():
         (e.name, dep)
         for e in data_stages
         for dep in e.deps
-        if dep not in outs and not any(Path(dep) == c or c in Path(dep).parents for c in copied)
+        if not any(Path(dep) == p or p in Path(dep).parents for p in [*outs, *copied])
     ]
     assert not missing, f"remote_transfer.PIPELINE_FILES lacks {missing}"
 

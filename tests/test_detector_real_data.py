@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from stages.tools import experiments as X
 from stages.tools.queue import merge_overrides
@@ -56,7 +57,8 @@ def test_seed004_command_runs_on_the_real_boxed_images(tmp_path, shared_data):
     # ChestX-Det10's own test split holds one of the four images here, with no box: score on a
     # random split of both sources instead (mode official is tested in tests/test_split.py).
     extra = [*SHRINK, sources, "split.detection.mode=random"]
-    overrides = merge_overrides(X.overrides_for(NAME, root), extra)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    overrides = merge_overrides(X.overrides_for(NAME, root), extra, params)
     assert len(overrides) == len(X.overrides_for(NAME, root)) + 2  # only sizes replaced in place
     argv = ["exp", "run", "-n", "seed004-smoke"]
     for override in overrides:
@@ -64,7 +66,9 @@ def test_seed004_command_runs_on_the_real_boxed_images(tmp_path, shared_data):
     out = dvc(repo, *argv, X.get(NAME).target, timeout=900)
 
     detection_chain = {"download@detection", "split@detection", "augment@detection"}
-    assert ran_stages(out) == detection_chain | {"train-detector", "evaluate@detection"}
+    # check-params reads every section: the overrides re-run it, and nothing of the other chains
+    trained = {"train-detector", "evaluate@detection", "check-params"}
+    assert ran_stages(out) == detection_chain | trained
 
     report = json.loads((repo / "data/raw/detection/report.json").read_text())
     by_name = {s["name"]: s for s in report["sources"]}
@@ -79,7 +83,9 @@ def test_seed004_command_runs_on_the_real_boxed_images(tmp_path, shared_data):
     ckpt = torch.load(repo / "models/detector.pt", weights_only=True)
     classes = set(ckpt["classes"])
     assert classes <= _classes_in_annotations(shared_data) and {"Pneumonia", "Mass"} <= classes
-    seed_settings = dict(X.get(NAME).set_params)
+    # the seed's focal loss (alpha 0.25, gamma 2) is the schema's default: the recipe omits it
+    seed_settings = {"train_detector.focal_alpha": 0.25, "train_detector.focal_gamma": 2.0}
+    seed_settings.update(X.get(NAME).set_params)
     for key in ("anchor_sizes", "focal_alpha", "focal_gamma", "head_norm", "batch_size"):
         expected = seed_settings[f"train_detector.{key}"]
         got = ckpt["config"][key]

@@ -139,6 +139,8 @@ def test_seed002_rows_are_the_seven_of_both_tables():
 def test_merge_overrides_replaces_same_key_in_place():
     base = ["a.b=1", "c=2"]
     assert Q.merge_overrides(base, ["c=3", "+d.e=4"]) == ["a.b=1", "c=3", "+d.e=4"]
+    # a key the recipe adds with ++ (params.yaml lacks it) keeps its ++ when replaced
+    assert Q.merge_overrides(["++x.y=[1]", "c=2"], ["x.y=[2]"]) == ["++x.y=[2]", "c=2"]
     with pytest.raises(StageError, match="key=value"):
         Q.merge_overrides(base, ["oops"])
 
@@ -261,6 +263,7 @@ def test_queue_resumes_requeues_failed_and_replaces(monkeypatch, tmp_path):
     monkeypatch.setattr(Q, "_dvc", fake)
     monkeypatch.setattr(Q, "has_commit", lambda: True)
     monkeypatch.setattr(Q, "params_changed", lambda: False)
+    monkeypatch.setattr(Q, "uncached_outputs", list)  # the cache is tested apart
     names = ["seed002-to-be", "seed002-nogen-dropout", "seed002-sigmoid-bce-rmsprop",
              "seed002-gen-dropout"]  # fmt: skip
     # success and queued are kept, failed is removed and queued again, unknown is queued
@@ -481,8 +484,8 @@ def _git(repo: Path, *args: str) -> None:
 def test_queue_run_report_end_to_end(tmp_path):
     """Two tiny seed 002 rows (one is the TO-BE twin: run-cached) through the real DVC queue."""
     repo, data_root = tmp_path / "repo", tmp_path / "data"
-    (data_root / "kermany224").mkdir(parents=True)
-    (data_root / "kermany_test_public").mkdir()
+    for folder in ("kermany224", "kermany_test_public", "lung_masks"):
+        (data_root / folder).mkdir(parents=True)
     repo.mkdir()
     for name in ("dvc.yaml", "stages", ".dvcignore"):
         src = REPO / name
@@ -502,7 +505,9 @@ def test_queue_run_report_end_to_end(tmp_path):
 
     names = ["seed002-to-be", "seed002-gen-dropout"]
     tiny = ["data.classification.source=synthetic", "data.classification.sources=[]",
-            "augment.classification.image_size=48", "train_classifier.epochs=1"]  # fmt: skip
+            "augment.classification.image_size=48", "train_classifier.epochs=1",
+            "data.segmentation.source=synthetic", "data.segmentation.sources=[]",
+            "train_segmenter.epochs=1"]  # fmt: skip
 
     def cli(*args: str) -> str:
         proc = subprocess.run([sys.executable, "-m", "stages.tools.ablations", *args, "--names", *names],

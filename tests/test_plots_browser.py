@@ -22,7 +22,7 @@ import pytest
 
 import stages  # noqa: F401  (torch before TensorFlow)
 from tests.dvc_helpers import built_repo, dvc
-from tests.plot_defs import declared_plots
+from tests.plot_defs import declared_plots, stage_plots
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [
@@ -86,7 +86,8 @@ def plots_page(tmp_path_factory) -> tuple[Path, list]:
     built = built_repo(tmp_path_factory)
     out = tmp_path_factory.mktemp("plots_page")
     dvc(built.path, "plots", "show", "-o", str(out))
-    return out / "index.html", declared_plots(built.path / "dvc.yaml")
+    dvc_yaml = built.path / "dvc.yaml"
+    return out / "index.html", declared_plots(dvc_yaml) + stage_plots(dvc_yaml)
 
 
 def test_plots_page_renders_every_plot_once_offline(plots_page, tmp_path):

@@ -498,8 +498,8 @@ def test_register_refuses_a_stale_pipeline_and_unknown_references_are_one_line(t
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "classifier: the pipeline is stale at HEAD (" in proc.stderr
     assert "train-classifier: changed deps (params.yaml: train_classifier)" in proc.stderr
-    proc = _run(one, "stages.registry", "register", "segmenter", env=env, check=False)
-    assert "segmenter: not an artifact of dvc.yaml" in proc.stderr and proc.returncode == 2
+    proc = _run(one, "stages.registry", "register", "tokenizer", env=env, check=False)
+    assert "tokenizer: not an artifact of dvc.yaml" in proc.stderr and proc.returncode == 2
     for model, said in (
         ("nope@prod", "no registered model named 'nope'"),
         ("classifier@v9.9.9", "classifier has no version v9.9.9"),

@@ -180,15 +180,19 @@ def merge_overrides(
     base: Sequence[str], extra: Sequence[str], params: dict | None = None
 ) -> list[str]:
     """``base`` with ``extra`` applied: an extra for a key already there replaces it in place
-    (DVC keeps only the last -S of a key), new keys are appended. With ``params``, a plain
-    ``key=value`` extra for a key params.yaml does not list becomes ``++key=value`` (DVC's plain
-    form only changes listed keys; the schemas then judge the key)."""
+    (DVC keeps only the last -S of a key), new keys are appended. A plain ``key=value`` extra
+    becomes ``++key=value`` when it replaces a ``++`` base override or, with ``params``, when
+    params.yaml does not list the key (DVC's plain form only changes listed keys; the schemas
+    then judge the key)."""
     merged = {override_key(o): o for o in base}
     for o in extra:
         if "=" not in o:
             raise StageError(f"--set {o!r}: expected key=value")
         key = override_key(o)
-        if params is not None and not o.startswith(("+", "~")) and not X.listed(key, params):
+        if not o.startswith(("+", "~")) and (
+            merged.get(key, "").startswith("++")
+            or (params is not None and not X.listed(key, params))
+        ):
             o = f"++{o}"
         merged[key] = o
     return list(merged.values())
