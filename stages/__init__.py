@@ -1,9 +1,9 @@
 """cxr-mlops: the DVC pipeline's stages and the code they share.
 
 Layout (each layer imports only the layers below it):
-- ``stages.<stage>``: the seven DVC stages, run as ``python -m stages.<stage>`` (download, split,
-  augment, train_classifier, train_detector, train_segmenter, evaluate); thin command lines over
-  the packages.
+- ``stages.<stage>``: the DVC stages, run as ``python -m stages.<stage>`` (check_params, download,
+  split, lungs, augment, train, evaluate; ``--task classification|detection|segmentation``);
+  thin command lines over the packages.
 - ``stages.classifier`` / ``stages.detector`` / ``stages.segmenter``: one package per task (params
   schema, augmentation, data, model, training core, evaluation, reports); they never import each
   other.

@@ -158,3 +158,19 @@ def test_cam_in_lungs_on_constructed_maps():
         M.cam_in_lungs(-cams, masks)
     with pytest.raises(ValueError, match="must be"):
         M.cam_in_lungs(cams[:, :4], masks)
+
+
+def test_cam_summary_by_outcome_with_the_chance_level():
+    """Means by outcome skip the NaN of a massless map; lung_area is the even map's score."""
+    from stages.classifier import meter
+
+    masks = np.zeros((4, 8, 8), dtype=bool)
+    masks[:2, :, :4] = True  # half the frame
+    masks[2:, :, :2] = True  # a quarter
+    share = np.array([1.0, 0.0, 0.5, np.nan])
+    out = meter.summary(share, np.array(["TP", "TP", "FN", "FN"]), masks)
+    assert out["lung_area"] == pytest.approx(0.375)
+    assert out["all"] == pytest.approx(0.5) and out["n_all"] == 3
+    assert out["TP"] == pytest.approx(0.5) and out["FN"] == pytest.approx(0.5) and out["n_FN"] == 1
+    assert out["FP"] is None and out["n_FP"] == 0
+    assert "lung_area" not in meter.summary(share, np.array(["TP"] * 4))

@@ -332,7 +332,7 @@ def run(
         log.info("cam_in_lungs: Grad-CAM of %d test images", len(masks))
         share, cams = meter.measure(models[0], images["test"], masks, proba["test"], pos)
         kinds = meter.outcomes(bt, pt >= doc["threshold"])
-        doc["cam_in_lungs"] = meter.summary(share, kinds)
+        doc["cam_in_lungs"] = meter.summary(share, kinds, masks)
     else:
         log.warning("cam_in_lungs: no lung masks for the test films (run the lungs stage)")
 

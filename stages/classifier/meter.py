@@ -76,9 +76,13 @@ def measure(model, images: np.ndarray, masks: np.ndarray, proba: np.ndarray, pos
     return M.cam_in_lungs(cams, masks), cams
 
 
-def summary(share: np.ndarray, kinds: np.ndarray) -> dict:
-    """Mean share (NaN-free images only) over all and by outcome, with the counts."""
+def summary(share: np.ndarray, kinds: np.ndarray, masks: np.ndarray | None = None) -> dict:
+    """Mean share (NaN-free images only) over all and by outcome, with the counts; with
+    ``masks``, ``lung_area``: the mean share of the frame the lungs cover, what a map spread
+    evenly over the film would score (the chance level of ``all``)."""
     out: dict = {}
+    if masks is not None:
+        out["lung_area"] = float(np.asarray(masks, bool).mean(axis=(1, 2)).mean())
     for name, sel in [("all", np.ones(len(share), bool))] + [(k, kinds == k) for k in OUTCOMES]:
         vals = share[sel & np.isfinite(share)]
         out[name] = float(vals.mean()) if vals.size else None
