@@ -41,8 +41,8 @@ from stages.common.imageio import ImageRejected, load_gray
 from stages.common.paths import SPLITS
 from stages.common.utils import (
     StageError,
-    atomic_dir,
     atomic_file,
+    atomic_parts,
     read_json,
     run_cli,
     task_arg_parser,
@@ -267,7 +267,7 @@ def run(
     lungs = Lungs(lungs_dir, cfg) if lung_mode != "none" else None
     counts: dict[str, int] = {}
     dropped = 0
-    with atomic_dir(out_dir) as tmp:
+    with atomic_parts(out_dir, cache.PARTS) as tmp:
         for split, (index, coco) in splits.items():
             index, out_coco, shapes, masks = index.copy(), None, None, None
             if task != "detection":

@@ -37,7 +37,7 @@ from stages.common.config import get_section, parse, read_params
 from stages.common.imageio import ImageRejected, load_gray
 from stages.common.lungs import LungsConfig
 from stages.common.paths import SPLITS
-from stages.common.utils import ArgumentParser, StageError, atomic_dir, run_cli, write_json
+from stages.common.utils import ArgumentParser, StageError, atomic_parts, run_cli, write_json
 
 log = logging.getLogger("stages.lungs")
 TASKS_WITH_LUNGS = ("classification",)  # the tasks whose augment section has the lungs keys
@@ -102,7 +102,7 @@ def run(cfg: LungsConfig, split_dir: Path, segmenter: Path, out_dir: Path) -> di
     model = LungSegmenter(segmenter)
     md5 = file_md5(Path(segmenter))
     doc: dict = {"lungs": cfg.lungs}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_parts(out_dir, ("preprocess", "meter")) as tmp:
         pre, meter = tmp / "preprocess", tmp / "meter"
         pre.mkdir()
         if cfg.lungs != "none":

@@ -177,6 +177,31 @@ def test_run_cache_restores_augment_lungs_and_training_instead_of_running_them(b
         (built / "params.yaml").write_text(before)
 
 
+def test_a_fresh_clone_restores_from_the_run_cache_in_experiments(built, tmp_path) -> None:
+    """A fresh clone has the commit's dvc.lock and none of its outputs in the cache. Of two
+    experiments sharing a segmenter (each in a temporary copy, as queued ones run), the first
+    trains it and the second restores augment and train-segmenter from the run cache and goes
+    on: DVC stopped there ("failed to load directory") while train-segmenter depended on a folder
+    inside augment's output (tests/test_layout.py keeps every dep a whole output)."""
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(built), str(clone))
+    assert not (clone / ".dvc" / "cache").exists()
+    size = yaml.safe_load((built / "params.yaml").read_text())["augment"]["segmentation"]
+    shared = ["-S", f"augment.segmentation.image_size={size['image_size'] + 16}"]
+    outs = {}
+    for name, seed in (("first", 1), ("second", 2)):
+        argv = ["exp", "run", "--temp", "-n", name, *shared]
+        outs[name] = dvc(clone, *argv, "-S", f"++evaluate.segmentation.seed={seed}",
+                         "evaluate@segmentation")  # fmt: skip
+    assert {"augment@segmentation", "train-segmenter"} <= ran_stages(outs["first"])
+    cached = set(re.findall(r"Stage '([^']+)' is cached - skipping run", outs["second"]))
+    assert {"augment@segmentation", "train-segmenter"} <= cached, outs["second"][-3000:]
+    assert "evaluate@segmentation" in ran_stages(outs["second"])
+    shown = json.loads(dvc(clone, "exp", "show", "--json"))
+    seg = experiment_metrics(shown, "second", "metrics/segmenter.json")
+    assert 0.0 <= seg["dice"] <= 1.0
+
+
 def test_bad_value_stops_before_any_output_is_removed(built: Path) -> None:
     """check-params runs first: a wrong value fails the run with one line, and every output of
     the workspace (models, metrics, reports) is still there, unchanged."""

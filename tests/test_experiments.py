@@ -160,30 +160,6 @@ def test_queue_argv_has_one_set_per_key():
     )
 
 
-def test_queue_refuses_a_commit_whose_outputs_are_not_cached(tmp_path, monkeypatch):
-    """A queued run restores stages from the run cache only when the commit's outputs are in
-    the DVC cache: without them (a fresh clone before `dvc pull`) the queue stops up front."""
-    from tests.dvc_helpers import dvc, git, init_repo
-
-    init_repo(tmp_path)
-    (tmp_path / "in.txt").write_text("a\n")
-    (tmp_path / "dvc.yaml").write_text(
-        "stages:\n  one:\n    cmd: cp in.txt out.txt && echo 1 > rep.txt\n    deps: [in.txt]\n"
-        "    outs: [out.txt, {rep.txt: {cache: false}}]\n"
-    )
-    dvc(tmp_path, "repro", "-q")
-    git(tmp_path, "add", "-A")
-    git(tmp_path, "commit", "-qm", "built")
-    monkeypatch.chdir(tmp_path)
-    assert Q.uncached_outputs() == []  # rep.txt is git-tracked, never in the cache
-    shutil.rmtree(tmp_path / ".dvc" / "cache" / "files")
-    assert Q.uncached_outputs() == ["out.txt"]
-    run = Q.Run("ours-kermany-best-seed1", "ours-kermany-best", ("train_classifier.seed=1",))
-    monkeypatch.setattr(Q, "check_params", lambda runs, root: None)
-    with pytest.raises(StageError, match=r"not in the DVC cache \(out.txt\): `dvc pull`"):
-        Q.queue([run], str(tmp_path))
-
-
 def test_missing_inputs_names_the_absent_folder(tmp_path):
     train, test = f"{tmp_path}/kermany224", f"{tmp_path}/kermany_test_public"
     lungs = f"{tmp_path}/lung_masks"  # the segmenter of cam_in_lungs
@@ -263,7 +239,6 @@ def test_queue_resumes_requeues_failed_and_replaces(monkeypatch, tmp_path):
     monkeypatch.setattr(Q, "_dvc", fake)
     monkeypatch.setattr(Q, "has_commit", lambda: True)
     monkeypatch.setattr(Q, "params_changed", lambda: False)
-    monkeypatch.setattr(Q, "uncached_outputs", list)  # the cache is tested apart
     names = ["seed002-to-be", "seed002-nogen-dropout", "seed002-sigmoid-bce-rmsprop",
              "seed002-gen-dropout"]  # fmt: skip
     # success and queued are kept, failed is removed and queued again, unknown is queued

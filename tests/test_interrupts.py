@@ -122,3 +122,35 @@ def test_a_stop_signal_waits_for_the_rename():
             done = True
         assert done and info.value.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before  # the handlers are given back
+
+
+def test_atomic_parts_swaps_each_part_and_keeps_the_rest(tmp_path):
+    """A folder of two DVC outputs: both parts are replaced on success, DVC's .gitignore beside
+    them stays; on an error or a missing part nothing changes and no temp is left."""
+    final = tmp_path / "cache"
+    with U.atomic_parts(final, ("fit", "test")) as tmp:
+        for part in ("fit", "test"):
+            (tmp / part).mkdir()
+            (tmp / part / "v").write_text("1")
+    (final / ".gitignore").write_text("/fit\n/test\n")
+    assert sorted(p.name for p in final.iterdir()) == [".gitignore", "fit", "test"]
+    with pytest.raises(RuntimeError), U.atomic_parts(final, ("fit", "test")) as tmp:
+        (tmp / "fit").mkdir()
+        (tmp / "fit" / "v").write_text("2")
+        raise RuntimeError("stopped half-way")
+    with (
+        pytest.raises(U.StageError, match="made no test"),
+        U.atomic_parts(final, ("fit", "test")) as tmp,
+    ):
+        (tmp / "fit").mkdir()
+    assert (final / "fit" / "v").read_text() == "1"
+    assert sorted(p.name for p in final.iterdir()) == [".gitignore", "fit", "test"]
+    with U.atomic_parts(final, ("fit", "test")) as tmp:
+        for part in ("fit", "test"):
+            (tmp / part).mkdir()
+            (tmp / part / "v").write_text("3")
+    assert [(final / p / "v").read_text() for p in ("fit", "test")] == ["3", "3"]
+    assert sorted(p.name for p in final.iterdir()) == [".gitignore", "fit", "test"]
+    with pytest.raises(RuntimeError), U.atomic_parts(tmp_path / "new", ("fit",)):
+        raise RuntimeError("nothing written")
+    assert not (tmp_path / "new").exists()  # not even an empty folder

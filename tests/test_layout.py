@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common import paths
+from stages.common import cache, paths
 from stages.common.utils import TASK_PACKAGES
 from stages.sources import LOADERS
 from tests.imports import REPO, closure_files, direct_imports, module_file, project_modules
@@ -168,9 +168,11 @@ def test_every_stage_output_path_comes_from_the_paths_module():
         p = paths.task_paths(task)
         expected[f"download@{task}"] = {p.raw.as_posix()}
         expected[f"split@{task}"] = {p.split.as_posix(), p.split_report.as_posix()}
-        expected[f"augment@{task}"] = {p.augment.as_posix(), p.preview.as_posix()}
+        parts = {(p.augment / part).as_posix() for part in cache.PARTS}
+        expected[f"augment@{task}"] = {*parts, p.preview.as_posix()}
         expected[f"evaluate@{task}"] = {p.report_dir.as_posix(), p.metrics.as_posix()}
-    expected["lungs@classification"] = {paths.CLASSIFICATION.lungs.as_posix()}
+    lungs = (paths.CLASSIFICATION.lungs_preprocess, paths.CLASSIFICATION.lungs_meter)
+    expected["lungs@classification"] = {p.as_posix() for p in lungs}
     for p in (paths.task_paths(t) for t in paths.TASKS if t != "classification"):
         expected[f"train-{p.name}"] = {p.model.as_posix(), p.live_dir.as_posix()}
     c = paths.CLASSIFICATION
@@ -203,6 +205,23 @@ def test_the_expensive_stages_keep_run_cache_records():
         }
     blocked = {k: v for k, v in blocked.items() if v and not k.startswith(cheap)}
     assert not blocked, blocked
+
+
+def test_no_stage_depends_on_a_path_inside_another_stages_output():
+    """A consumer depends on a whole output, never on a folder inside one: DVC's experiments
+    look such a path up in the commit's directory listing, so in a clone whose cache lacks it
+    (a fresh clone) a queued run stops at the first consumer it restores from the run cache
+    ("failed to load directory"). The augment cache (fit/, test/) and the lungs (preprocess/,
+    meter/) are two outputs each for that reason; tests/test_dvc_pipeline.py runs the case."""
+    outs = [Path(o) for e in stage_entries() for o in e.outs]
+    inside = [
+        (e.name, dep, str(out))
+        for e in stage_entries()
+        for dep in e.deps
+        for out in outs
+        if out in Path(dep).parents
+    ]
+    assert not inside, inside
 
 
 def test_no_module_holds_a_pipeline_path_of_its_own():

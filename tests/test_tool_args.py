@@ -153,7 +153,6 @@ def test_ablations_refuse_a_bad_set_value_before_anything_is_queued(monkeypatch,
     monkeypatch.setattr(Q, "_dvc", dvc)
     monkeypatch.setattr(Q, "has_commit", lambda: True)
     monkeypatch.setattr(Q, "params_changed", lambda: False)
-    monkeypatch.setattr(Q, "uncached_outputs", list)  # the cache is tested apart
     monkeypatch.chdir(REPO)
     for folder in ("kermany224", "kermany_test_public"):  # the rows' data, found
         (tmp_path / folder).mkdir()

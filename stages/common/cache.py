@@ -8,6 +8,7 @@ Layout of ``data/augment/<task>/``::
       policy.json             the augmentation policy (augment.<task>.policy as a dict)
       train/, val/            one split folder each (below)
     test/                     the test split folder
+    (fit/ and test/ are two DVC outputs: each consumer depends on a whole output)
     <split folder>/images.npy        uint8 (N, S, S), written through np.lib.format.open_memmap
     <split folder>/index.csv         the split csv rows in the same order + label_index
     <split folder>/annotations.json  detection only: COCO, boxes in cache pixels, id = row index
@@ -45,6 +46,7 @@ INDEX_FILE = "index.csv"
 COCO_FILE = "annotations.json"
 FIT_DIR = "fit"  # meta, policy, train and val: the training inputs
 FIT_SPLITS = ("train", "val")
+PARTS = (FIT_DIR, "test")  # the cache's two DVC outputs (stages.common.utils.atomic_parts)
 # Manifest columns that must stay strings when read back ("" subtype, "007" patient ids).
 _STR_COLUMNS = (
     "path",
@@ -377,6 +379,7 @@ __all__ = [
     "CocoIndex",
     "boxes_for",
     "coco_index",
+    "PARTS",
     "fit_path",
     "split_path",
     "load_meta",

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -270,6 +270,45 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
+
+
+@contextlib.contextmanager
+def atomic_parts(final: str | Path, parts: Sequence[str]) -> Iterator[Path]:
+    """``atomic_dir`` for a folder whose sub-folders ``parts`` are separate DVC outputs (a
+    stage's consumers depend on one part each: DVC's experiments cannot restore a consumer of a
+    path inside a directory output while that output is missing from the cache).
+
+    Yields a temporary folder inside ``final``; on success each part replaces ``final/<part>``
+    in one rename, and anything else in ``final`` (DVC's .gitignore) is left alone. On any error
+    nothing of ``final`` changes; a part the writer did not make is an error.
+    """
+    final = Path(final)
+    created = not final.exists()
+    staging = final / f".parts{TEMP_SUFFIX}"  # git- and dvc-ignored, like every temp
+    remove_stale_temps(staging)
+    try:
+        with atomic_dir(staging) as tmp:
+            yield tmp
+            missing = [p for p in parts if not (tmp / p).is_dir()]
+            if missing:
+                raise StageError(f"{final}: the writer made no {', '.join(missing)}")
+    except BaseException:
+        if created:  # leave no empty folder behind either
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+    # atomic_dir has renamed the finished parts to ``staging``: swap each into place.
+    with signals_deferred():
+        for part in parts:
+            target = final / part
+            if target.exists():
+                old = final / f"{_temp_prefix(target)}old{TEMP_SUFFIX}"
+                shutil.rmtree(old, ignore_errors=True)
+                target.rename(old)
+                (staging / part).rename(target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                (staging / part).rename(target)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stages.common import paths
+from stages.common.cache import PARTS
 from stages.common.utils import (
     POSITIVE_INT,
     SECONDS,
@@ -173,7 +174,7 @@ def ensemble(run_names: Sequence[str]) -> dict:
     """Score the runs' models, averaged, as one model on the first run's data.
 
     The workspace takes the first run's params.yaml and dvc.lock and checks out the outputs the
-    evaluation reads (its classification cache); each run's model and sidecar are read from the
+    evaluation reads (its classification cache and test films' lungs); each run's model and sidecar are read from the
     DVC cache at that run's commit (``dvc.api.open``) into ``models/ensemble/``. Only what the
     classification chain produced is needed, so experiments that never ran the detection chain
     work (``dvc exp apply`` would insist on every output of dvc.lock).
@@ -189,7 +190,10 @@ def ensemble(run_names: Sequence[str]) -> dict:
         raise StageError(f"no commit of {', '.join(missing)} in `dvc exp show`")
     first = revs[run_names[0]]
     subprocess.run(["git", "checkout", first, "--", "params.yaml", "dvc.lock"], check=True)
-    Q._dvc(["checkout", paths.CLASSIFICATION.augment.as_posix(), "--force"])
+    # the cache's two outputs, and the test films' lungs (cam_in_lungs of the ensemble)
+    c = paths.CLASSIFICATION
+    outs = [*(c.augment / part for part in PARTS), c.lungs_meter]
+    Q._dvc(["checkout", *(o.as_posix() for o in outs), "--force"])
     ENSEMBLE_DIR.mkdir(parents=True, exist_ok=True)
     models = []
     for run in run_names:
@@ -200,7 +204,8 @@ def ensemble(run_names: Sequence[str]) -> dict:
                 write_bytes_atomic(dst, fh.read())
         models.append(target)
     evaluate.evaluate("classification", "params.yaml", models)
-    return read_json(paths.CLASSIFICATION.metrics)
+    n_test = read_json(paths.CLASSIFICATION.evaluation).get("n_test")  # not a headline figure
+    return {**read_json(paths.CLASSIFICATION.metrics), "n_test": n_test}
 
 
 def main(argv: list[str] | None = None) -> None:
