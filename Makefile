@@ -6,9 +6,7 @@ BIN := $(VENV)/bin
 # dvc stage commands call `python`: run them with the venv first on PATH
 export PATH := $(abspath $(BIN)):$(PATH)
 WORKERS ?= 1
-# two workers (one per core): the suite waits on subprocesses, servers and git as much as it
-# computes; files sharing a session build stay on one worker (tests/conftest.py)
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+PYTEST_ARGS ?=
 
 .PHONY: setup repro test test-fast lint format dag docs compare review plots-page ablations seeds scoreboard serve remote \
 	register promote models

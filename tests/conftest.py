@@ -15,27 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
-# Session builds that several test files share: under pytest-xdist (`make test` runs two
-# workers) the files using one run on the same worker, so it is built once, not once per worker.
-SHARED_BUILDS = ("built_repo(", "serve_models")
-
-
-def xdist_group(module: Path) -> str:
-    """The worker group of a test file: the shared build it uses, else the file itself (its
-    module fixtures are then built once too)."""
-    text = module.read_text(encoding="utf-8")
-    return next((name.rstrip("(") for name in SHARED_BUILDS if name in text), module.stem)
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    groups: dict[Path, str] = {}
-    for item in items:
-        path = Path(item.path)
-        if path not in groups:
-            groups[path] = xdist_group(path)
-        item.add_marker(pytest.mark.xdist_group(groups[path]))
-
-
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

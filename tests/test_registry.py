@@ -29,6 +29,7 @@ from PIL import Image
 
 import stages  # noqa: F401  (torch before TensorFlow)
 from stages.common import paths
+from stages.common.cache import FIT_DIR
 from stages.common.utils import StageError
 from stages.serve import registry
 from stages.serve.registry import Spec, build_state, parse_spec, parse_tag, resolve
@@ -68,7 +69,9 @@ def test_dvc_yaml_lists_every_model_with_the_paths_module_paths():
         c.metrics.as_posix(),
         (c.report_dir / "model_card.md").as_posix(),
     )
-    assert cls.data == (c.augment.as_posix(),) and det.data == (d.augment.as_posix(),)
+    # the data version: the training part of the augment cache (fit/, a DVC output of its own)
+    assert cls.data == ((c.augment / FIT_DIR).as_posix(),)
+    assert det.data == ((d.augment / FIT_DIR).as_posix(),)
     assert det.path == paths.DETECTOR_MODEL.as_posix() and det.companions == ()
     assert det.metrics == d.metrics.as_posix()
     for art in artifacts.values():

@@ -619,7 +619,7 @@ def test_review_of_head_against_an_experiment(experiment_repo):
     assert "`train_classifier.learning_rate`" in text
     assert "**Classifier**: " in text and "Paired on the same" in text
     assert "**Detector**: identical predictions" in text  # the experiment left it alone
-    assert "| `data/augment/detection` |" in text and "| identical |" in text
+    assert "| `data/augment/detection/fit` |" in text and "| identical |" in text
     images = _images_of(md)
     assert {"classifier_roc_pr.png", "detector_froc.png", "training_detector.png"} <= {
         p.name for p in images

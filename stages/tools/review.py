@@ -1091,12 +1091,12 @@ def data_section(r: Review, doc: Doc) -> None:
             doc.p(f"No `{path}` at either revision.")
         hashes = []
         for root in DATA_ROOTS:
-            out = (root / task).as_posix()
-            ha, hb = (lock.get(out) for lock in locks)
-            if ha is None and hb is None:
-                continue
-            same = "identical" if ha == hb else "differs"
-            hashes.append([f"`{out}`", _short_md5(ha), _short_md5(hb), same])
+            base = (root / task).as_posix()  # the task's output, or its parts (augment: fit, test)
+            outs = {k for lock in locks for k in lock if k == base or k.startswith(f"{base}/")}
+            for out in sorted(outs):
+                ha, hb = (lock.get(out) for lock in locks)
+                same = "identical" if ha == hb else "differs"
+                hashes.append([f"`{out}`", _short_md5(ha), _short_md5(hb), same])
         doc.table(["data (dvc.lock md5)", "A", "B", ""], hashes)
 
 
