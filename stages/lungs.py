@@ -102,8 +102,10 @@ def run(cfg: LungsConfig, split_dir: Path, segmenter: Path, out_dir: Path) -> di
     model = LungSegmenter(segmenter)
     md5 = file_md5(Path(segmenter))
     doc: dict = {"lungs": cfg.lungs}
-    with atomic_parts(out_dir, ("preprocess", "meter")) as tmp:
-        pre, meter = tmp / "preprocess", tmp / "meter"
+    layout = paths.CLASSIFICATION  # data/lungs/<task>/ is laid out alike for every task
+    parts = (layout.lungs_preprocess.name, layout.lungs_meter.name)
+    with atomic_parts(out_dir, parts) as tmp:
+        pre, meter = (tmp / part for part in parts)
         pre.mkdir()
         if cfg.lungs != "none":
             n, found = segment_into(model, films(split_dir), pre, "lungs")

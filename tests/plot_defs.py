@@ -53,8 +53,10 @@ def stage_plots(dvc_yaml: Path = REPO / "dvc.yaml") -> list[Plot]:
         for key in keys if isinstance(keys, (list, dict)) else [None]:
             for entry in spec.get("plots", []):
                 pid = entry if isinstance(entry, str) else next(iter(entry))
-                if key is not None:
-                    pid = pid.replace("${key}", str(key)).replace("${item}", str(key))
+                if key is not None:  # a list's item is its key; a dict's item is a mapping
+                    pid = pid.replace("${key}", str(key))
+                    if isinstance(keys, list):
+                        pid = pid.replace("${item}", str(key))
                 out.append(Plot(pid, (pid,), pid, None))
     return out
 

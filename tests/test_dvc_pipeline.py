@@ -2,9 +2,10 @@
 git+DVC copy of this repository, built once by tests/dvc_helpers.py).
 
 Checks what users rely on: `dvc repro` built everything, a second `dvc repro` runs nothing, the
-task chains never invalidate each other, the run cache restores a configuration run before, `dvc exp run -S` re-runs only
-the stages that read the changed key, and `dvc exp show` is readable: its columns are the few
-params and the test figures, which a 160-column terminal never folds.
+task chains never invalidate each other, the run cache restores a configuration run before (in
+a fresh clone too), `dvc exp run -S` re-runs only the stages that read the changed key, and
+`dvc exp show` is readable: its columns are the few params and the test figures, which a
+160-column terminal never folds.
 """
 
 from __future__ import annotations

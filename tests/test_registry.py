@@ -46,7 +46,7 @@ def test_references_parse_to_name_and_version_or_stage():
     assert parse_spec("detector@v1.2.0") == Spec("detector", version="v1.2.0")
     assert parse_spec("seg/menter@v0.1.0-rc.1") == Spec("seg/menter", version="v0.1.0-rc.1")
     assert parse_spec("classifier@latest") == Spec("classifier")
-    for path in ("models/classifier.keras", "classifier.keras", "/tmp/x.pt", "./a@b/c"):
+    for path in ("models/classifier.keras", "classifier.keras", "/abs/model.pt", "./a@b/c"):
         assert parse_spec(path) is None, path
     with pytest.raises(StageError, match=r"unknown stage 'qa' \(stages: dev, staging, prod\)"):
         parse_spec("classifier@qa")

@@ -262,14 +262,20 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
     # The swap runs whole: a stop signal waits for it (never a missing ``final``).
     with signals_deferred():
-        if final.exists():
-            old = final.with_name(f"{_temp_prefix(final)}old{TEMP_SUFFIX}")
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        _swap_in(tmp, final)
+
+
+def _swap_in(src: Path, final: Path) -> None:
+    """Put the folder ``src`` at ``final`` by renames, an existing ``final`` moved aside first
+    and then removed (callers defer stop signals around it)."""
+    if final.exists():
+        old = final.with_name(f"{_temp_prefix(final)}old{TEMP_SUFFIX}")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        src.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        src.rename(final)
 
 
 @contextlib.contextmanager
@@ -299,15 +305,7 @@ def atomic_parts(final: str | Path, parts: Sequence[str]) -> Iterator[Path]:
     # atomic_dir has renamed the finished parts to ``staging``: swap each into place.
     with signals_deferred():
         for part in parts:
-            target = final / part
-            if target.exists():
-                old = final / f"{_temp_prefix(target)}old{TEMP_SUFFIX}"
-                shutil.rmtree(old, ignore_errors=True)
-                target.rename(old)
-                (staging / part).rename(target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                (staging / part).rename(target)
+            _swap_in(staging / part, final / part)
         shutil.rmtree(staging, ignore_errors=True)
 
 

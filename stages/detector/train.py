@@ -4,9 +4,10 @@ detection augment cache, validates every epoch and keeps the best epoch by valid
 Inputs: the cache's meta.json, policy.json, train/, val/ (``stages.common.cache``) and a
 ``TrainDetectorConfig``. Outputs: the model file (``stages.detector.model.save_detector``), the
 VALIDATION metrics json, dvclive logs and resumable checkpoints (``last.pt`` every epoch,
-``best.pt``) in the checkpoint folder, removed when the run finishes. Runs in one process or under torchrun (DistributedDataParallel; gloo on CPU, nccl on
-GPU; rank 0 validates, logs and writes every file). Called by ``python -m stages.train --task detection``
-and by the tests; no run command of its own.
+``best.pt``) in the checkpoint folder, removed when the run finishes. Runs in one process or
+under torchrun (DistributedDataParallel; gloo on CPU, nccl on GPU; rank 0 validates, logs and
+writes every file). Called by ``python -m stages.train --task detection`` and by the tests; no
+run command of its own.
 """
 
 from __future__ import annotations

@@ -174,8 +174,9 @@ def ensemble(run_names: Sequence[str]) -> dict:
     """Score the runs' models, averaged, as one model on the first run's data.
 
     The workspace takes the first run's params.yaml and dvc.lock and checks out the outputs the
-    evaluation reads (its classification cache and test films' lungs); each run's model and sidecar are read from the
-    DVC cache at that run's commit (``dvc.api.open``) into ``models/ensemble/``. Only what the
+    evaluation reads (its classification cache and the test films' lungs); each run's model and
+    sidecar are read from the DVC cache at that run's commit (``dvc.api.open``) into
+    ``models/ensemble/``. Only what the
     classification chain produced is needed, so experiments that never ran the detection chain
     work (``dvc exp apply`` would insist on every output of dvc.lock).
     """
