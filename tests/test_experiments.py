@@ -457,7 +457,8 @@ def _git(repo: Path, *args: str) -> None:
 
 @pytest.mark.slow
 def test_queue_run_report_end_to_end(tmp_path):
-    """Two tiny seed 002 rows (one is the TO-BE twin: run-cached) through the real DVC queue."""
+    """Two tiny seed 002 rows (one is the TO-BE twin: run-cached) through the real DVC queue, then
+    scored as an ensemble as `stages.repeat --ensemble` does."""
     repo, data_root = tmp_path / "repo", tmp_path / "data"
     for folder in ("kermany224", "kermany_test_public", "lung_masks"):
         (data_root / folder).mkdir(parents=True)
@@ -509,6 +510,23 @@ def test_queue_run_report_end_to_end(tmp_path):
         assert f"**{r.test:.4f}** / 0.9311" in text
     # the twin has the TO-BE's params, so DVC restored the trained model instead of training
     assert res[names[0]].test == res[names[1]].test
+
+    # `stages.repeat --ensemble`'s scoring of finished runs in a workspace that never ran them:
+    # the first run's cache parts and lungs meter checked out, each run's model read from the
+    # DVC cache at its commit. Two copies of one model average to that model.
+    code = ("import json; from stages.tools.repeat import ensemble; "
+            f"print(json.dumps(ensemble({names!r})))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=220)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ens = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(p.name for p in (repo / "models" / "ensemble").glob("*.keras")) == [
+        f"{n}.keras" for n in sorted(names)
+    ]
+    assert ens["accuracy"] == pytest.approx(res[names[0]].test, abs=1e-9)
+    assert ens["roc_auc"] == pytest.approx(res[names[0]].roc_auc, abs=1e-9)
+    assert isinstance(ens["n_test"], int) and ens["n_test"] > 0
+    assert 0.0 <= ens["cam_in_lungs"] <= 1.0  # the lungs meter came with the first run
 
 
 # ----------------------------------------------------------------------------- repeat / scoreboard

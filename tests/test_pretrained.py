@@ -269,3 +269,25 @@ def test_a_corrupt_cached_npz_is_fetched_and_converted_again(
     got = lite.read_state(str(out))
     assert got.keys() == state.keys()
     np.testing.assert_array_equal(got["_conv_head.weight"], state["_conv_head.weight"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
+def test_training_on_a_damaged_imagenet_file_is_one_line_naming_the_fetch(
+    tmp_path, monkeypatch, damage
+):
+    """What training reads is the file `stages.weights` left: damaged since (a disk error, an
+    interrupted copy), the model build stops in one line naming the command that mends it."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    path = P.keras_models_dir() / P.SOURCES["efficientnet_lite0"].file
+    path.parent.mkdir(parents=True)
+    np.savez(path, **random_state())
+    build_model(make_cfg(arch="efficientnet_lite0", weights="imagenet"), 48)  # whole: it loads
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-4096])
+    else:
+        _flip_a_byte_inside_an_array(path)  # a CRC error, raised only when the array is read
+    with pytest.raises(StageError) as err:
+        build_model(make_cfg(arch="efficientnet_lite0", weights="imagenet"), 48)
+    message = str(err.value)
+    assert str(path) in message and "\n" not in message
+    assert message.endswith("fetch it again with `python -m stages.weights efficientnet_lite0`")

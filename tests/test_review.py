@@ -25,7 +25,8 @@ from stages.common import paths
 from stages.common.utils import StageError
 from stages.tools import review as R
 from tests.conftest import REPO
-from tests.dvc_helpers import BIN, built_repo, dvc, git, tool_env
+from tests.dvc_helpers import BIN, dvc, git, tool_env
+from tests.dvc_helpers import experiment_repo as shared_experiment
 
 # --------------------------------------------------------------------------- statistics
 
@@ -587,11 +588,9 @@ def test_ci_script_prints_the_markdown_path_only(handmade):
 
 @pytest.fixture(scope="module")
 def experiment_repo(tmp_path_factory) -> Path:
-    """A copy of the session's tiny pipeline (committed) with one experiment on top."""
-    built = built_repo(tmp_path_factory)
+    """A copy of the session's tiny pipeline (committed) with its experiment `asis` on top."""
     repo = tmp_path_factory.mktemp("review-e2e") / "repo"
-    shutil.copytree(built.path, repo, symlinks=True)
-    dvc(repo, "exp", "run", "-n", "lr-up", "-S", "train_classifier.learning_rate=0.01")
+    shutil.copytree(shared_experiment(tmp_path_factory).path, repo, symlinks=True)
     return repo
 
 
@@ -601,7 +600,7 @@ def test_review_of_head_against_an_experiment(experiment_repo):
     for path in (paths.CLASSIFICATION.predictions, paths.DETECTION.predictions):
         assert git(repo, "show", f"HEAD:{path.as_posix()}")  # evaluate wrote and git tracks it
     proc = subprocess.run(
-        [str(BIN / "python"), "-m", "stages.review", "HEAD", "lr-up", "--resamples", "300"],
+        [str(BIN / "python"), "-m", "stages.review", "HEAD", "asis", "--resamples", "300"],
         cwd=repo,
         env=tool_env(),
         capture_output=True,
@@ -610,13 +609,13 @@ def test_review_of_head_against_an_experiment(experiment_repo):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = repo / proc.stdout.strip()
-    assert md == repo / paths.REVIEW / "HEAD_vs_lr-up.md"
+    assert md == repo / paths.REVIEW / "HEAD_vs_asis.md"
     text = md.read_text()
     for heading in ("## Summary", "## Params", "## Data", "## Metrics", "## Figures"):
         assert heading in text
     assert text.count("### Classifier") == 2 and text.count("### Detector") == 2  # metrics, figs
-    assert "experiment `lr-up`" in text
-    assert "`train_classifier.learning_rate`" in text
+    assert "experiment `asis`" in text
+    assert "`train_classifier.arch`" in text
     assert "**Classifier**: " in text and "Paired on the same" in text
     assert "**Detector**: identical predictions" in text  # the experiment left it alone
     assert "| `data/augment/detection/fit` |" in text and "| identical |" in text
@@ -639,3 +638,29 @@ def test_a_queued_experiment_that_has_not_run_gets_one_line(experiment_repo):
         R.resolve_rev("waiting", repo)
     assert "queued experiment that has not run yet" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_without_the_dvc_cache_reviews_and_says_what_is_missing(
+    tmp_path, tmp_path_factory
+):
+    """A teammate's clone before `dvc pull`: the training curves (DVC-tracked) are not in its
+    cache, and DVC cannot even list their folder; the review still runs, and says so."""
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(shared_experiment(tmp_path_factory).path), str(clone))
+    assert not (clone / ".dvc" / "cache").exists()
+    proc = subprocess.run(
+        [str(BIN / "python"), "-m", "stages.review", "HEAD", "HEAD", "--resamples", "100"],
+        cwd=clone,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (clone / proc.stdout.strip()).read_text()
+    assert "## Metrics" in text
+    assert (
+        "Training curves of A and B: `reports/live/classifier/` is not in the local DVC cache"
+        in text
+    )

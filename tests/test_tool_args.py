@@ -43,6 +43,9 @@ OUT_OF_RANGE = [
     ("stages.ablations", ["run", "--timeout", "-1"], "--timeout"),
     ("stages.ablations", ["run", "--poll", "0"], "--poll"),
     ("stages.scoreboard", ["--timeout", "-5"], "--timeout"),
+    ("stages.review", ["HEAD", "HEAD~1", "--seed", "-1"], "--seed"),
+    ("stages.review", ["HEAD", "HEAD~1", "--resamples", "5"], "--resamples"),
+    ("stages.review", ["HEAD", "HEAD~1", "--ci", "1"], "--ci"),
 ]
 PROBE = """
 import contextlib, io, json, runpy, sys

@@ -267,3 +267,38 @@ def test_precise_batchnorm_sets_statistics_of_the_current_weights():
     np.testing.assert_allclose(bn.moving_mean.numpy(), expected_mean, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(bn.moving_variance.numpy(), expected_var, rtol=1e-3, atol=1e-3)
     assert bn.momentum == 0.9
+
+
+@pytest.mark.parametrize(
+    ("activation", "loss"),
+    [
+        ("sigmoid", "binary_crossentropy"),
+        ("softmax", "categorical_crossentropy"),
+        ("sigmoid", "categorical_crossentropy"),  # seed 002's table 1 pairs
+        ("softmax", "binary_crossentropy"),
+    ],
+)
+def test_the_loss_scores_the_head_the_params_name(activation, loss, tmp_path):
+    """Keras 3 would score categorical CE over sigmoid units as softmax CE of their logits (and
+    binary CE over softmax units as sigmoid CE): the training loss must be the cross-entropy of
+    the probabilities the named head outputs, in the graph `fit` runs, and survive a save."""
+    import keras
+
+    from stages.classifier.train import make_loss
+
+    x = np.array([[1.0, -2.0], [0.5, 0.3], [-1.0, 2.0], [0.0, 0.7]], "float32")
+    y = np.array([[1, 0], [0, 1], [1, 0], [0, 1]], "float32")
+    inp = keras.Input((2,))
+    out = keras.layers.Dense(2, activation=activation, kernel_initializer="identity")(inp)
+    model = keras.Model(inp, out)
+    cfg = parse(TrainClassifierConfig, {"head": {"activation": activation, "units": 2},
+                                        "loss": loss}, "train_classifier")  # fmt: skip
+    model.compile(loss=make_loss(cfg), jit_compile=False)
+    p = model.predict(x, verbose=0).astype("float64")
+    if loss == "categorical_crossentropy":
+        q = p / p.sum(axis=1, keepdims=True)
+        want = np.mean(-(y * np.log(q)).sum(axis=1))
+    else:
+        want = np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean(axis=1))
+    assert model.evaluate(x, y, verbose=0) == pytest.approx(want, rel=1e-5)
+    model.save(tmp_path / "m.keras")  # the compiled loss serialises (the stage saves the model)

@@ -105,7 +105,8 @@ class TrainClassifierConfig:
     # Pretrained bases only: null = whole base trainable, 0 = frozen, N = last N blocks trainable.
     trainable_blocks: int | None = None
     head: HeadConfig = field(default_factory=HeadConfig)
-    # binary_crossentropy | categorical_crossentropy
+    # binary_crossentropy | categorical_crossentropy (of the head's probabilities: softmax + binary
+    # and sigmoid + categorical are scored as named, not on the logits as Keras 3 would)
     loss: Literal["binary_crossentropy", "categorical_crossentropy"] = "binary_crossentropy"
     label_smoothing: float = 0.0  # label smoothing of the targets, in [0, 0.5)
     optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"  # adam | rmsprop | sgd

@@ -18,6 +18,7 @@ BatchNorm keeps TensorFlow's epsilon 1e-3.
 from __future__ import annotations
 
 import math
+import zipfile
 
 import keras
 import numpy as np
@@ -133,13 +134,17 @@ def _torch_names(name: str) -> dict[str, str]:
     return names | {"top_conv": "_conv_head", "top_bn": "_bn1"}
 
 
-def read_state(path: str) -> dict[str, np.ndarray]:
-    """The arrays of a ``.npz`` state dict (``python -m stages.weights`` writes them)."""
+def read_state(path: str, fix: str = "") -> dict[str, np.ndarray]:
+    """The arrays of a ``.npz`` state dict (``python -m stages.weights`` writes them); a file
+    that is not one, truncated or with a damaged array (a CRC error) is one line ending in
+    ``fix`` (what to run about it)."""
     try:
-        with np.load(path) as npz:
+        with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise StageError(f"weights: {path} is not a .npz state dict ({exc})") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise StageError(
+            f"weights: {path} is not a .npz state dict ({type(exc).__name__}: {exc}){fix}"
+        ) from exc
 
 
 def load_state(base: keras.Model, state: dict[str, np.ndarray], origin: str) -> None:

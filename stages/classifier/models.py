@@ -248,7 +248,9 @@ def _application(cfg: TrainClassifierConfig, inputs, image_size: int):
         if mode == "lite":
             base = constructor((image_size, image_size, 3))
             if weights is not None:
-                lite.load_state(base, lite.read_state(weights), weights)
+                fix = f"; fetch it again with `python -m stages.weights {cfg.arch}`"
+                state = lite.read_state(weights, fix if cfg.weights == "imagenet" else "")
+                lite.load_state(base, state, weights)
         else:
             base = constructor(
                 include_top=False, weights=weights, input_shape=(image_size, image_size, 3)

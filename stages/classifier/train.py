@@ -75,12 +75,44 @@ def _optimizer(cfg: TrainClassifierConfig, steps_per_epoch: int) -> keras.optimi
     return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=True, **kw)
 
 
-def _compile(model: keras.Model, cfg: TrainClassifierConfig, encoding: str, n: int, steps: int):
+@keras.saving.register_keras_serializable(package="cxr")
+class OnProbabilities(keras.losses.Loss):
+    """Cross-entropy of the head's probabilities as they are.
+
+    Keras 3 (TensorFlow backend) tags sigmoid and softmax outputs with their logits, and both
+    cross-entropies use those logits whatever the activation was: categorical CE over sigmoid
+    units becomes softmax CE of their logits, binary CE over softmax units becomes sigmoid CE of
+    theirs, so the head the params name is not the one trained. Scoring a copy of the output
+    (which carries no logits) restores what the names say, as Keras 2 computed it (seed 002's
+    table compares exactly these pairs).
+    """
+
+    def __init__(self, kind: str, label_smoothing: float = 0.0, **kwargs) -> None:
+        super().__init__(name=kwargs.pop("name", f"{kind}_on_probabilities"), **kwargs)
+        self.kind, self.label_smoothing = kind, label_smoothing
+
+    def call(self, y_true, y_pred):
+        fn = getattr(keras.losses, self.kind)
+        return fn(y_true, tf.identity(y_pred), label_smoothing=self.label_smoothing)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "kind": self.kind, "label_smoothing": self.label_smoothing}
+
+
+def make_loss(cfg: TrainClassifierConfig) -> keras.losses.Loss:
+    """The training loss: the fused (logits) form where the activation is the loss's own
+    (sigmoid + binary CE, softmax + categorical CE), the probabilities' otherwise."""
     ls = cfg.label_smoothing
+    own = {"binary_crossentropy": "sigmoid", "categorical_crossentropy": "softmax"}[cfg.loss]
+    if cfg.head.activation != own:
+        return OnProbabilities(cfg.loss, ls)
     if cfg.loss == "binary_crossentropy":
-        loss = keras.losses.BinaryCrossentropy(label_smoothing=ls)
-    else:
-        loss = keras.losses.CategoricalCrossentropy(label_smoothing=ls)
+        return keras.losses.BinaryCrossentropy(label_smoothing=ls)
+    return keras.losses.CategoricalCrossentropy(label_smoothing=ls)
+
+
+def _compile(model: keras.Model, cfg: TrainClassifierConfig, encoding: str, n: int, steps: int):
+    loss = make_loss(cfg)
     if encoding == "binary":
         metrics = [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")]
     else:  # macro one-vs-rest AUC over the N columns

@@ -327,10 +327,12 @@ def task_arg_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _bounded(kind: type, lo: float | None, hi: float | None, lo_open: bool) -> Callable:
+def _bounded(
+    kind: type, lo: float | None, hi: float | None, lo_open: bool, hi_open: bool = False
+) -> Callable:
     name = "an integer" if kind is int else "a number"
     parts = [f"{'>' if lo_open else '>='} {_num(lo)}"] if lo is not None else []
-    parts += [f"<= {_num(hi)}"] if hi is not None else []
+    parts += [f"{'<' if hi_open else '<='} {_num(hi)}"] if hi is not None else []
     wanted = f"{name} {' and '.join(parts)}".strip()
 
     def convert(text: str) -> int | float:
@@ -341,7 +343,7 @@ def _bounded(kind: type, lo: float | None, hi: float | None, lo_open: bool) -> C
         bad = not math.isfinite(value) or (
             lo is not None and (value <= lo if lo_open else value < lo)
         )
-        if bad or (hi is not None and value > hi):
+        if bad or (hi is not None and (value >= hi if hi_open else value > hi)):
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
         return value
 
@@ -359,10 +361,11 @@ def int_in(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]
 
 
 def float_in(
-    lo: float | None = None, hi: float | None = None, lo_open: bool = False
+    lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
 ) -> Callable[[str], float]:
-    """An argparse ``type=``: a finite number in [lo, hi] ((lo, hi] with ``lo_open``)."""
-    return _bounded(float, lo, hi, lo_open)
+    """An argparse ``type=``: a finite number in [lo, hi] (open at an end with ``lo_open`` /
+    ``hi_open``)."""
+    return _bounded(float, lo, hi, lo_open, hi_open)
 
 
 # Common flags' ranges (one home for each): threads 0 = all cores; seeds as numpy takes them.

@@ -31,7 +31,6 @@ resamples; DeLong's variances added).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import difflib
 import html
@@ -53,7 +52,16 @@ import yaml
 from scipy.stats import norm, rankdata
 
 from stages.common import paths
-from stages.common.utils import StageError, atomic_dir, run_cli, write_text_atomic
+from stages.common.utils import (
+    SEED,
+    ArgumentParser,
+    StageError,
+    atomic_dir,
+    float_in,
+    int_in,
+    run_cli,
+    write_text_atomic,
+)
 
 log = logging.getLogger("stages.tools.review")
 
@@ -218,13 +226,14 @@ def dvc_tracked(repo: Path, sha: str, folder: str) -> dict[str, bytes]:
     cache (`dvc exp pull` / `dvc pull` bring a teammate's); {} when absent there or not cached."""
     from dvc.exceptions import DvcException
     from dvc.fs import DVCFileSystem
+    from dvc_data.index.index import DataIndexError  # a folder whose listing is not cached
 
     try:
         fs = DVCFileSystem(repo=str(repo), rev=sha)
         if not fs.isdir(folder):
             return {}
         return {f: fs.read_bytes(f) for f in fs.find(folder)}
-    except (DvcException, OSError, KeyError):
+    except (DvcException, DataIndexError, OSError, KeyError):
         return {}
 
 
@@ -1294,6 +1303,12 @@ TASKS = {"classifier": classifier_task, "detector": detector_task, "segmenter": 
 
 
 def _training(r: Review, m: Model, doc: Doc) -> None:
+    missing = [t.label for t in r.sides if not t.under(m.live_dir)]
+    if missing:  # DVC-tracked: only what the local cache holds
+        doc.p(
+            f"Training curves of {' and '.join(missing)}: `{m.live_dir.as_posix()}/` is not in "
+            "the local DVC cache (`dvc pull`, or `dvc exp pull origin <experiment>`, brings it)."
+        )
     curves: dict[str, dict] = {}
     root = m.live_dir / "plots" / "metrics"
     for t in r.sides:
@@ -1407,13 +1422,15 @@ def review(
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a", help="baseline: commit, branch, tag or experiment name")
     parser.add_argument("b", help="candidate: commit, branch, tag or experiment name")
     parser.add_argument("--out", type=Path, default=paths.REVIEW, help="report folder")
-    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the resamples")
-    parser.add_argument("--ci", type=float, default=0.95, help="interval level")
+    parser.add_argument("--resamples", type=int_in(100), default=2000, help="bootstrap resamples")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the resamples")
+    parser.add_argument(
+        "--ci", type=float_in(0.5, 1, hi_open=True), default=0.95, help="interval level"
+    )
     parser.add_argument("--repo", type=Path, default=Path("."), help="git repository")
     args = parser.parse_args(argv)
     md = review(args.a, args.b, args.out, args.resamples, args.seed, args.ci, args.repo)
