@@ -437,6 +437,13 @@ def test_report_markdown(tmp_path):
     assert f"**0.9512** / {pub.train_accuracy:.4f}" in lines["seed002-softmax-cce-adam"]
     assert f"**0.8805** / {pub.test_accuracy:.4f}" in lines["seed002-softmax-cce-adam"]
     assert "| 0.9612 |" in lines["seed002-softmax-cce-adam"]
+    rev = next(
+        e["revs"][0]["rev"]
+        for b in exp_show_json()
+        for e in b["experiments"] or []
+        if e["name"] == "seed002-softmax-cce-adam"
+    )  # fmt: skip  (the newest run's)
+    assert lines["seed002-softmax-cce-adam"].endswith(f"`seed002-softmax-cce-adam` ({rev[:7]}) |")
     assert "| failed |" in lines["seed002-nogen-dropout"]
     assert "| queued |" in lines["seed002-sigmoid-bce-rmsprop"]
     assert "| not run |" in lines["seed002-gen-dropout"]

@@ -39,6 +39,7 @@ class Result:
     roc_auc: float | None = None
     n_test: int | None = None
     params: dict | None = None
+    rev: str | None = None  # the experiment's commit
 
 
 def collect(show: list, names: Sequence[str]) -> dict[str, Result]:
@@ -65,6 +66,7 @@ def collect(show: list, names: Sequence[str]) -> dict[str, Result]:
             Q.number(Q.get_in(test, "roc_auc")),
             int(n_test) if n_test is not None else None,
             Q.get_in(data, "params", "params.yaml", "data"),
+            data.get("rev"),
         )
     return out
 
@@ -96,7 +98,7 @@ def _row(exp: X.Experiment, res: Result | None) -> str:
     return (
         f"| {labels} | {_cell(res.train, pub.train_accuracy)} | {_cell(res.val, pub.val_accuracy)} "
         f"| {_cell(res.test, pub.test_accuracy)} | {f(res.test_05)} | {f(res.roc_auc)} "
-        f"| `{exp.name}` |"
+        f"| `{exp.name}`{f' ({res.rev[:7]})' if res.rev else ''} |"
     )
 
 
@@ -159,6 +161,8 @@ def render(results: dict[str, Result], names: Sequence[str]) -> str:
         "(`reports/live/classifier/training.json` of each run).",
         "- test = accuracy at the threshold chosen on validation (`metrics/classifier.json`); "
         "test @0.5 = at 0.5, as the seed's `model.evaluate`; ROC-AUC on test (the seed gave none).",
+        "- experiment = the `dvc exp` name and, in brackets, the commit that holds its results "
+        "(`dvc exp apply` it, or `python -m stages.review HEAD <name>`).",
     ]
     tables = (
         ("loss", "Table 1: output activation, loss, optimizer", "activation | loss | optimizer"),
