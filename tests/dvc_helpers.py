@@ -1,8 +1,10 @@
 """Helpers of the tests that drive DVC itself: temporary git+DVC copies of this repository, the
-`dvc`/`git` commands with timeouts, and the tiny pipeline built once per session.
+`dvc`/`git` commands with timeouts, and the tiny pipeline built once per session (with one
+experiment on a copy of it, also once per session).
 
-No tests here; imported by tests/test_dvc_pipeline.py, tests/test_remotes.py,
-tests/test_reproducibility.py and tests/test_plots_browser.py (servers: tests/remote_servers.py).
+No tests here; imported by the test files that drive DVC (test_dvc_pipeline, test_remotes,
+test_reproducibility, test_registry, test_review, test_exp_show, test_plots_browser, ...; the
+servers: tests/remote_servers.py).
 """
 
 from __future__ import annotations
