@@ -174,3 +174,21 @@ def test_cam_summary_by_outcome_with_the_chance_level():
     assert out["TP"] == pytest.approx(0.5) and out["FN"] == pytest.approx(0.5) and out["n_FN"] == 1
     assert out["FP"] is None and out["n_FP"] == 0
     assert "lung_area" not in meter.summary(share, np.array(["TP"] * 4))
+
+
+def test_an_ensembles_map_is_its_members_at_equal_weight():
+    """An ensemble's where-does-it-look: its members' maps each scaled to unit mass, then
+    averaged, so a member with larger gradients does not outvote the others; its share in the
+    lungs is the members' mean share. One model's map is left as it is (scale and all)."""
+    from stages.classifier import meter
+
+    masks = np.zeros((2, 8, 8), dtype=bool)
+    masks[:, :, :4] = True
+    inside, outside = np.zeros((2, 8, 8)), np.zeros((2, 8, 8))
+    inside[:, 2:6, 0:3] = 100.0  # large gradients, all in the lungs
+    outside[:, 2:6, 5:8] = 0.01  # small ones, all outside
+    outside[1] = 0.0  # the second member has no mass on the second image
+    both = meter.mean_map([inside, outside])
+    np.testing.assert_allclose(M.cam_in_lungs(both, masks), [0.5, 1.0])
+    assert meter.mean_map([inside]) is inside
+    np.testing.assert_allclose(meter.mean_map([inside, inside]).sum(axis=(1, 2)), [1.0, 1.0])

@@ -330,7 +330,7 @@ def run(
     if masks is not None:
         pos = positive_indices(classes, cfg.positives)
         log.info("cam_in_lungs: Grad-CAM of %d test images", len(masks))
-        share, cams = meter.measure(models[0], images["test"], masks, proba["test"], pos)
+        share, cams = meter.measure(models, images["test"], masks, proba["test"], pos)
         kinds = meter.outcomes(bt, pt >= doc["threshold"])
         doc["cam_in_lungs"] = meter.summary(share, kinds, masks)
     else:

@@ -65,14 +65,29 @@ def outcomes(bt: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     )
 
 
-def measure(model, images: np.ndarray, masks: np.ndarray, proba: np.ndarray, pos: list[int]):
-    """(per-image share of Grad-CAM mass inside the lungs, the raw maps). The map is that of the
-    most likely positive class, so every image is asked the same question: where is the
+def mean_map(maps: list[np.ndarray]) -> np.ndarray:
+    """One (N, H, W) map from several models' maps: one model's as it is; an ensemble's as the
+    mean of its members' maps, each scaled to unit mass per image first (so no member weighs
+    more for its gradients' scale): its share in the lungs is then the members' mean share."""
+    if len(maps) == 1:
+        return maps[0]
+    scaled = []
+    for cams in maps:
+        cams = np.asarray(cams, dtype=np.float64)
+        mass = cams.sum(axis=(1, 2), keepdims=True)
+        scaled.append(np.divide(cams, mass, out=np.zeros_like(cams), where=mass > 0))
+    return np.mean(scaled, axis=0)
+
+
+def measure(models, images: np.ndarray, masks: np.ndarray, proba: np.ndarray, pos: list[int]):
+    """(per-image share of Grad-CAM mass inside the lungs, the maps) of ``models`` (one model,
+    or an ensemble's members: ``mean_map``). The map is that of the most likely positive class
+    of the scored probabilities, so every image is asked the same question: where is the
     pneumonia evidence?"""
     from stages.classifier.gradcam import GradCam  # TensorFlow: only when needed
 
     classes = [max(pos, key=lambda c, i=i: proba[i, c]) for i in range(len(images))]
-    cams = GradCam(model).raw_batch(np.asarray(images), classes)
+    cams = mean_map([GradCam(m).raw_batch(np.asarray(images), classes) for m in models])
     return M.cam_in_lungs(cams, masks), cams
 
 
