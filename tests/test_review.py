@@ -381,25 +381,27 @@ def test_resolver_knows_commits_branches_tags_and_experiments(tmp_path):
     assert "\n" not in str(err.value) and "unknown revision" in str(err.value)
 
 
+def review_cli(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -m stages.review ARGS` in ``repo`` (the tools' environment plus ``env``)."""
+    return subprocess.run(
+        [str(BIN / "python"), "-m", "stages.review", *args],
+        cwd=repo,
+        env={**tool_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def test_the_command_fails_with_one_line(tmp_path):
     repo = _git_repo(tmp_path / "r")
     _commit(repo, {"a.txt": "1"}, "one")
-
-    def run(*args):
-        return subprocess.run(
-            [str(BIN / "python"), "-m", "stages.review", *args],
-            cwd=repo,
-            env={**tool_env(), "PYTHONPATH": str(REPO)},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
 
     for args, words in (
         (("HEAD", "nope"), "nope: unknown revision"),
         (("HEAD", "HEAD"), "run `dvc repro` / `dvc exp run` first"),
     ):
-        proc = run(*args)
+        proc = review_cli(repo, *args, PYTHONPATH=str(REPO))
         assert proc.returncode == 2, proc.stderr
         lines = [x for x in proc.stderr.splitlines() if x.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
@@ -599,14 +601,7 @@ def test_review_of_head_against_an_experiment(experiment_repo):
     repo = experiment_repo
     for path in (paths.CLASSIFICATION.predictions, paths.DETECTION.predictions):
         assert git(repo, "show", f"HEAD:{path.as_posix()}")  # evaluate wrote and git tracks it
-    proc = subprocess.run(
-        [str(BIN / "python"), "-m", "stages.review", "HEAD", "asis", "--resamples", "300"],
-        cwd=repo,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = review_cli(repo, "HEAD", "asis", "--resamples", "300")
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = repo / proc.stdout.strip()
     assert md == repo / paths.REVIEW / "HEAD_vs_asis.md"
@@ -649,14 +644,7 @@ def test_a_fresh_clone_without_the_dvc_cache_reviews_and_says_what_is_missing(
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(shared_experiment(tmp_path_factory).path), str(clone))
     assert not (clone / ".dvc" / "cache").exists()
-    proc = subprocess.run(
-        [str(BIN / "python"), "-m", "stages.review", "HEAD", "HEAD", "--resamples", "100"],
-        cwd=clone,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = review_cli(clone, "HEAD", "HEAD", "--resamples", "100")
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (clone / proc.stdout.strip()).read_text()
     assert "## Metrics" in text

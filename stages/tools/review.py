@@ -1382,6 +1382,11 @@ def build(r: Review) -> Doc:
     return doc
 
 
+# the bounds of --resamples and --ci, checked by the command line and by review() alike
+MIN_RESAMPLES = 100
+CI_LEVELS = (0.5, 1.0)  # [low, high)
+
+
 def review(
     a: str,
     b: str,
@@ -1392,10 +1397,12 @@ def review(
     repo: Path = Path("."),
 ) -> Path:
     """Write the markdown, its figures and the HTML page; return the markdown path."""
-    if resamples < 100:
-        raise StageError(f"--resamples {resamples}: use at least 100 (2000 is the default)")
-    if not 0.5 <= ci < 1:
-        raise StageError(f"--ci {ci}: give a level in [0.5, 1), e.g. 0.95")
+    if resamples < MIN_RESAMPLES:
+        raise StageError(
+            f"--resamples {resamples}: use at least {MIN_RESAMPLES} (2000 is the default)"
+        )
+    if not CI_LEVELS[0] <= ci < CI_LEVELS[1]:
+        raise StageError(f"--ci {ci}: give a level in [{CI_LEVELS[0]}, {CI_LEVELS[1]}), e.g. 0.95")
     revs = [resolve_rev(a, repo), resolve_rev(b, repo)]
     trees = [Tree(rev, label, repo) for rev, label in zip(revs, "AB", strict=True)]
     for t in trees:
@@ -1426,10 +1433,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("a", help="baseline: commit, branch, tag or experiment name")
     parser.add_argument("b", help="candidate: commit, branch, tag or experiment name")
     parser.add_argument("--out", type=Path, default=paths.REVIEW, help="report folder")
-    parser.add_argument("--resamples", type=int_in(100), default=2000, help="bootstrap resamples")
+    parser.add_argument(
+        "--resamples", type=int_in(MIN_RESAMPLES), default=2000, help="bootstrap resamples"
+    )
     parser.add_argument("--seed", type=SEED, default=0, help="seed of the resamples")
     parser.add_argument(
-        "--ci", type=float_in(0.5, 1, hi_open=True), default=0.95, help="interval level"
+        "--ci", type=float_in(*CI_LEVELS, hi_open=True), default=0.95, help="interval level"
     )
     parser.add_argument("--repo", type=Path, default=Path("."), help="git repository")
     args = parser.parse_args(argv)
