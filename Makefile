@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 # dvc stage commands call `python`: run them with the venv first on PATH
 export PATH := $(abspath $(BIN)):$(PATH)
 WORKERS ?= 1
-PYTEST_ARGS ?=
+# one pytest-xdist worker per core, each pinned to its core; files sharing a session build stay
+# on one worker, and the groups holding slow tests start first (tests/conftest.py)
+PYTEST_ARGS ?= -n auto
 
 .PHONY: setup repro test test-fast lint format dag docs compare review plots-page ablations seeds scoreboard serve remote \
 	register promote models

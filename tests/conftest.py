@@ -3,16 +3,78 @@
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 
-import stages  # noqa: F401  (imports torch before TensorFlow: see stages/__init__.py)
-from stages.common.config import read_params
+
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist (`make test` runs one worker per core) each worker, and every process
+    it starts, keeps to its own share of the cores, so `threads: 0` means one thread there and
+    two workers' trainings never fight over one core: unpinned, two 2-thread trainings on two
+    cores made the parallel suite slower than the serial one. Runs before torch or TensorFlow
+    is loaded (both size their thread pools from the affinity when they start)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= count:
+        os.sched_setaffinity(0, cores[int(worker[2:]) % count :: count])
+
+
+_pin_xdist_worker()
+
+import stages  # noqa: E402,F401  (imports torch before TensorFlow: see stages/__init__.py)
+from stages.common.config import read_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+# Session builds that several test files share: under pytest-xdist the files using one run on
+# the same worker, so it is built once, not once per worker.
+SHARED_BUILDS = {"built_repo(": "pipeline", "experiment_repo(": "pipeline", "serve_models": "serve"}
+
+
+@functools.cache
+def worker_group(module: Path) -> str:
+    """The worker group of a test file: the shared build it uses, else the file itself (its
+    module fixtures are then built once too)."""
+    text = module.read_text(encoding="utf-8")
+    return next((group for use, group in SHARED_BUILDS.items() if use in text), module.stem)
+
+
+def _group_of(nodeid: str) -> str:
+    return worker_group(REPO / nodeid.split("::", 1)[0])
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Run the groups that hold slow tests first (the shared pipeline build first of all), so
+    no long test starts last and keeps one worker busy while the other idles."""
+    group_of = {item: _group_of(item.nodeid) for item in items}
+    slow = {group_of[item] for item in items if item.get_closest_marker("slow")}
+    rank = {group: (group != "pipeline", group not in slow) for group in group_of.values()}
+    items.sort(key=lambda item: rank[group_of[item]])  # stable: files keep their test order
+
+
+if importlib.util.find_spec("xdist") is not None:
+
+    def pytest_xdist_make_scheduler(config, log):
+        """One work unit per worker group, handed out in collection order (the order above).
+        pytest-xdist's own `loadgroup` cannot do it under pytest 9.2 (it renames
+        ``item._nodeid``, which no longer exists there)."""
+        from xdist.scheduler import LoadScopeScheduling
+
+        class GroupScheduling(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                return _group_of(nodeid)
+
+        config.option.loadscopereorder = False
+        return GroupScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -86,8 +148,8 @@ def shrink_params(params: dict) -> dict:
     )
     section("augment", "classification").update(image_size=48, preview_count=2)
     section("augment", "detection").update(image_size=96, preview_count=2)
-    section("train_classifier").update(epochs=1, batch_size=16, threads=2)
-    section("train_detector").update(epochs=1, batch_size=2, warmup_iters=2, threads=2)
+    section("train_classifier").update(epochs=1, batch_size=16, threads=0)
+    section("train_detector").update(epochs=1, batch_size=2, warmup_iters=2, threads=0)
     section("evaluate", "classification").update(bootstrap=20, n_samples_grid=4, n_gradcam=2)
     section("evaluate", "detection").update(n_report_images=1)
     section("data", "segmentation", "synthetic").update(
@@ -95,7 +157,7 @@ def shrink_params(params: dict) -> dict:
     )
     section("augment", "segmentation").update(image_size=64, preview_count=2)
     section("train_segmenter").update(
-        epochs=1, batch_size=4, channels=[8, 16, 32], res_units=1, warmup_iters=2, threads=2
+        epochs=1, batch_size=4, channels=[8, 16, 32], res_units=1, warmup_iters=2, threads=0
     )
     section("evaluate", "segmentation").update(bootstrap=20, n_report_images=1)
     return params

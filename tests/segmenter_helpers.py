@@ -74,7 +74,7 @@ def sections(
             epochs=epochs,
             batch_size=8,
             warmup_iters=2,
-            threads=2,
+            threads=0,  # all the cores this process may use (one per pinned test worker)
         )
     )
     evaluate = to_dict(

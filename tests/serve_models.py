@@ -88,7 +88,7 @@ def _train_classifier(base: Path) -> Path:
             "head": {"activation": "softmax", "units": 2},
             "loss": "categorical_crossentropy",
             "early_stopping": {"patience": None},
-            "threads": 2,
+            "threads": 0,  # all the cores this process may use (one per pinned test worker)
         },
         "train_classifier",
     )

@@ -9,6 +9,7 @@ asserts the cause (nothing heavy imported) on any machine.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -67,3 +68,32 @@ def test_importing_tensorflow_loads_torch_first():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "['torch', 'tensorflow']"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_threads_zero_means_the_cores_the_process_may_use():
+    """`threads: 0` (every stage's default, and `--threads 0`) sizes torch's pool by the CPU
+    affinity (`taskset`, a container's cpuset, a pinned test worker), not by the machine's core
+    count: a process allowed one core runs one thread, never several fighting over it."""
+    probe = (
+        "import json, os, stages, torch; "
+        "from stages.common.utils import set_torch_threads, usable_cores; "
+        "from stages.detector.engine import DistInfo, threads_per_process; "
+        "set_torch_threads(0); "
+        "print(json.dumps([usable_cores(), torch.get_num_threads(), "
+        "threads_per_process(0, DistInfo())]))"
+    )
+    one_core = min(os.sched_getaffinity(0))
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.sched_setaffinity(0, {one_core}),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [1, 1, 1]
+    from stages.common.utils import usable_cores
+
+    assert usable_cores() == len(os.sched_getaffinity(0))

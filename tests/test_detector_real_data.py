@@ -31,7 +31,7 @@ SHRINK = [
     "train_detector.backbone=resnet18",
     "train_detector.fpn_channels=64",
     "train_detector.epochs=1",
-    "train_detector.threads=2",
+    "train_detector.threads=0",
     "evaluate.detection.n_report_images=2",
 ]
 

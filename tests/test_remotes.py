@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 
 from stages.common.utils import StageError
-from stages.tools.param_table import load_stages, param_rows
 from stages.tools.remote import plan_remote, plan_shared_cache, shown
 from tests.dvc_helpers import (
     BIN,
@@ -32,6 +31,7 @@ from tests.dvc_helpers import (
     commit_all,
     dvc,
     experiment_metrics,
+    experiment_repo,
     git,
     init_repo,
     ran_stages,
@@ -174,7 +174,9 @@ def test_local_folder_remote_round_trip(built: Built, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_s3_round_trip_and_shared_experiment(built: Built, s3: RcloneS3, tmp_path: Path) -> None:
+def test_s3_round_trip_and_shared_experiment(
+    built: Built, s3: RcloneS3, tmp_path: Path, tmp_path_factory
+) -> None:
     s3.make_bucket("team")
     env = s3.env("team")
     setup_remote(built.path, env, "--local")
@@ -193,29 +195,31 @@ def test_s3_round_trip_and_shared_experiment(built: Built, s3: RcloneS3, tmp_pat
     dvc(a, "pull")
     assert_same_outputs_and_nothing_to_run(built, a)
 
-    # A runs an experiment and shares it through a bare git remote; B pulls and sees it.
+    # Teammate C ran an experiment (the session's `dvc exp run`, on a copy of the same commit)
+    # and shares it through a bare git remote and the S3 remote; B clones, pulls it, sees it.
+    ran = experiment_repo(tmp_path_factory)
+    c = tmp_path / "c"
+    shutil.copytree(ran.path, c, symlinks=True)
+    setup_remote(c, env, "--local")
     origin = tmp_path / "origin.git"
     git(tmp_path, "init", "-q", "--bare", str(origin))
-    branch = git(a, "rev-parse", "--abbrev-ref", "HEAD").strip()
-    git(a, "remote", "set-url", "origin", str(origin))
-    git(a, "push", "-q", "origin", f"HEAD:refs/heads/{branch}")
-    out = dvc(a, "exp", "run", "-n", "team-exp", "-S", "train_classifier.seed=1")
-    row = next(r for r in param_rows(load_stages(a / "dvc.yaml")) if r[0] == "train_classifier")
-    # the params table holds (check-params, which reads every section, re-runs on any change)
-    assert ran_stages(out) - {"check-params"} == set(row[1]) | set(row[2]), out[-3000:]
-    dvc(a, "exp", "push", "origin", "team-exp")
-    model = tree_digest(a, ["models/classifier.keras"])
+    branch = git(c, "rev-parse", "--abbrev-ref", "HEAD").strip()
+    git(c, "remote", "add", "origin", str(origin))
+    git(c, "push", "-q", "origin", f"HEAD:refs/heads/{branch}")
+    dvc(c, "exp", "push", "origin", ran.name)
+    shown_c = json.loads(dvc(c, "exp", "show", "--json"))
+    model = tree_digest(c, ["models/classifier.keras"])  # the experiment ran in c's workspace
 
     b = tmp_path / "b"
     git(tmp_path, "clone", "-q", "--branch", branch, str(origin), str(b))
     setup_remote(b, env, "--local")
-    dvc(b, "exp", "pull", "origin", "team-exp")
+    dvc(b, "exp", "pull", "origin", ran.name)
     shown_b = json.loads(dvc(b, "exp", "show", "--json"))
-    shown_a = json.loads(dvc(a, "exp", "show", "--json"))
-    metrics_b = experiment_metrics(shown_b, "team-exp")
+    metrics_b = experiment_metrics(shown_b, ran.name)
     assert 0.0 <= metrics_b["accuracy"] <= 1.0
-    assert metrics_b == experiment_metrics(shown_a, "team-exp")
-    dvc(b, "exp", "apply", "team-exp")  # the experiment's model came with it from the remote
+    assert metrics_b == experiment_metrics(shown_c, ran.name)
+    assert not (b / "models" / "classifier.keras").exists()  # a clone holds no outputs
+    dvc(b, "exp", "apply", ran.name)  # the experiment's model came with it from the remote
     assert tree_digest(b, ["models/classifier.keras"]) == model
 
 

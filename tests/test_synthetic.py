@@ -231,11 +231,11 @@ def test_files_do_not_depend_on_the_process_pool(tmp_path, monkeypatch):
     monkeypatch.setattr(
         synthetic, "ProcessPoolExecutor", lambda *a, **k: pools.append(1) or real_pool(*a, **k)
     )
-    monkeypatch.setattr(synthetic.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(synthetic, "usable_cores", lambda: 2)
     pooled = (_digest(generate_classification(cls, tmp_path / "pc")),)
     pooled += (_digest(generate_detection(det, tmp_path / "pd")),)
     assert len(pools) == 2  # both generators went through the pool
-    monkeypatch.setattr(synthetic.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(synthetic, "usable_cores", lambda: 1)
     single = (_digest(generate_classification(cls, tmp_path / "sc")),)
     single += (_digest(generate_detection(det, tmp_path / "sd")),)
     assert len(pools) == 2 and len(single[0]) == 120

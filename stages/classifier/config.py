@@ -142,14 +142,14 @@ class TrainClassifierConfig:
     # filters alike: fine texture (train's normal films are sharper) stops being a class cue.
     input_blur: float = 0.0
     seed: int = 42  # training seed (weights, shuffling, augmentation draws)
-    threads: int = 0  # 0 = all cores
+    threads: int = 0  # 0 = all usable cores
 
     def __post_init__(self) -> None:
         check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        check(self.threads >= 0, f"threads must be >= 0 (0 = all cores), got {self.threads}")
+        check(self.threads >= 0, f"threads must be >= 0 (0 = all usable cores), got {self.threads}")
         check(0 <= self.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5)")
         check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")

@@ -368,7 +368,7 @@ def float_in(
     return _bounded(float, lo, hi, lo_open, hi_open)
 
 
-# Common flags' ranges (one home for each): threads 0 = all cores; seeds as numpy takes them.
+# Common flags' ranges (one home for each): threads 0 = all usable cores; seeds as numpy takes them.
 THREADS = int_in(0, 1024)
 SEED = int_in(0, 2**32 - 1)
 POSITIVE_INT = int_in(1)
@@ -472,10 +472,19 @@ class StageError(RuntimeError):
     """A stage cannot go on (bad data, missing input); the message says what to do."""
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (``taskset``, a container's cpuset,
+    a pinned test worker), which ``os.cpu_count()`` ignores. What ``threads: 0`` means."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity call on this OS
+        return os.cpu_count() or 1
+
+
 def set_torch_threads(n: int) -> None:
     import torch
 
-    n = n or os.cpu_count() or 1
+    n = n or usable_cores()
     torch.set_num_threads(n)
     with contextlib.suppress(RuntimeError):  # may only be set once per process
         torch.set_num_interop_threads(max(1, min(2, n)))

@@ -74,7 +74,7 @@ class TrainDetectorConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # run
     seed: int = 4  # training seed
-    threads: int = 0  # 0 = all cores (split between DDP processes)
+    threads: int = 0  # 0 = all usable cores (split between DDP processes)
     num_workers: int = 0  # DataLoader worker processes
 
     def __post_init__(self) -> None:
@@ -111,7 +111,7 @@ class TrainDetectorConfig:
         check(all(0 < m < 1 for m in self.lr_milestones), "lr_milestones are fractions in (0, 1)")
         check(0 < self.lr_gamma <= 1, "lr_gamma must be in (0, 1]")
         check(self.grad_clip >= 0, "grad_clip must be >= 0 (0 = off)")
-        check(self.threads >= 0, "threads must be >= 0 (0 = all cores)")
+        check(self.threads >= 0, "threads must be >= 0 (0 = all usable cores)")
         check(self.num_workers >= 0, "num_workers must be >= 0")
         check(bool(self.weights_backbone), "weights_backbone: none | imagenet | <path>")
         check(
@@ -130,7 +130,7 @@ class EvalDetectionConfig:
     batch_size: int = 8  # images per prediction batch
     n_report_images: int = 6  # best and worst k test images drawn
     seed: int = 4  # seed of the report's choices
-    threads: int = 0  # 0 = all cores
+    threads: int = 0  # 0 = all usable cores
 
     def __post_init__(self) -> None:
         check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
@@ -145,7 +145,7 @@ class EvalDetectionConfig:
         check(0 <= self.score_thresh < 1, "score_thresh must be in [0, 1)")
         check(self.batch_size >= 1, "batch_size must be >= 1")
         check(self.n_report_images >= 0, "n_report_images must be >= 0")
-        check(self.threads >= 0, "threads must be >= 0 (0 = all cores)")
+        check(self.threads >= 0, "threads must be >= 0 (0 = all usable cores)")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.detection import MeanAveragePrecision
 from tqdm import tqdm
 
-from stages.common.utils import StageError
+from stages.common.utils import StageError, usable_cores
 from stages.detector.config import TrainDetectorConfig
 from stages.detector.model import atomic_torch_save
 
@@ -99,7 +99,7 @@ def threads_per_process(threads: int, info: DistInfo) -> int:
     """``threads: 0`` = all cores, shared between the processes of this machine."""
     if threads:
         return threads
-    return max(1, (os.cpu_count() or 1) // info.local_world_size)
+    return max(1, usable_cores() // info.local_world_size)
 
 
 # --------------------------------------------------------------------------- optimisation

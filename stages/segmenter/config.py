@@ -54,7 +54,7 @@ class TrainSegmenterConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # run
     seed: int = 1  # training seed (weights, shuffling, augmentation draws)
-    threads: int = 0  # 0 = all cores
+    threads: int = 0  # 0 = all usable cores
 
     def __post_init__(self) -> None:
         check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
@@ -74,7 +74,7 @@ class TrainSegmenterConfig:
         check(self.weight_decay >= 0, "weight_decay must be >= 0")
         check(self.warmup_iters >= 0, "warmup_iters must be >= 0")
         check(self.grad_clip >= 0, "grad_clip must be >= 0 (0 = off)")
-        check(self.threads >= 0, "threads must be >= 0 (0 = all cores)")
+        check(self.threads >= 0, "threads must be >= 0 (0 = all usable cores)")
 
     @property
     def depth_factor(self) -> int:
@@ -91,7 +91,7 @@ class EvalSegmentationConfig:
     n_report_images: int = 6  # best and worst k test images drawn
     batch_size: int = 16  # films per prediction batch
     seed: int = 0  # seed of the bootstrap
-    threads: int = 0  # 0 = all cores
+    threads: int = 0  # 0 = all usable cores
 
     def __post_init__(self) -> None:
         check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
@@ -101,7 +101,7 @@ class EvalSegmentationConfig:
         check(0 < self.ci < 1, "ci must be in (0, 1)")
         check(self.n_report_images >= 0, "n_report_images must be >= 0")
         check(self.batch_size >= 1, "batch_size must be >= 1")
-        check(self.threads >= 0, "threads must be >= 0 (0 = all cores)")
+        check(self.threads >= 0, "threads must be >= 0 (0 = all usable cores)")
 
 
 @dataclass(frozen=True)

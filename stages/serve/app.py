@@ -362,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--evaluation", "--metrics", dest="evaluation", type=Path, default=EVALUATION_PATH
     )
     parser.add_argument("--min-score", type=SCORE, default=MIN_SCORE, help="boxes shown, 0-1")
-    parser.add_argument("--threads", type=THREADS, default=0, help="CPU threads, 0 = all cores")
+    parser.add_argument(
+        "--threads", type=THREADS, default=0, help="CPU threads, 0 = all usable cores"
+    )
     return parser
 
 

@@ -93,7 +93,7 @@ _LOAD_ERRORS = (
 
 
 def set_threads(n: int) -> None:
-    """CPU threads of torch and TensorFlow (0 = all cores). Call before the first model runs.
+    """CPU threads of torch and TensorFlow (0 = all usable cores). Call before the first model runs.
 
     On a shared machine 1 thread can be far faster: with another CPU-bound job on 2 cores the
     detector took 2.9 s per image with 2 torch threads and 0.1 s with 1 (bench/README.md).

@@ -18,7 +18,6 @@ Run: no CLI; tested by tests/test_synthetic.py.
 from __future__ import annotations
 
 import multiprocessing
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stages.common.config import check
-from stages.common.utils import atomic_dir, write_json
+from stages.common.utils import atomic_dir, usable_cores, write_json
 from stages.sources import phantom
 
 LesionKind = Literal["Consolidation", "Nodule", "Mass", "Effusion", "Atelectasis", "Pneumothorax"]
@@ -277,7 +276,7 @@ def _run_jobs(fn: Callable[[tuple], Any], jobs: Sequence[tuple], desc: str) -> I
     Each image has its own seed, so the files do not depend on which process drew them. Spawned
     workers: forking a process that has torch's thread pool running (tests) can deadlock.
     """
-    workers = min(os.cpu_count() or 1, 8)
+    workers = min(usable_cores(), 8)
     bar = {"desc": desc, "unit": "img", "total": len(jobs)}
     if workers < 2 or len(jobs) < 100:  # a pool's start-up (~1 s) would cost more than it saves
         yield from tqdm(map(fn, jobs), **bar)

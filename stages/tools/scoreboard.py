@@ -19,7 +19,6 @@ Run:     python -m stages.scoreboard [--data-root ../shared/data] [--names ...] 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from stages.common.utils import (
     StageError,
     read_json,
     run_cli,
+    usable_cores,
     write_json,
     write_text_atomic,
 )
@@ -102,7 +102,7 @@ def machine(cpuinfo: str | None = None) -> str:
          if line.startswith("model name")),
         "unknown CPU",
     )  # fmt: skip
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{model}, {usable_cores()} cores"
 
 
 def _published(exp: X.Experiment) -> str:
