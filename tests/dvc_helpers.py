@@ -153,6 +153,20 @@ def tree_digest(root: Path, rel_paths: list[str]) -> dict[str, str]:
     return digests
 
 
+def changed_stages(repo: Path, *targets: str) -> set[str]:
+    """The stages `dvc status --json` lists (changed deps, params or outs), asked of DVC in this
+    process: a `dvc` start costs about a second, and some tests ask twenty times."""
+    from dvc.repo import Repo
+
+    cwd = Path.cwd()
+    os.chdir(repo)  # as the CLI runs: from the repository root
+    try:
+        with Repo(str(repo)) as dvc_repo:
+            return set(dvc_repo.status(targets=list(targets) or None))
+    finally:
+        os.chdir(cwd)
+
+
 def status_clean(repo: Path, *targets: str) -> bool:
     out = dvc(repo, "status", *targets)
     return "up to date" in out.lower() and "changed" not in out

@@ -29,6 +29,7 @@ from stages.common import fetch
 from tests.conftest import shrink_params
 from tests.dvc_helpers import (
     BIN,
+    changed_stages,
     commit_all,
     dvc,
     git,
@@ -87,8 +88,7 @@ def set_params(repo: Path, **classification) -> None:
 
 def stale(repo: Path) -> set[str]:
     """The download stages `dvc status` lists as changed."""
-    out = dvc(repo, "status", "--json", CLS, DET)
-    return set(json.loads(out[out.index("{") :]))
+    return changed_stages(repo, CLS, DET)
 
 
 def manifest(repo: Path) -> pd.DataFrame:
