@@ -500,7 +500,9 @@ def test_queue_run_report_end_to_end(tmp_path):
 
     try:
         cli("queue", "--data-root", str(data_root), *(f"--set={s}" for s in tiny))
-        cli("run", "--workers", "1", "--timeout", "200", "--poll", "3")
+        # the default poll (10 s): each poll is a `dvc queue status` process, which at 3 s took
+        # a fifth of the core the runs share and slowed them more than the longer wait costs
+        cli("run", "--workers", "1", "--timeout", "200")
         cli("report", "--out", "reports/ablations.md")
     finally:
         subprocess.run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], cwd=repo, env=env,
