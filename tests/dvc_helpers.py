@@ -10,6 +10,7 @@ servers: tests/remote_servers.py).
 from __future__ import annotations
 
 import configparser
+import contextlib
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,13 +159,25 @@ def changed_stages(repo: Path, *targets: str) -> set[str]:
     process: a `dvc` start costs about a second, and some tests ask twenty times."""
     from dvc.repo import Repo
 
-    cwd = Path.cwd()
-    os.chdir(repo)  # as the CLI runs: from the repository root
+    with in_repo(repo), Repo(str(repo)) as dvc_repo:
+        return set(dvc_repo.status(targets=list(targets) or None))
+
+
+@contextlib.contextmanager
+def in_repo(root: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+    """DVC in this process as the CLI would run it: from the repository root (DVC resolves the
+    stages' paths from the working directory), with ``env`` as the environment if given."""
+    cwd, saved = Path.cwd(), dict(os.environ)
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    os.chdir(root)
     try:
-        with Repo(str(repo)) as dvc_repo:
-            return set(dvc_repo.status(targets=list(targets) or None))
+        yield
     finally:
         os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def status_clean(repo: Path, *targets: str) -> bool:
@@ -227,22 +240,14 @@ def built_repo(tmp_path_factory) -> Built:
         start = time.perf_counter()
         root = make_repo(tmp_path_factory.mktemp("team") / "repo")
         writes = {}
-        cwd, env, stage_env = Path.cwd(), dict(os.environ), tool_env()
-        os.environ.clear()
-        os.environ.update(stage_env)  # the stage commands' PATH, as for the `dvc` calls
-        try:
-            os.chdir(root)  # DVC resolves the stages' paths from the working directory
-            with Repo(str(root)) as repo:
-                for name in order(load_stages(root / "dvc.yaml")):
-                    before = snapshot(root)
-                    ran = [stage.addressing for stage in repo.reproduce(name, single_item=True)]
-                    if ran != [name]:
-                        raise AssertionError(f"reproducing {name} ran {ran}")
-                    writes[name] = changed_files(before, snapshot(root))
-        finally:
-            os.chdir(cwd)
-            os.environ.clear()
-            os.environ.update(env)
+        # the stage commands' PATH, as for the `dvc` calls
+        with in_repo(root, tool_env()), Repo(str(root)) as repo:
+            for name in order(load_stages(root / "dvc.yaml")):
+                before = snapshot(root)
+                ran = [stage.addressing for stage in repo.reproduce(name, single_item=True)]
+                if ran != [name]:
+                    raise AssertionError(f"reproducing {name} ran {ran}")
+                writes[name] = changed_files(before, snapshot(root))
         commit_all(root, "baseline")
         _BUILT["repo"] = Built(root, writes, time.perf_counter() - start)
     return _BUILT["repo"]

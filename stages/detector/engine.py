@@ -96,7 +96,7 @@ def cleanup_distributed(info: DistInfo) -> None:
 
 
 def threads_per_process(threads: int, info: DistInfo) -> int:
-    """``threads: 0`` = all cores, shared between the processes of this machine."""
+    """``threads: 0`` = all usable cores, shared between the processes of this machine."""
     if threads:
         return threads
     return max(1, usable_cores() // info.local_world_size)
