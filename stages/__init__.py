@@ -17,9 +17,11 @@ Layout (each layer imports only the layers below it):
 Two pieces of start-up live here because every entry point imports this package first:
 
 1. Import order. TensorFlow loaded before torch/torchvision makes triton's bundled LLVM clash
-   with TensorFlow's and the process segfaults. A meta-path hook imports torch the moment
-   anything asks for ``tensorflow`` or ``keras``, so the bad order cannot happen, while commands
-   that need neither framework (``--help``, the data stages) do not pay for loading them.
+   with TensorFlow's and the process segfaults. Where triton is importable, a meta-path hook
+   imports torch the moment anything asks for ``tensorflow`` or ``keras``, so the bad order
+   cannot happen. Without triton (``make setup`` removes it: it is useless on CPU) either order
+   is safe, and a TensorFlow-only process skips torch's ~2 s start-up; commands that need
+   neither framework (``--help``, the data stages) load neither.
 2. Short command names. ``python -m stages.predict`` and the tools (``python -m
    stages.experiments`` ...) are run under their historical names; the modules live in
    ``stages.serve`` / ``stages.tools``. These names are for ``python -m`` only: import the
@@ -28,6 +30,7 @@ Two pieces of start-up live here because every entry point imports this package 
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.util
 import os
@@ -56,11 +59,22 @@ COMMANDS = {
 _TF_ROOTS = ("tensorflow", "keras", "tf_keras")
 
 
+@functools.cache
+def _needs_torch_first() -> bool:
+    """Whether TensorFlow must wait for torch: only where triton (whose LLVM is the clash) can
+    be imported. Looked up without importing it."""
+    return importlib.util.find_spec("triton") is not None
+
+
 class _StartupFinder(importlib.abc.MetaPathFinder):
     """Finds nothing itself: imports torch before TensorFlow, and maps the command aliases."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname.partition(".")[0] in _TF_ROOTS and "torch" not in sys.modules:
+        if (
+            fullname.partition(".")[0] in _TF_ROOTS
+            and "torch" not in sys.modules
+            and _needs_torch_first()
+        ):
             import torch  # noqa: F401  (the import-order guard, see the module docstring)
         if fullname.startswith("stages.") and fullname.count(".") == 1:
             real = COMMANDS.get(fullname.rpartition(".")[2])

@@ -28,6 +28,13 @@ def _pin_xdist_worker() -> None:
 
 _pin_xdist_worker()
 
+# After each command DVC starts a daemon process that sends usage analytics, unless the
+# repository's config turns them off. This project's .dvc/config does; the repositories the tests
+# create with `dvc init` do not, so every `dvc` call there (and every one inside a `dvc exp run`)
+# would start one more Python process, offline and to no one. Inherited by every process the
+# tests start.
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
 import stages  # noqa: E402,F401  (imports torch before TensorFlow: see stages/__init__.py)
 from stages.common.config import read_params  # noqa: E402
 

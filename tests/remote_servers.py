@@ -1,14 +1,17 @@
 """Real storage servers on loopback for the remote tests: rclone's S3 server and OpenSSH's sshd.
 
 Started and stopped by the tests' fixtures (random free ports, 127.0.0.1 only, every subprocess
-with a timeout); no tests here. Used by tests/test_remotes.py.
+with a timeout), and the checks the remote tests share; no tests here. Used by
+tests/test_remotes.py and tests/test_remote_faults.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.dvc_helpers import BIN
+from tests.dvc_helpers import BIN, tool_env
 
 SYSTEM_DEPS = ".ci/system-deps"
 
@@ -197,3 +200,40 @@ class SSHServer:
             "CXR_REMOTE_URL": f"ssh://{self.user}@127.0.0.1:{self.port}{path.as_posix()}",
             "CXR_SSH_KEY": str(self.key),
         }
+
+
+# ----------------------------------------------------------------------------- remote helpers
+
+
+def setup_remote(repo: Path, env: dict[str, str], *flags: str) -> str:
+    """`python -m stages.remote setup` in ``repo`` with ``env`` (what `make remote` runs)."""
+    proc = subprocess.run(
+        [str(BIN / "python"), "-m", "stages.tools.remote", "setup", *flags],
+        cwd=repo,
+        env={**tool_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+OBJECT = re.compile(r"[0-9a-f]{2}/[0-9a-f]{30}(\.dir)?")
+
+
+def object_files(store: Path) -> list[Path]:
+    """DVC objects only: a server may keep its own temporary files beside them (rclone leaves
+    `.rclone_temp_put_*` of an upload cut by a kill), which DVC never lists as objects."""
+    return [
+        p for p in store.rglob("*") if p.is_file() and OBJECT.fullmatch(f"{p.parent.name}/{p.name}")
+    ]
+
+
+def assert_objects_intact(store: Path) -> None:
+    """Every object of a DVC 3 remote (files/md5/ab/cdef...) holds the bytes its name says."""
+    objects = object_files(store / "files" / "md5")
+    assert objects, f"no objects under {store}"
+    for path in objects:
+        digest = hashlib.md5(path.read_bytes()).hexdigest()
+        assert digest == (path.parent.name + path.name).removesuffix(".dir"), path

@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 import stages  # noqa: F401  (torch before TensorFlow)
 from stages.check_params import resolve
@@ -31,7 +30,7 @@ from stages.common.utils import StageError
 from stages.tools import ablations as A
 from stages.tools import experiments as X
 from stages.tools import queue as Q
-from tests.conftest import REPO, shrink_params
+from tests.dvc_helpers import built_repo
 
 NAMES = list(X.EXPERIMENTS)
 
@@ -338,6 +337,30 @@ def test_run_success_and_timeout(monkeypatch):
         Q.run(names, workers=1, timeout=0, poll=0)
 
 
+def test_wait_asks_again_as_soon_as_a_run_ends(monkeypatch, tmp_path):
+    """Between the `poll`-second asks, a run ending (a file in the queue's result folder) makes
+    `wait` ask `dvc queue status` at once; an unchanged queue costs no `dvc` process."""
+    monkeypatch.chdir(tmp_path)
+    result = tmp_path / Q.QUEUE_DIRS[-1]
+    result.mkdir(parents=True)
+    fake = FakeDvc([STATUS.format(a="Running", b="Success", w=1),
+                    STATUS.format(a="Success", b="Success", w=0)])  # fmt: skip
+    monkeypatch.setattr(Q, "_dvc", fake)
+    clock = {"now": 0.0}
+    monkeypatch.setattr(Q.time, "monotonic", lambda: clock["now"])
+
+    def sleep(seconds: float) -> None:
+        clock["now"] += seconds
+        if clock["now"] >= 5:  # the run ends 5 s into a 600 s poll
+            (result / "task-1").write_text("{}")
+
+    monkeypatch.setattr(Q.time, "sleep", sleep)
+    tasks = Q.wait(["seed002-to-be"], workers=1, timeout=3600, poll=600)
+    assert tasks["seed002-to-be"] == "success"
+    assert fake.calls.count(["queue", "status"]) == 2
+    assert 5 <= clock["now"] <= 5 + Q.WATCH_EVERY
+
+
 def test_run_restarts_a_dead_worker_once_then_fails(monkeypatch):
     fake = FakeDvc([STATUS.format(a="Queued", b="Queued", w=0)])
     monkeypatch.setattr(Q, "_dvc", fake)
@@ -463,34 +486,23 @@ def _git(repo: Path, *args: str) -> None:
 
 
 @pytest.mark.slow
-def test_queue_run_report_end_to_end(tmp_path):
+def test_queue_run_report_end_to_end(tmp_path, tmp_path_factory):
     """Two tiny seed 002 rows (one is the TO-BE twin: run-cached) through the real DVC queue, then
-    scored as an ensemble as `stages.repeat --ensemble` does."""
+    scored as an ensemble as `stages.repeat --ensemble` does. The runs start from a copy of the
+    session's built pipeline, as a team's queue starts from a commit whose outputs are cached:
+    the chains the rows leave alone are checked out, not run again."""
     repo, data_root = tmp_path / "repo", tmp_path / "data"
     for folder in ("kermany224", "kermany_test_public", "lung_masks"):
         (data_root / folder).mkdir(parents=True)
-    repo.mkdir()
-    for name in ("dvc.yaml", "stages", ".dvcignore"):
-        src = REPO / name
-        copy_fn = shutil.copytree if src.is_dir() else shutil.copy2
-        kw = {"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}
-        copy_fn(src, repo / name, **kw)
-    params = shrink_params(yaml.safe_load((REPO / "params.yaml").read_text()))
-    params["evaluate"]["classification"].update(bootstrap=0, n_samples_grid=0, n_gradcam=0)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / ".gitignore").write_text("__pycache__/\n")
+    shutil.copytree(built_repo(tmp_path_factory).path, repo, symlinks=True)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    for args in (["init", "-q"], ["config", "user.name", "t"], ["config", "user.email", "t@t"]):
-        _git(repo, *args)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=env)
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "init")
 
     names = ["seed002-to-be", "seed002-gen-dropout"]
     tiny = ["data.classification.source=synthetic", "data.classification.sources=[]",
             "augment.classification.image_size=48", "train_classifier.epochs=1",
             "data.segmentation.source=synthetic", "data.segmentation.sources=[]",
-            "train_segmenter.epochs=1"]  # fmt: skip
+            "train_segmenter.epochs=1", "evaluate.classification.bootstrap=0",
+            "evaluate.classification.n_samples_grid=0", "evaluate.classification.n_gradcam=0"]  # fmt: skip
 
     def cli(*args: str) -> str:
         proc = subprocess.run([sys.executable, "-m", "stages.tools.ablations", *args, "--names", *names],

@@ -2,44 +2,40 @@
 
 Round trips (push, then a clone or a wiped copy pulls, outputs byte-identical, `dvc status` clean,
 `dvc repro` runs nothing) to a local folder, an S3 server (`rclone serve s3`) and an OpenSSH
-server; an experiment shared through a bare git remote (`dvc exp push` / `dvc exp pull`); and a
-push whose server is killed midway. The remotes are configured by `python -m stages.remote setup`
-from environment variables, as `make remote` does.
+server; and an experiment shared through a bare git remote (`dvc exp push` / `dvc exp pull`).
+The remotes are configured by `python -m stages.remote setup` from environment variables, as
+`make remote` does. A push whose server is killed midway: tests/test_remote_faults.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from stages.common.utils import StageError
 from stages.tools.remote import plan_remote, plan_shared_cache, shown
 from tests.dvc_helpers import (
-    BIN,
     Built,
     built_repo,
     cached_outs,
-    commit_all,
     dvc,
     experiment_metrics,
     experiment_repo,
     git,
-    init_repo,
     ran_stages,
     status_clean,
-    tool_env,
     tree_digest,
 )
-from tests.remote_servers import RcloneS3, SSHServer, sshd_missing_reason
+from tests.remote_servers import (
+    RcloneS3,
+    SSHServer,
+    assert_objects_intact,
+    setup_remote,
+    sshd_missing_reason,
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +61,6 @@ def sshd(tmp_path_factory):
     server.stop()
 
 
-def setup_remote(repo: Path, env: dict[str, str], *flags: str) -> str:
-    """`python -m stages.remote setup` in ``repo`` with ``env`` (what `make remote` runs)."""
-    proc = subprocess.run(
-        [str(BIN / "python"), "-m", "stages.tools.remote", "setup", *flags],
-        cwd=repo,
-        env={**tool_env(), **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
-
-
 def clone_and_pull(src: Path, dst: Path, env: dict[str, str]) -> Path:
     git(src.parent, "clone", "-q", str(src), str(dst))
     setup_remote(dst, env, "--local")
@@ -93,26 +75,6 @@ def assert_same_outputs_and_nothing_to_run(built: Built, work: Path) -> None:
     assert status_clean(work), dvc(work, "status")
     out = dvc(work, "repro")
     assert ran_stages(out) == set(), out[-3000:]
-
-
-OBJECT = re.compile(r"[0-9a-f]{2}/[0-9a-f]{30}(\.dir)?")
-
-
-def object_files(store: Path) -> list[Path]:
-    """DVC objects only: a server may keep its own temporary files beside them (rclone leaves
-    `.rclone_temp_put_*` of an upload cut by a kill), which DVC never lists as objects."""
-    return [
-        p for p in store.rglob("*") if p.is_file() and OBJECT.fullmatch(f"{p.parent.name}/{p.name}")
-    ]
-
-
-def assert_objects_intact(store: Path) -> None:
-    """Every object of a DVC 3 remote (files/md5/ab/cdef...) holds the bytes its name says."""
-    objects = object_files(store / "files" / "md5")
-    assert objects, f"no objects under {store}"
-    for path in objects:
-        digest = hashlib.md5(path.read_bytes()).hexdigest()
-        assert digest == (path.parent.name + path.name).removesuffix(".dir"), path
 
 
 # ----------------------------------------------------------------------------- set-up module
@@ -232,68 +194,6 @@ def test_ssh_round_trip(built: Built, sshd: SSHServer, tmp_path: Path) -> None:
     assert_objects_intact(store)
     c = clone_and_pull(built.path, tmp_path / "c", env)
     assert_same_outputs_and_nothing_to_run(built, c)
-
-
-# ----------------------------------------------------------------------------- fault
-
-
-@pytest.mark.slow
-def test_push_survives_server_killed_midway(tmp_path: Path) -> None:
-    """SIGKILL the S3 server after ~50 of 800 objects, bring it back 6 s later (longer than the
-    client's retries), push again: the remote is complete and intact, a fresh clone pulls it."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    init_repo(repo)
-    rng = np.random.default_rng(0)
-    (repo / "data").mkdir()
-    for i in range(800):
-        size = int(rng.integers(1_000, 60_000))
-        (repo / "data" / f"f{i:04d}.bin").write_bytes(rng.bytes(size))
-    dvc(repo, "add", "data")
-    commit_all(repo, "data")
-    server = RcloneS3(tmp_path / "s3", tmp_path)
-    try:
-        server.start().make_bucket("team")
-        env = server.env("team")
-        setup_remote(repo, env, "--local")
-        store = server.root / "team" / "cache"
-        push = subprocess.Popen(
-            [str(BIN / "dvc"), "push"],
-            cwd=repo,
-            env=tool_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while push.poll() is None and time.monotonic() < deadline:
-                if store.exists() and len(object_files(store)) >= 50:
-                    break
-                time.sleep(0.02)
-            at_kill = len(object_files(store)) if store.exists() else 0
-            assert push.poll() is None, "push finished before the server could be killed"
-            server.stop(signal.SIGKILL)
-            time.sleep(6.0)
-            server.start()
-            first, _ = push.communicate(timeout=300)
-        finally:
-            if push.poll() is None:
-                push.kill()
-                push.wait(timeout=30)
-        assert at_kill < 801, at_kill
-        out = dvc(repo, "push")
-        assert "in sync" in dvc(repo, "status", "--cloud"), (first[-2000:], out)
-        assert len(object_files(store)) == 801  # 800 files + the folder's .dir listing
-        assert_objects_intact(store)
-        fresh = tmp_path / "fresh"
-        git(tmp_path, "clone", "-q", str(repo), str(fresh))
-        setup_remote(fresh, env, "--local")
-        dvc(fresh, "pull")
-        assert tree_digest(fresh, ["data"]) == tree_digest(repo, ["data"])
-        assert status_clean(fresh)
-    finally:
-        server.stop()
 
 
 def test_sshd_skip_reason_names_the_install_script(monkeypatch) -> None:

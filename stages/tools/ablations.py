@@ -205,7 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--replace", action="store_true", help="remove and re-queue existing ones")
     r.add_argument("--workers", type=POSITIVE_INT, default=1)
     r.add_argument("--timeout", type=SECONDS, default=86400.0, help="seconds")
-    r.add_argument("--poll", type=SECONDS, default=10.0, help="seconds between status checks")
+    r.add_argument(
+        "--poll",
+        type=SECONDS,
+        default=10.0,
+        help="seconds between `dvc queue status` checks (a run starting or ending is seen within ~1 s)",
+    )
     p.add_argument("--out", type=Path, default=paths.REPORTS / "ablations.md")
     p.add_argument("--show-json", type=Path, help="saved `dvc exp show --json` output")
     p.add_argument("--all-commits", action="store_true", help="also experiments of older commits")

@@ -319,8 +319,26 @@ def parse_status(text: str) -> tuple[dict[str, str], tuple[int, int] | None]:
     return tasks, workers
 
 
+# Where DVC's queue (celery on a filesystem broker, .dvc/tmp/exps/celery) files a task as it starts
+# (broker/in -> broker/processed) and as it ends (result/): their entries change exactly when a
+# run starts or ends, and reading them costs microseconds, not a `dvc` process.
+QUEUE_DIRS = tuple(
+    Path(".dvc/tmp/exps/celery", sub) for sub in ("broker/in", "broker/processed", "result")
+)
+WATCH_EVERY = 1.0  # s between looks at QUEUE_DIRS
+
+
+def queue_fingerprint() -> tuple:
+    """The entries of ``QUEUE_DIRS`` (None for a folder not there yet)."""
+    return tuple(
+        frozenset(os.listdir(folder)) if folder.is_dir() else None for folder in QUEUE_DIRS
+    )
+
+
 def wait(names: Sequence[str], workers: int, timeout: float, poll: float) -> dict[str, str]:
-    """Poll ``dvc queue status`` until none of ``names`` is queued or running."""
+    """Ask ``dvc queue status`` until none of ``names`` is queued or running: every ``poll``
+    seconds, and at once when the queue's folders show a run starting or ending (looked at every
+    ``WATCH_EVERY`` s), so a finished batch is seen within about a second."""
     deadline, idle_polls, restarted = time.monotonic() + timeout, 0, False
     while True:
         tasks, pool = parse_status(_dvc(["queue", "status"]).stdout)
@@ -342,7 +360,9 @@ def wait(names: Sequence[str], workers: int, timeout: float, poll: float) -> dic
                 "going: watch `dvc queue status`, stop them with `dvc queue kill <name>`"
             )
         log.info("waiting for %s", ", ".join(f"{n} ({tasks[n]})" for n in pending))
-        time.sleep(poll)
+        seen, next_ask = queue_fingerprint(), time.monotonic() + poll
+        while time.monotonic() < next_ask and queue_fingerprint() == seen:
+            time.sleep(min(WATCH_EVERY, max(0.0, next_ask - time.monotonic())))
 
 
 def run(names: Sequence[str], workers: int, timeout: float, poll: float = 10.0) -> dict[str, str]:
