@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from stages.common.utils import StageError
 from stages.tools.remote import plan_remote, plan_shared_cache, shown
 from tests.dvc_helpers import (
+    BIN,
     Built,
     built_repo,
     cached_outs,
@@ -27,6 +29,7 @@ from tests.dvc_helpers import (
     git,
     ran_stages,
     status_clean,
+    tool_env,
     tree_digest,
 )
 from tests.remote_servers import (
@@ -112,6 +115,30 @@ def test_setup_keeps_secrets_out_of_the_project_config() -> None:
         plan_remote({})
     with pytest.raises(StageError, match="unsupported scheme"):
         plan_remote({"CXR_REMOTE_URL": "gs://bucket"})
+
+
+def test_setup_writes_the_config_and_a_failed_command_is_one_line(tmp_path):
+    """`python -m stages.remote setup` (DVC's command line run inside its one process): the remote
+    lands in .dvc/config, the keys only in .dvc/config.local, the secret is printed masked; in a
+    folder that is no DVC repository the first command fails with one line naming it."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    dvc(repo, "init", "--no-scm", "-q")
+    env = {"CXR_REMOTE_URL": "s3://team/cache", "CXR_S3_ENDPOINT": "http://127.0.0.1:9",
+           "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "very-secret"}  # fmt: skip
+    out = setup_remote(repo, env)
+    project = (repo / ".dvc" / "config").read_text()
+    assert "s3://team/cache" in project and "http://127.0.0.1:9" in project
+    assert "very-secret" not in project and "very-secret" not in out
+    assert "secret_access_key = very-secret" in (repo / ".dvc" / "config.local").read_text()
+    proc = subprocess.run(
+        [str(BIN / "python"), "-m", "stages.tools.remote", "setup"],
+        cwd=tmp_path, env={**tool_env(), **env}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2  # run_cli's code for an expected error
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: dvc remote add --force --default storage s3://team/cache failed")
+    assert "Traceback" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------- round trips

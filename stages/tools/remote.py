@@ -21,10 +21,8 @@ Run:     python -m stages.remote setup [--local] [--dry-run]
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -116,25 +114,25 @@ def shown(command: Sequence[str]) -> str:
     return "dvc " + " ".join(parts)
 
 
-def dvc_executable() -> str:
-    here = Path(sys.executable).parent / "dvc"  # the venv's dvc beside its python
-    found = str(here) if here.exists() else shutil.which("dvc")
-    if found is None:
-        raise StageError("dvc is not installed in this environment: run `make setup`")
-    return found
-
-
 def apply(commands: list[list[str]], repo: Path = Path("."), dry_run: bool = False) -> None:
-    exe = None if dry_run else dvc_executable()
-    for command in commands:
-        print(shown(command))
-        if exe is None:
-            continue
-        proc = subprocess.run(
-            [exe, *command], cwd=repo, capture_output=True, text=True, timeout=120
-        )
-        if proc.returncode != 0:
-            raise StageError(f"{shown(command)} failed: {(proc.stderr or proc.stdout).strip()}")
+    """Print each command (secrets masked) and run it with DVC's own command line in this
+    process: one start-up for all of them instead of one `dvc` process per command."""
+    if not dry_run:
+        try:
+            from dvc.cli import main as dvc_main  # noqa: PLC0415  (not needed for --dry-run)
+        except ImportError as exc:
+            raise StageError("dvc is not installed in this environment: run `make setup`") from exc
+    cwd = Path.cwd()  # `--cd` moves this process; the caller's working directory comes back
+    dvc_log = logging.getLogger("dvc")
+    propagate, dvc_log.propagate = dvc_log.propagate, False  # DVC prints its own messages
+    try:
+        for command in commands:
+            print(shown(command), flush=True)
+            if not dry_run and dvc_main(["--cd", str(repo.resolve()), *command]) != 0:
+                raise StageError(f"{shown(command)} failed (DVC's message above)")
+    finally:
+        os.chdir(cwd)
+        dvc_log.propagate = propagate
 
 
 def main(argv: list[str] | None = None) -> None:
