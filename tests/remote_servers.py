@@ -205,9 +205,9 @@ class SSHServer:
 # ----------------------------------------------------------------------------- remote helpers
 
 
-def setup_remote(repo: Path, env: dict[str, str], *flags: str) -> str:
+def run_setup(repo: Path, env: dict[str, str], *flags: str) -> subprocess.CompletedProcess:
     """`python -m stages.remote setup` in ``repo`` with ``env`` (what `make remote` runs)."""
-    proc = subprocess.run(
+    return subprocess.run(
         [str(BIN / "python"), "-m", "stages.tools.remote", "setup", *flags],
         cwd=repo,
         env={**tool_env(), **env},
@@ -215,6 +215,11 @@ def setup_remote(repo: Path, env: dict[str, str], *flags: str) -> str:
         text=True,
         timeout=120,
     )
+
+
+def setup_remote(repo: Path, env: dict[str, str], *flags: str) -> str:
+    """``run_setup`` that must succeed; its output."""
+    proc = run_setup(repo, env, *flags)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 

@@ -3,8 +3,8 @@
 Fast tests: every named experiment's overrides apply to the real params.yaml the way DVC applies
 them and every stage's schema accepts the result; the shell commands round-trip; the
 generated table and commands are current (tests/test_docs.py); the
-report is checked on a `dvc exp show --json` structure shaped like DVC 3.67's. Slow: a temporary git+DVC
-repository where two tiny rows are queued, run by a queue worker and reported end to end.
+report is checked on a `dvc exp show --json` structure shaped like DVC 3.67's. Slow: on a copy of the
+session's built pipeline, two tiny rows are queued, run by a queue worker and reported end to end.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import re
 import shlex
 import shutil
@@ -30,7 +29,7 @@ from stages.common.utils import StageError
 from stages.tools import ablations as A
 from stages.tools import experiments as X
 from stages.tools import queue as Q
-from tests.dvc_helpers import built_repo
+from tests.dvc_helpers import built_repo, tool_env
 
 NAMES = list(X.EXPERIMENTS)
 
@@ -340,9 +339,9 @@ def test_run_success_and_timeout(monkeypatch):
 def test_wait_asks_again_as_soon_as_a_run_ends(monkeypatch, tmp_path):
     """Between the `poll`-second asks, a run ending (a file in the queue's result folder) makes
     `wait` ask `dvc queue status` at once; an unchanged queue costs no `dvc` process."""
-    monkeypatch.chdir(tmp_path)
-    result = tmp_path / Q.QUEUE_DIRS[-1]
-    result.mkdir(parents=True)
+    result = tmp_path / "result"
+    result.mkdir()
+    monkeypatch.setattr(Q, "queue_dirs", lambda: (tmp_path / "in", result))
     fake = FakeDvc([STATUS.format(a="Running", b="Success", w=1),
                     STATUS.format(a="Success", b="Success", w=0)])  # fmt: skip
     monkeypatch.setattr(Q, "_dvc", fake)
@@ -495,7 +494,7 @@ def test_queue_run_report_end_to_end(tmp_path, tmp_path_factory):
     for folder in ("kermany224", "kermany_test_public", "lung_masks"):
         (data_root / folder).mkdir(parents=True)
     shutil.copytree(built_repo(tmp_path_factory).path, repo, symlinks=True)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = tool_env()
 
     names = ["seed002-to-be", "seed002-gen-dropout"]
     tiny = ["data.classification.source=synthetic", "data.classification.sources=[]",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ import pytest
 from stages.common.utils import StageError
 from stages.tools.remote import plan_remote, plan_shared_cache, shown
 from tests.dvc_helpers import (
-    BIN,
     Built,
     built_repo,
     cached_outs,
@@ -29,13 +27,13 @@ from tests.dvc_helpers import (
     git,
     ran_stages,
     status_clean,
-    tool_env,
     tree_digest,
 )
 from tests.remote_servers import (
     RcloneS3,
     SSHServer,
     assert_objects_intact,
+    run_setup,
     setup_remote,
     sshd_missing_reason,
 )
@@ -131,10 +129,7 @@ def test_setup_writes_the_config_and_a_failed_command_is_one_line(tmp_path):
     assert "s3://team/cache" in project and "http://127.0.0.1:9" in project
     assert "very-secret" not in project and "very-secret" not in out
     assert "secret_access_key = very-secret" in (repo / ".dvc" / "config.local").read_text()
-    proc = subprocess.run(
-        [str(BIN / "python"), "-m", "stages.tools.remote", "setup"],
-        cwd=tmp_path, env={**tool_env(), **env}, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    proc = run_setup(tmp_path, env)
     assert proc.returncode == 2  # run_cli's code for an expected error
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: dvc remote add --force --default storage s3://team/cache failed")

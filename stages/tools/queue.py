@@ -319,20 +319,30 @@ def parse_status(text: str) -> tuple[dict[str, str], tuple[int, int] | None]:
     return tasks, workers
 
 
-# Where DVC's queue (celery on a filesystem broker, .dvc/tmp/exps/celery) files a task as it starts
-# (broker/in -> broker/processed) and as it ends (result/): their entries change exactly when a
-# run starts or ends, and reading them costs microseconds, not a `dvc` process.
-QUEUE_DIRS = tuple(
-    Path(".dvc/tmp/exps/celery", sub) for sub in ("broker/in", "broker/processed", "result")
-)
-WATCH_EVERY = 1.0  # s between looks at QUEUE_DIRS
+WATCH_EVERY = 1.0  # s between looks at the queue's folders
 
 
-def queue_fingerprint() -> tuple:
-    """The entries of ``QUEUE_DIRS`` (None for a folder not there yet)."""
-    return tuple(
-        frozenset(os.listdir(folder)) if folder.is_dir() else None for folder in QUEUE_DIRS
-    )
+def queue_dirs() -> tuple[Path, ...]:
+    """Where DVC's queue (celery on a filesystem broker) files a task as it starts (its inbox and
+    processed folders) and as it ends (its result folder), asked of DVC's own queue app: their
+    entries change exactly when a run starts or ends, and listing them costs microseconds, not a
+    `dvc` process. Empty outside a DVC repository (then only the ``poll`` asks remain)."""
+    from dvc.exceptions import NotDvcRepoError  # noqa: PLC0415  (slow import, needed here only)
+    from dvc.repo import Repo  # noqa: PLC0415
+
+    try:
+        with Repo() as repo:
+            conf = repo.experiments.celery_queue.celery.conf
+    except NotDvcRepoError:
+        return ()
+    folders = conf.broker_transport_options
+    result = conf.result_backend.removeprefix("file://")
+    return tuple(Path(f) for f in (folders["data_folder_in"], folders["processed_folder"], result))
+
+
+def queue_fingerprint(dirs: Sequence[Path]) -> tuple:
+    """The entries of each of ``dirs`` (None for a folder not there yet)."""
+    return tuple(frozenset(os.listdir(d)) if d.is_dir() else None for d in dirs)
 
 
 def wait(names: Sequence[str], workers: int, timeout: float, poll: float) -> dict[str, str]:
@@ -340,6 +350,7 @@ def wait(names: Sequence[str], workers: int, timeout: float, poll: float) -> dic
     seconds, and at once when the queue's folders show a run starting or ending (looked at every
     ``WATCH_EVERY`` s), so a finished batch is seen within about a second."""
     deadline, idle_polls, restarted = time.monotonic() + timeout, 0, False
+    dirs = queue_dirs() if poll > 0 else ()
     while True:
         tasks, pool = parse_status(_dvc(["queue", "status"]).stdout)
         pending = [n for n in names if tasks.get(n) in PENDING]
@@ -360,8 +371,8 @@ def wait(names: Sequence[str], workers: int, timeout: float, poll: float) -> dic
                 "going: watch `dvc queue status`, stop them with `dvc queue kill <name>`"
             )
         log.info("waiting for %s", ", ".join(f"{n} ({tasks[n]})" for n in pending))
-        seen, next_ask = queue_fingerprint(), time.monotonic() + poll
-        while time.monotonic() < next_ask and queue_fingerprint() == seen:
+        seen, next_ask = queue_fingerprint(dirs), time.monotonic() + poll
+        while time.monotonic() < next_ask and queue_fingerprint(dirs) == seen:
             time.sleep(min(WATCH_EVERY, max(0.0, next_ask - time.monotonic())))
 
 
