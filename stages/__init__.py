@@ -55,6 +55,7 @@ COMMANDS = {
     "weights": "stages.tools.weights",
     "shift": "stages.tools.shift",
     "review": "stages.tools.review",
+    "mix": "stages.tools.mix",
 }
 _TF_ROOTS = ("tensorflow", "keras", "tf_keras")
 

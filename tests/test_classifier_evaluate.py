@@ -162,6 +162,13 @@ def test_run_writes_exact_metrics_and_every_file(setup):
     y_test = setup["data"]["test"][1]
     assert written["roc_auc"] == pytest.approx(M.roc_auc(y_test, proba["test"][:, 1]), abs=1e-6)
     assert written["roc_auc"] > 0.7  # the blob task is learnable: predictions are not noise
+    # val_predictions.csv: the validation probabilities the threshold was fitted on, per image
+    val = pd.read_csv(paths["report_dir"] / "val_predictions.csv")
+    assert len(val) == written["n_val"] == len(setup["data"]["val"][1])
+    assert val["positive"].tolist() == setup["data"]["val"][1].tolist()
+    assert val["p_positive"].to_numpy() == pytest.approx(proba["val"][:, 1], abs=1e-6)
+    assert M.youden_threshold(val["positive"], val["p_positive"]) == pytest.approx(t, abs=1e-6)
+    assert (val["predicted"] == (val["p_positive"] >= written["threshold"])).all()
     for name in ("roc.csv", "pr.csv", "confusion.csv"):
         assert (paths["plots_dir"] / name).stat().st_size > 0, name
     for name in ("samples.png", "gradcam.png", "model_card.md"):

@@ -32,6 +32,7 @@ COMMANDS = [
     "stages.param_table",
     "stages.remote",
     "stages.shift",
+    "stages.mix",
 ]
 PROBE = """
 import json, runpy, sys

@@ -8,7 +8,8 @@ Outputs: metrics/classifier.json (headline: accuracy, roc_auc, specificity, reca
          reports/classifier/: evaluation.json (everything, including the decision rule that
          serving applies), plots/{roc,pr,confusion}.csv (DVC Vega plots), samples.png and
          gradcam.png (DVC image plots), model_card.md, predictions.csv (one row per test image:
-         what ``python -m stages.review`` pairs two revisions on)
+         what ``python -m stages.review`` pairs two revisions on) and val_predictions.csv (the
+         same for the validation images: what ``python -m stages.mix`` fits a threshold on)
 Run:     python -m stages.evaluate --task classification [--model a.keras --model b.keras]
 
 The threshold (and the temperature, with ``calibration: temperature``) are fitted on VALIDATION
@@ -357,6 +358,14 @@ def run(
             meter.plot(tmp / "cam_lungs.png", images["test"], cams, masks, share, kinds, pt)
         # 9 significant digits round-trip float32: saturated probabilities keep their order
         table.to_csv(tmp / paths.CLASSIFICATION.predictions.name, index=False, float_format="%.9g")
+        val_index = splits["val"].index.iloc[rows["val"]]
+        bv, pv = binary_view(classes, cfg.positives, y["val"], proba["val"])
+        val_table = predictions_table(
+            val_index, source_keys(val_index["path"]), classes, y["val"], bv, pv, doc["threshold"]
+        )
+        val_table.to_csv(
+            tmp / paths.CLASSIFICATION.val_predictions.name, index=False, float_format="%.9g"
+        )
     write_json(metrics_path, headline(doc))
     log.info(
         "test: accuracy %.4f roc_auc %.4f specificity %.4f (threshold %.4f from val, %s)",

@@ -33,6 +33,7 @@ EVALUATION_NAME = "evaluation.json"  # inside reports/<model>/
 PLOTS_NAME = "plots"  # reports/<model>/plots: the DVC plot data
 TRAINING_NAME = "training.json"  # inside reports/live/<model>/
 REVIEW = REPORTS / "review"  # python -m stages.review: <A>_vs_<B>.md / .html and their figures
+MIXES = REPORTS / "mixes"  # python -m stages.mix: <name>.md and its ROC figure
 PARAMS_REPORT = REPORTS / "params"  # check-params: the resolved params and the checked marker
 RESOLVED_PARAMS_NAME = "resolved.json"
 CHECKED_PARAMS_NAME = "checked.json"
@@ -118,6 +119,12 @@ class TaskPaths:
             return self.report_dir / "per_image.csv"
         suffix = "csv" if self.task == "classification" else "json"
         return self.report_dir / f"predictions.{suffix}"
+
+    @property
+    def val_predictions(self) -> Path:
+        """classifier: the same table for the validation images, at the same threshold (what
+        ``python -m stages.mix`` fits a mix's threshold on)."""
+        return self.report_dir / "val_predictions.csv"
 
     @property
     def live_dir(self) -> Path:
