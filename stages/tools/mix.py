@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,25 +70,25 @@ class Scored:
     p: dict[str, np.ndarray]
 
 
-def _show(repo: Path, rev: R.Rev, path: Path, name: str) -> str:
-    proc = R._git(repo, "show", f"{rev.sha}:{path.as_posix()}")
-    if proc.returncode != 0:
-        raise StageError(
-            f"{name}: no {path.as_posix()} at {rev.short} (run evaluate@classification with "
-            "this version of the repository: `dvc exp run` or `dvc repro`)"
-        )
-    return proc.stdout.decode()
-
-
 def read_run(name: str, repo: Path = Path(".")) -> Run:
     """The run's committed predictions and rule; one-line errors for what is missing."""
-    rev = R.resolve_rev(name, repo)
-    doc = json.loads(_show(repo, rev, CLS.evaluation, name))
+    tree = R.Tree(R.resolve_rev(name, repo), name, repo)
+
+    def text(path: Path) -> str:
+        found = tree.text(path)
+        if found is None:
+            raise StageError(
+                f"{name}: no {path.as_posix()} at {tree.rev.short} (run evaluate@classification "
+                "with this version of the repository: `dvc exp run` or `dvc repro`)"
+            )
+        return found
+
+    doc = json.loads(text(CLS.evaluation))
     if len(doc.get("classes") or []) < 2 or "threshold_method" not in doc:
         raise StageError(f"{name}: {CLS.evaluation} is not a classifier evaluation")
     method = doc["threshold_method"]
     target = doc.get(f"target_{method}") if method in ("sensitivity", "specificity") else None
-    preds = {s: R.read_cls_predictions(_show(repo, rev, p, name)) for s, p in SPLITS.items()}
+    preds = {s: R.read_cls_predictions(text(p)) for s, p in SPLITS.items()}
     return Run(name, (method, target), preds)
 
 
@@ -124,26 +123,25 @@ def mix(runs: Sequence[Run]) -> tuple[list[Scored], Scored]:
             + "; ".join(f"{r.name}: {r.rule[0]} {r.rule[1] or ''}".rstrip() for r in runs)
             + "): mix runs of one evaluate.classification rule"
         )
-    ref, y, members, total = runs[0], {}, [], {}
-    for split in ("val", "test"):
-        for r in runs[1:]:
-            if R.align(ref.preds[split].keys, r.preds[split].keys) is None:
+    ref, keys, y, members, total = runs[0], {}, {}, [], {}
+    for r in runs:  # every run in one image order (by key), checked against the first run's
+        p = {}
+        for split in ("val", "test"):
+            cur = r.preds[split].take(np.argsort(r.preds[split].keys, kind="mergesort"))
+            if split not in keys:
+                keys[split], y[split] = cur.keys, cur.y
+            elif not np.array_equal(cur.keys, keys[split]):
                 raise StageError(
                     f"{r.name} and {ref.name} scored different {split} images: mix runs of one "
                     "split (the same data root and split params)"
                 )
-    for r in runs:
-        p = {}
-        for split in ("val", "test"):
-            order = np.argsort(r.preds[split].keys, kind="mergesort")
-            cur = r.preds[split].take(order)
-            if split in y and not np.array_equal(cur.y, y[split]):
+            elif not np.array_equal(cur.y, y[split]):
                 bad = int((cur.y != y[split]).sum())
                 raise StageError(
                     f"{r.name} and {ref.name} label {bad} {split} images differently (another "
                     "positive class?): mix runs of one task"
                 )
-            y[split], p[split] = cur.y, cur.p
+            p[split] = cur.p
             total[split] = total.get(split, 0.0) + cur.p
         members.append(score(r.name, r.rule, y, p))
     mean = {s: total[s] / len(runs) for s in total}
@@ -151,8 +149,8 @@ def mix(runs: Sequence[Run]) -> tuple[list[Scored], Scored]:
 
 
 def file_safe(name: str) -> str:
-    """A file name from a run's name; '+' kept (it joins the runs of a default name)."""
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._") or "mix"
+    """review's file-safe name of each '+'-joined part, the '+' kept."""
+    return "+".join(R.file_safe(part) for part in name.split("+"))
 
 
 def default_name(names: Sequence[str]) -> str:

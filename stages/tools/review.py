@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import difflib
+import functools
 import html
 import io
 import json
@@ -181,9 +182,14 @@ class Tree:
         if proc.returncode != 0:
             raise StageError(f"{rev.given}: cannot list its files ({proc.stderr.decode().strip()})")
         self.files = set(proc.stdout.decode(errors="surrogateescape").split("\0")) - {""}
-        self.dvc_files: dict[str, bytes] = {}
+
+    @functools.cached_property
+    def dvc_files(self) -> dict[str, bytes]:
+        """Read on first use: a reader of git-tracked files only never opens the DVC cache."""
+        found: dict[str, bytes] = {}
         for folder in DVC_FOLDERS:
-            self.dvc_files.update(dvc_tracked(self.repo, rev.sha, folder))
+            found.update(dvc_tracked(self.repo, self.rev.sha, folder))
+        return found
 
     def has(self, path: str | Path) -> bool:
         return Path(path).as_posix() in self.files or Path(path).as_posix() in self.dvc_files
