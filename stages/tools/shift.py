@@ -1,38 +1,45 @@
 """Per-class image statistics of the augment cache, split by split: a look for shortcuts and shift.
 
 Inputs: a classification augment cache (default ``data/augment/classification``: meta.json and
-``<split>/images.npy`` + ``index.csv`` for train, val and test). Outputs: a Markdown table on
-stdout, and with ``--out FILE`` the same table written atomically. Per split and class: the
-image count, the mean grey level and its spread within an image, the 1st and 99th percentile
-grey levels, the sharpness (mean absolute difference between horizontally adjacent pixels,
-in grey levels) and the anisotropy (log of that horizontal difference over the vertical one: a
-film squeezed sideways to fit a square has steeper horizontal edges), each the mean over the
-class's images. Reads the images in chunks (the cache is memory-mapped), so memory stays flat.
-No TensorFlow, no torch.
-Run: ``python -m stages.shift [--cache DIR] [--out FILE]``.
+``<split>/images.npy`` + ``index.csv`` for train, val and test) and, when present, the lung
+segmenter (default ``models/segmenter.pt``; ``--segmenter none`` skips it). Outputs: Markdown on
+stdout, and with ``--out FILE`` the same text written atomically:
+- per split and class, the mean over the class's images of: the mean grey level and its spread
+  within an image, the 1st and 99th percentile grey levels, the sharpness (mean absolute
+  difference between horizontally adjacent pixels, in grey levels), the anisotropy (log of that
+  horizontal difference over the vertical one: a film squeezed sideways to fit a square has
+  steeper horizontal edges) and, with the segmenter, the framing: the lungs' box height and width
+  as shares of the image's, and the lungs' share of its pixels (images without lungs left out);
+- for a two-class cache, how well each statistic alone separates the classes in each split: its
+  ROC-AUC as a score for the second class (0.5: not at all; 0 or 1: completely).
+Reads the images in chunks (the cache is memory-mapped), so memory stays flat. No TensorFlow;
+torch only with the segmenter.
+Run: ``python -m stages.shift [--cache DIR] [--segmenter FILE | none] [--out FILE]``.
 
 Why: a statistic that separates the classes in train is a feature a network can use instead of
-the disease; if it moves in the test split, so do the errors. On Kermany's train, normal films are
-sharper than pneumonia films (7.4 against 5.9 at 150 px): the model called the official test's
+the disease; if it stops separating them in the test split, the errors follow. On Kermany's
+train, normal films are sharper than pneumonia films: the model called the official test's
 blurrier normal films pneumonia until training added random blur (reports/generalization.md, 2e).
 Kermany's 224 px copy squeezed every film to a square, and its pneumonia films were wider
-originals: anisotropy 0.43 against 0.25 for normal films at 150 px, and the official test's normal
-films sit at 0.36, between the two (2h).
+originals (2h). And its pneumonia films are framed tighter: the lungs fill more of the film's
+height, while the official test's normal films are framed like train's pneumonia films (5c).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+from tqdm import tqdm
 
+from stages.classifier.metrics import roc_auc
 from stages.common import paths
 from stages.common.cache import IMAGES_FILE, open_split, split_path
 from stages.common.utils import ArgumentParser, StageError, run_cli, write_text_atomic
 
 SPLITS = ("train", "val", "test")
-COLUMNS = (
-    "images",
+IMAGE_COLUMNS = (
     "mean grey",
     "sd within image",
     "1st percentile",
@@ -40,7 +47,16 @@ COLUMNS = (
     "sharpness",
     "anisotropy",
 )
+LUNG_COLUMNS = ("lung height", "lung width", "lung area")
 _CHUNK = 256
+
+Row = tuple[str, str, int, np.ndarray]  # split, class, images, the statistics' class means
+
+
+class Segmenter(Protocol):
+    """What ``lung_stats`` needs of ``stages.segmenter.predict.LungSegmenter``."""
+
+    def segment(self, films: list[np.ndarray], margin: float = ...) -> list: ...
 
 
 def image_stats(images: np.ndarray) -> np.ndarray:
@@ -60,48 +76,150 @@ def image_stats(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def class_stats(cache_dir: Path) -> list[tuple[str, str, int, np.ndarray]]:
-    """(split, class, count, the six means) for every split present and every class in it."""
+def lung_stats(images: np.ndarray, segmenter: Segmenter, desc: str = "lungs") -> np.ndarray:
+    """(N, 3) per image: the lungs' box height and width over the image's, and the lungs' share
+    of its pixels; NaN where the segmenter found no lungs (a whole-image box would read as
+    framing)."""
+    out = np.full((len(images), 3), np.nan)
+    with tqdm(total=len(images), desc=desc, mininterval=2.0) as bar:
+        for start in range(0, len(images), _CHUNK):
+            films = list(np.asarray(images[start : start + _CHUNK], np.uint8))
+            for i, lungs in enumerate(segmenter.segment(films, margin=0.0)):
+                if lungs.found:
+                    x0, y0, x1, y1 = lungs.box
+                    h, w = lungs.mask.shape
+                    out[start + i] = ((y1 - y0) / h, (x1 - x0) / w, float(lungs.mask.mean()))
+            bar.update(len(films))
+    return out
+
+
+def split_stats(
+    cache_dir: Path, segmenter: Segmenter | None = None
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(split, labels, per-image statistics) of every split present; the lungs' three columns
+    after the image's six when a segmenter is given."""
     if not Path(cache_dir).is_dir():
         raise StageError(f"{cache_dir} not found: run dvc repro augment, or give --cache")
-    rows = []
+    out = []
     for split in SPLITS:
         if not (split_path(cache_dir, split) / IMAGES_FILE).is_file():
             continue
         part = open_split(cache_dir, split)
         if len(part) == 0:
             continue
-        labels = part.index["label"].astype(str).to_numpy()
+        if part.images.dtype != np.uint8:
+            raise StageError(f"{cache_dir}/{split}: images are {part.images.dtype}, not uint8")
         stats = image_stats(part.images)
-        for label in sorted(set(labels)):
-            mask = labels == label
-            rows.append((split, label, int(mask.sum()), stats[mask].mean(axis=0)))
-    if not rows:
+        if segmenter is not None:
+            stats = np.hstack([stats, lung_stats(part.images, segmenter, f"lungs ({split})")])
+        out.append((split, part.index["label"].astype(str).to_numpy(), stats))
+    if not out:
         raise StageError(f"{cache_dir} has no images in {', '.join(SPLITS)}: run dvc repro augment")
+    return out
+
+
+def class_means(per_split: list[tuple[str, np.ndarray, np.ndarray]]) -> list[Row]:
+    """(split, class, count, the statistics' means over the class's images) for every split of
+    ``split_stats``' result and every class in it; NaN where a column has no value."""
+    rows = []
+    for split, labels, stats in per_split:
+        for label in sorted(set(labels)):
+            part = stats[labels == label]
+            seen = np.isfinite(part).any(axis=0)
+            means = np.full(part.shape[1], np.nan)
+            means[seen] = np.nanmean(part[:, seen], axis=0)
+            rows.append((split, label, len(part), means))
     return rows
 
 
-def to_markdown(rows: list[tuple[str, str, int, np.ndarray]], cache_dir: Path) -> str:
+def class_stats(cache_dir: Path, segmenter: Segmenter | None = None) -> list[Row]:
+    """``class_means`` of the cache's splits."""
+    return class_means(split_stats(cache_dir, segmenter))
+
+
+def separation(per_split: list[tuple[str, np.ndarray, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    """(split, ROC-AUC of each statistic as a score for the second class) for a two-class cache;
+    NaN where a split lacks a class or the statistic's values; [] for any other class count."""
+    classes = sorted({c for _, labels, _ in per_split for c in set(labels)})
+    if len(classes) != 2:
+        return []
+    out = []
+    for split, labels, stats in per_split:
+        y = (labels == classes[1]).astype(int)
+        aucs = np.full(stats.shape[1], np.nan)
+        for j, column in enumerate(stats.T):
+            ok = np.isfinite(column)
+            if 0 < y[ok].sum() < ok.sum():
+                aucs[j] = roc_auc(y[ok], column[ok])
+        out.append((split, aucs))
+    return out
+
+
+def _cell(v: float) -> str:
+    return "-" if not np.isfinite(v) else f"{v:.2f}"
+
+
+def to_markdown(
+    rows: list[Row], cache_dir: Path, seps: list[tuple[str, np.ndarray]] | None = None
+) -> str:
+    columns = (IMAGE_COLUMNS + LUNG_COLUMNS)[: len(rows[0][3])]
     lines = [
         f"Per-class image statistics of `{cache_dir}` (grey levels 0-255, means over images)",
         "",
-        "| split | class | " + " | ".join(COLUMNS) + " |",
-        "|---|---|" + "---|" * len(COLUMNS),
+        "| split | class | images | " + " | ".join(columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
     ]
     for split, label, n, m in rows:
-        lines.append(f"| {split} | {label} | {n} | " + " | ".join(f"{v:.2f}" for v in m) + " |")
+        lines.append(f"| {split} | {label} | {n} | " + " | ".join(_cell(v) for v in m) + " |")
+    if seps:
+        first, second = sorted({r[1] for r in rows})
+        lines += [
+            "",
+            f"How well each statistic alone separates {second} from {first}: its ROC-AUC as a "
+            f"score for {second} (0.50: not at all; far from 0.50 in train and near it in test: "
+            "a shortcut the test does not share)",
+            "",
+            "| split | " + " | ".join(columns) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
+        for split, aucs in seps:
+            lines.append(f"| {split} | " + " | ".join(_cell(v) for v in aucs) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _segmenter(arg: str | None) -> Segmenter | None:
+    """The segmenter to measure framing with: ``none`` skips it; the default file only if it
+    exists; a file named on the command line must exist."""
+    if arg == "none":
+        return None
+    path = Path(arg) if arg else paths.SEGMENTER_MODEL
+    if not path.is_file():
+        if arg:
+            raise StageError(f"{path} not found: give a segmenter file, or --segmenter none")
+        return None
+    from stages.segmenter.predict import load  # torch and MONAI: only with a segmenter
+
+    return load(path)
 
 
 def main(argv: list[str] | None = None) -> str:
     ap = ArgumentParser(
         prog="python -m stages.shift",
-        description="Per-class image statistics of the augment cache, split by split.",
+        description="Per-class image statistics of the augment cache, split by split, and how "
+        "well each separates the classes.",
     )
     ap.add_argument("--cache", type=Path, default=paths.CLASSIFICATION.augment)
-    ap.add_argument("--out", type=Path, help="also write the table here (Markdown)")
+    ap.add_argument(
+        "--segmenter",
+        help=f"lung segmenter for the framing columns (default {paths.SEGMENTER_MODEL} when it "
+        "exists; none: skip them)",
+    )
+    ap.add_argument("--out", type=Path, help="also write the tables here (Markdown)")
     args = ap.parse_args(argv)
-    text = to_markdown(class_stats(args.cache), args.cache)
+    if not Path(args.cache).is_dir():  # before a segmenter is loaded for nothing
+        raise StageError(f"{args.cache} not found: run dvc repro augment, or give --cache")
+    per_split = split_stats(args.cache, _segmenter(args.segmenter))
+    text = to_markdown(class_means(per_split), args.cache, separation(per_split))
     if args.out:
         write_text_atomic(args.out, text)
     print(text, end="")
