@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from scipy.ndimage import uniform_filter
 
 from stages.common.cache import write_meta, write_split
@@ -41,7 +42,9 @@ def _cache(root, splits=("train", "test")):
 def test_the_table_separates_what_separates_the_classes(tmp_path, capsys):
     cache = _cache(tmp_path / "cache")
     out = tmp_path / "reports" / "shift.md"
-    text = shift.main(["--cache", str(cache), "--out", str(out), "--segmenter", "none"])
+    png = tmp_path / "reports" / "shift.png"
+    text = shift.main(["--cache", str(cache), "--out", str(out), "--segmenter", "none",
+                       "--plot", str(png)])  # fmt: skip
     assert out.read_text() == text == capsys.readouterr().out
     rows = {(r[0], r[1]): (r[2], r[3]) for r in shift.class_stats(cache)}
     assert set(rows) == {(s, c) for s in ("train", "test") for c in ("NORMAL", "PNEUMONIA")}
@@ -57,6 +60,8 @@ def test_the_table_separates_what_separates_the_classes(tmp_path, capsys):
     for aucs in seps.values():  # PNEUMONIA is the blurrier class in both splits: AUC 0
         assert aucs[4] == 0.0 and aucs[2] == 1.0  # and the one without the black band
     assert "| train | " + " | ".join(f"{v:.2f}" for v in seps["train"]) + " |" in text
+    with Image.open(png) as im:  # one row of panels per statistic, one column per split
+        assert im.format == "PNG" and im.height > im.width  # 6 rows of 2 panels
 
 
 def test_image_stats_match_numpy_on_one_image():
@@ -72,8 +77,6 @@ def test_image_stats_match_numpy_on_one_image():
 
 def test_anisotropy_sees_a_film_squeezed_sideways():
     # Kermany's 224 px copy squeezed wider films more; a squeeze must raise the anisotropy.
-    from PIL import Image
-
     rng = np.random.default_rng(1)
     film = uniform_filter(rng.normal(128, 40, (96, 144)), 5).clip(0, 255).astype(np.uint8)
     square = np.asarray(Image.fromarray(film[:, 24:120]).resize((48, 48), Image.BILINEAR))
@@ -85,14 +88,15 @@ def test_anisotropy_sees_a_film_squeezed_sideways():
 def test_a_missing_cache_fails_clearly_and_writes_nothing(tmp_path):
     out = tmp_path / "shift.md"
     with pytest.raises(StageError, match="not found: run dvc repro augment"):
-        shift.main(["--cache", str(tmp_path / "nope"), "--out", str(out)])
+        shift.main(["--cache", str(tmp_path / "nope"), "--out", str(out),
+                    "--plot", str(tmp_path / "shift.png")])  # fmt: skip
     with pytest.raises(StageError, match="missing.pt not found: give a segmenter file"):
         shift.main(["--cache", str(_cache(tmp_path / "c")), "--out", str(out),
                     "--segmenter", str(tmp_path / "missing.pt")])  # fmt: skip
     (tmp_path / "empty").mkdir()
     with pytest.raises(StageError, match="has no images"):
         shift.main(["--cache", str(tmp_path / "empty"), "--out", str(out), "--segmenter", "none"])
-    assert not out.exists()
+    assert not out.exists() and not list(tmp_path.glob("*.png"))
 
 
 def test_separation_needs_two_classes():
@@ -110,8 +114,6 @@ def test_separation_needs_two_classes():
 def _framed(lung_rows: int, body_rows: int, seed: int) -> np.ndarray:
     """An S x S film whose lungs span ``lung_rows`` of a film ``lung_rows + body_rows`` tall
     (the neck and belly bright body), squeezed to the square as Kermany's copy does."""
-    from PIL import Image
-
     from tests.segmenter_helpers import film, lungs
 
     m = lungs(lung_rows, S)
@@ -163,6 +165,10 @@ def test_framing_columns_see_tighter_framed_pneumonia_films(tmp_path, segmenter)
     assert abs(seps["test"][6] - 0.5) < 0.25  # and not in test
     text = shift.to_markdown(shift.class_means(per_split), cache, shift.separation(per_split))
     assert "| lung height | lung width | lung area |" in text
+    shift.plot(per_split, tmp_path / "nine.png")
+    shift.plot([(s, labels, stats[:, :6]) for s, labels, stats in per_split], tmp_path / "six.png")
+    with Image.open(tmp_path / "nine.png") as nine, Image.open(tmp_path / "six.png") as six:
+        assert nine.width == six.width and 1.3 < nine.height / six.height < 1.7  # 9 rows vs 6
 
 
 def test_films_without_lungs_are_left_out_of_the_framing():

@@ -3,7 +3,8 @@
 Inputs: a classification augment cache (default ``data/augment/classification``: meta.json and
 ``<split>/images.npy`` + ``index.csv`` for train, val and test) and, when present, the lung
 segmenter (default ``models/segmenter.pt``; ``--segmenter none`` skips it). Outputs: Markdown on
-stdout, and with ``--out FILE`` the same text written atomically:
+stdout, with ``--out FILE`` the same text written atomically, and with ``--plot FILE`` a PNG of
+each statistic's distribution per class and split (the AUC in each panel's title):
 - per split and class, the mean over the class's images of: the mean grey level and its spread
   within an image, the 1st and 99th percentile grey levels, the sharpness (mean absolute
   difference between horizontally adjacent pixels, in grey levels), the anisotropy (log of that
@@ -14,7 +15,7 @@ stdout, and with ``--out FILE`` the same text written atomically:
   ROC-AUC as a score for the second class (0.5: not at all; 0 or 1: completely).
 Reads the images in chunks (the cache is memory-mapped), so memory stays flat. No TensorFlow;
 torch only with the segmenter.
-Run: ``python -m stages.shift [--cache DIR] [--segmenter FILE | none] [--out FILE]``.
+Run: ``python -m stages.shift [--cache DIR] [--segmenter FILE | none] [--out FILE] [--plot FILE]``.
 
 Why: a statistic that separates the classes in train is a feature a network can use instead of
 the disease; if it stops separating them in the test split, the errors follow. On Kermany's
@@ -187,6 +188,50 @@ def to_markdown(
     return "\n".join(lines) + "\n"
 
 
+def plot(per_split: list[tuple[str, np.ndarray, np.ndarray]], path: Path) -> None:
+    """The distributions behind the tables: one row per statistic, one column per split, each
+    class's histogram (bins shared along a row), the statistic's ROC-AUC in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    from stages.common.utils import atomic_file
+
+    n_stats = per_split[0][2].shape[1]
+    columns = (IMAGE_COLUMNS + LUNG_COLUMNS)[:n_stats]
+    classes = sorted({c for _, labels, _ in per_split for c in set(labels)})
+    aucs = dict(separation(per_split))
+    fig, axes = plt.subplots(
+        n_stats, len(per_split), figsize=(3.0 * len(per_split), 1.7 * n_stats), squeeze=False
+    )
+    for j, name in enumerate(columns):
+        values = np.concatenate([stats[:, j] for _, _, stats in per_split])
+        values = values[np.isfinite(values)]
+        lo, hi = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
+        bins = np.linspace(lo, max(hi, lo + 1e-6), 31)
+        for k, (split, labels, stats) in enumerate(per_split):
+            ax = axes[j, k]
+            for c, label in enumerate(classes):
+                v = stats[labels == label, j]
+                v = v[np.isfinite(v)]
+                if v.size:
+                    ax.hist(np.clip(v, bins[0], bins[-1]), bins=bins, density=True,
+                            histtype="step", color=f"C{c}", label=label)  # fmt: skip
+            auc = aucs[split][j] if split in aucs else np.nan
+            ax.set_title(f"{split}: {name}" + (f", AUC {auc:.2f}" if np.isfinite(auc) else ""),
+                         fontsize=8)  # fmt: skip
+            ax.tick_params(labelsize=7)
+            ax.set_yticks([])
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
+    finally:
+        plt.close(fig)
+
+
 def _segmenter(arg: str | None) -> Segmenter | None:
     """The segmenter to measure framing with: ``none`` skips it; the default file only if it
     exists; a file named on the command line must exist."""
@@ -215,11 +260,14 @@ def main(argv: list[str] | None = None) -> str:
         "exists; none: skip them)",
     )
     ap.add_argument("--out", type=Path, help="also write the tables here (Markdown)")
+    ap.add_argument("--plot", type=Path, help="also draw each statistic's distributions (PNG)")
     args = ap.parse_args(argv)
     if not Path(args.cache).is_dir():  # before a segmenter is loaded for nothing
         raise StageError(f"{args.cache} not found: run dvc repro augment, or give --cache")
     per_split = split_stats(args.cache, _segmenter(args.segmenter))
     text = to_markdown(class_means(per_split), args.cache, separation(per_split))
+    if args.plot:
+        plot(per_split, args.plot)
     if args.out:
         write_text_atomic(args.out, text)
     print(text, end="")
