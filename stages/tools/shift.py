@@ -51,6 +51,7 @@ IMAGE_COLUMNS = (
 LUNG_COLUMNS = ("lung height", "lung width", "lung area")
 _CHUNK = 256
 
+Split = tuple[str, np.ndarray, np.ndarray]  # split, labels, per-image statistics (N, columns)
 Row = tuple[str, str, int, np.ndarray]  # split, class, images, the statistics' class means
 
 
@@ -94,13 +95,15 @@ def lung_stats(images: np.ndarray, segmenter: Segmenter, desc: str = "lungs") ->
     return out
 
 
-def split_stats(
-    cache_dir: Path, segmenter: Segmenter | None = None
-) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(split, labels, per-image statistics) of every split present; the lungs' three columns
-    after the image's six when a segmenter is given."""
+def _require(cache_dir: Path) -> None:
     if not Path(cache_dir).is_dir():
         raise StageError(f"{cache_dir} not found: run dvc repro augment, or give --cache")
+
+
+def split_stats(cache_dir: Path, segmenter: Segmenter | None = None) -> list[Split]:
+    """(split, labels, per-image statistics) of every split present; the lungs' three columns
+    after the image's six when a segmenter is given."""
+    _require(cache_dir)
     out = []
     for split in SPLITS:
         if not (split_path(cache_dir, split) / IMAGES_FILE).is_file():
@@ -108,8 +111,6 @@ def split_stats(
         part = open_split(cache_dir, split)
         if len(part) == 0:
             continue
-        if part.images.dtype != np.uint8:
-            raise StageError(f"{cache_dir}/{split}: images are {part.images.dtype}, not uint8")
         stats = image_stats(part.images)
         if segmenter is not None:
             stats = np.hstack([stats, lung_stats(part.images, segmenter, f"lungs ({split})")])
@@ -119,7 +120,7 @@ def split_stats(
     return out
 
 
-def class_means(per_split: list[tuple[str, np.ndarray, np.ndarray]]) -> list[Row]:
+def class_means(per_split: list[Split]) -> list[Row]:
     """(split, class, count, the statistics' means over the class's images) for every split of
     ``split_stats``' result and every class in it; NaN where a column has no value."""
     rows = []
@@ -138,7 +139,7 @@ def class_stats(cache_dir: Path, segmenter: Segmenter | None = None) -> list[Row
     return class_means(split_stats(cache_dir, segmenter))
 
 
-def separation(per_split: list[tuple[str, np.ndarray, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+def separation(per_split: list[Split]) -> list[tuple[str, np.ndarray]]:
     """(split, ROC-AUC of each statistic as a score for the second class) for a two-class cache;
     NaN where a split lacks a class or the statistic's values; [] for any other class count."""
     classes = sorted({c for _, labels, _ in per_split for c in set(labels)})
@@ -188,7 +189,7 @@ def to_markdown(
     return "\n".join(lines) + "\n"
 
 
-def plot(per_split: list[tuple[str, np.ndarray, np.ndarray]], path: Path) -> None:
+def plot(per_split: list[Split], path: Path) -> None:
     """The distributions behind the tables: one row per statistic, one column per split, each
     class's histogram (bins shared along a row), the statistic's ROC-AUC in the title."""
     import matplotlib
@@ -262,8 +263,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--out", type=Path, help="also write the tables here (Markdown)")
     ap.add_argument("--plot", type=Path, help="also draw each statistic's distributions (PNG)")
     args = ap.parse_args(argv)
-    if not Path(args.cache).is_dir():  # before a segmenter is loaded for nothing
-        raise StageError(f"{args.cache} not found: run dvc repro augment, or give --cache")
+    _require(args.cache)  # before a segmenter is loaded for nothing
     per_split = split_stats(args.cache, _segmenter(args.segmenter))
     text = to_markdown(class_means(per_split), args.cache, separation(per_split))
     if args.plot:
