@@ -41,12 +41,12 @@ from stages.common.imageio import ImageRejected, load_gray
 from stages.common.paths import SPLITS
 from stages.common.utils import (
     StageError,
-    atomic_file,
     atomic_parts,
     read_json,
     run_cli,
     task_arg_parser,
     task_module,
+    write_png_atomic,
 )
 
 log = logging.getLogger("stages.augment")
@@ -395,14 +395,7 @@ def preview_figure(task: str, cfg: cache.AugmentConfig, split: cache.CacheSplit)
 
 def write_preview(task: str, cfg: cache.AugmentConfig, split: cache.CacheSplit, path: Path) -> None:
     """The preview grid (``preview_figure``) as a PNG at ``path``."""
-    import matplotlib.pyplot as plt
-
-    fig = preview_figure(task, cfg, split)
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=PREVIEW_DPI)
-    finally:
-        plt.close(fig)
+    write_png_atomic(preview_figure(task, cfg, split), path, dpi=PREVIEW_DPI)
 
 
 # ----------------------------------------------------------------------------- CLI

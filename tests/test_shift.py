@@ -46,7 +46,7 @@ def test_the_table_separates_what_separates_the_classes(tmp_path, capsys):
     text = shift.main(["--cache", str(cache), "--out", str(out), "--segmenter", "none",
                        "--plot", str(png)])  # fmt: skip
     assert out.read_text() == text == capsys.readouterr().out
-    rows = {(r[0], r[1]): (r[2], r[3]) for r in shift.class_stats(cache)}
+    rows = {(r[0], r[1]): (r[2], r[3]) for r in shift.class_means(shift.split_stats(cache))}
     assert set(rows) == {(s, c) for s in ("train", "test") for c in ("NORMAL", "PNEUMONIA")}
     for split in ("train", "test"):
         (n_norm, normal), (n_pneu, pneu) = rows[split, "NORMAL"], rows[split, "PNEUMONIA"]
@@ -165,8 +165,9 @@ def test_framing_columns_see_tighter_framed_pneumonia_films(tmp_path, segmenter)
     assert abs(seps["test"][6] - 0.5) < 0.25  # and not in test
     text = shift.to_markdown(shift.class_means(per_split), cache, shift.separation(per_split))
     assert "| lung height | lung width | lung area |" in text
-    shift.plot(per_split, tmp_path / "nine.png")
-    shift.plot([(s, labels, stats[:, :6]) for s, labels, stats in per_split], tmp_path / "six.png")
+    shift.plot(per_split, shift.separation(per_split), tmp_path / "nine.png")
+    six = [(s, labels, stats[:, :6]) for s, labels, stats in per_split]
+    shift.plot(six, shift.separation(six), tmp_path / "six.png")
     with Image.open(tmp_path / "nine.png") as nine, Image.open(tmp_path / "six.png") as six:
         assert nine.width == six.width and 1.3 < nine.height / six.height < 1.7  # 9 rows vs 6
 
@@ -199,3 +200,13 @@ def test_films_without_lungs_are_left_out_of_the_framing():
     assert means == pytest.approx([12 / S, 11 / S, (192 + 72) / 2 / S**2])  # the flat film left out
     ((_, _, _, none),) = shift.class_means([("test", labels[:1], stats[2:])])
     assert np.isnan(none).all()  # no value at all: NaN (shown as -), not a warning or a zero
+
+
+def test_the_default_segmenter_is_used_only_when_its_file_exists(tmp_path, monkeypatch, segmenter):
+    from stages.common import paths
+
+    monkeypatch.setattr(paths, "SEGMENTER_MODEL", tmp_path / "absent.pt")
+    assert shift._segmenter(None) is None  # a clone before `dvc repro`: the image columns only
+    monkeypatch.setattr(paths, "SEGMENTER_MODEL", segmenter.path)
+    assert shift._segmenter(None).path == segmenter.path
+    assert shift._segmenter("none") is None

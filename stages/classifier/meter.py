@@ -134,13 +134,9 @@ def plot(path: Path, images, cams, masks, share, kinds, pt, per_kind: int = 3) -
         ax.set_title(f"{kind} P={pt[i]:.2f} in lungs {share[i]:.2f}", fontsize=7)
     fig.suptitle("Grad-CAM (positive class) and the segmenter's lungs: least mass inside first")
     fig.tight_layout()
-    from stages.common.utils import atomic_file
+    from stages.common.utils import write_png_atomic
 
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=80)
-    finally:
-        plt.close(fig)
+    write_png_atomic(fig, path, dpi=80)
 
 
 __all__ = ["OUTCOMES", "lung_masks", "measure", "outcomes", "plot", "summary"]

@@ -197,6 +197,17 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def write_png_atomic(fig: Any, path: str | Path, dpi: int) -> None:
+    """Save a matplotlib figure as a PNG atomically and close it, also when the write fails."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (only the writers of figures need it)
+
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (see write_text_atomic)."""
     write_text_atomic(

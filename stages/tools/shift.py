@@ -37,7 +37,13 @@ from tqdm import tqdm
 from stages.classifier.metrics import roc_auc
 from stages.common import paths
 from stages.common.cache import IMAGES_FILE, open_split, split_path
-from stages.common.utils import ArgumentParser, StageError, run_cli, write_text_atomic
+from stages.common.utils import (
+    ArgumentParser,
+    StageError,
+    run_cli,
+    write_png_atomic,
+    write_text_atomic,
+)
 
 SPLITS = ("train", "val", "test")
 IMAGE_COLUMNS = (
@@ -134,11 +140,6 @@ def class_means(per_split: list[Split]) -> list[Row]:
     return rows
 
 
-def class_stats(cache_dir: Path, segmenter: Segmenter | None = None) -> list[Row]:
-    """``class_means`` of the cache's splits."""
-    return class_means(split_stats(cache_dir, segmenter))
-
-
 def separation(per_split: list[Split]) -> list[tuple[str, np.ndarray]]:
     """(split, ROC-AUC of each statistic as a score for the second class) for a two-class cache;
     NaN where a split lacks a class or the statistic's values; [] for any other class count."""
@@ -189,20 +190,19 @@ def to_markdown(
     return "\n".join(lines) + "\n"
 
 
-def plot(per_split: list[Split], path: Path) -> None:
+def plot(per_split: list[Split], seps: list[tuple[str, np.ndarray]], path: Path) -> None:
     """The distributions behind the tables: one row per statistic, one column per split, each
-    class's histogram (bins shared along a row), the statistic's ROC-AUC in the title."""
+    class's histogram (bins shared along a row), the statistic's ROC-AUC (``separation``'s
+    result, ``seps``) in the title."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    from stages.common.utils import atomic_file
-
     n_stats = per_split[0][2].shape[1]
     columns = (IMAGE_COLUMNS + LUNG_COLUMNS)[:n_stats]
     classes = sorted({c for _, labels, _ in per_split for c in set(labels)})
-    aucs = dict(separation(per_split))
+    aucs = dict(seps)
     fig, axes = plt.subplots(
         n_stats, len(per_split), figsize=(3.0 * len(per_split), 1.7 * n_stats), squeeze=False
     )
@@ -226,11 +226,7 @@ def plot(per_split: list[Split], path: Path) -> None:
             ax.set_yticks([])
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=80)
-    finally:
-        plt.close(fig)
+    write_png_atomic(fig, path, dpi=80)
 
 
 def _segmenter(arg: str | None) -> Segmenter | None:
@@ -265,9 +261,10 @@ def main(argv: list[str] | None = None) -> str:
     args = ap.parse_args(argv)
     _require(args.cache)  # before a segmenter is loaded for nothing
     per_split = split_stats(args.cache, _segmenter(args.segmenter))
-    text = to_markdown(class_means(per_split), args.cache, separation(per_split))
+    seps = separation(per_split)
+    text = to_markdown(class_means(per_split), args.cache, seps)
     if args.plot:
-        plot(per_split, args.plot)
+        plot(per_split, seps, args.plot)
     if args.out:
         write_text_atomic(args.out, text)
     print(text, end="")
