@@ -2,13 +2,16 @@
 
 Inputs:  data/split/<task>/{train,val,test}.csv (+ detection {split}.json, COCO in original pixels),
          the image files at each row's ``path`` (segmentation: and its ``mask_path``); params
-         section ``augment.<task>``; classification with ``lungs`` crop | mask: data/lungs/
-         classification/ (``stages.lungs``: each film's lung mask and box).
+         section ``augment.<task>``; classification with ``lungs`` crop | mask or
+         ``lungs_framings``: data/lungs/classification/ (``stages.lungs``: each film's lung mask
+         and box).
 Outputs: data/augment/<task>/ (``stages.common.cache``: meta.json, policy.json,
          <split>/images.npy, index.csv, detection <split>/annotations.json in cache pixels,
          segmentation <split>/masks.npy: 0/1, resized like the image then thresholded;
          classification with lungs: the films cropped to / masked by their lungs before
-         resizing, and <split>/masks.npy their lung masks in the cache's frame) and
+         resizing, and <split>/masks.npy their lung masks in the cache's frame; with
+         ``lungs_framings``, train/ also holds every film once more per margin, cropped to its
+         lungs' box, its ``framing`` column the margin, empty on the films as they are) and
          reports/augment/<task>_preview.png.
          index.csv ``label_index``: classification and segmentation = index into meta classes;
          detection = 1 if the image has boxes else 0.
@@ -195,37 +198,59 @@ class Lungs:
         if not info_path.is_file():
             raise StageError(f"{info_path} not found: run the lungs stage first (dvc repro)")
         info = read_json(info_path)
-        if info.get("lungs") != cfg.lungs:
+        held = (info.get("lungs"), info.get("framings", []))
+        asked = (cfg.lungs, list(cfg.lungs_framings))
+        if held != asked:
             raise StageError(
-                f"{folder} holds lungs {info.get('lungs')}, the params ask for {cfg.lungs}: "
-                "re-run the lungs stage (dvc repro)"
+                f"{folder} holds lungs {held[0]} with framings {held[1]}, the params ask for "
+                f"{asked[0]} with {asked[1]}: re-run the lungs stage (dvc repro)"
             )
         boxes = pd.read_csv(Path(folder) / paths.LUNGS_BOXES_NAME, dtype={"sha256": str})
         self.folder, self.mode, self.margin = Path(folder), cfg.lungs, cfg.lungs_margin
         self.segmenter = str(info.get("segmenter", ""))
         self.boxes = {r.path: r for r in boxes.itertuples(index=False)}
 
-    def load(self, path: str, cfg: cache.AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
-        """(cache image, cache lung mask 0/1) of one film after the lungs' preprocessing."""
+    def load(
+        self, path: str, cfg: cache.AugmentConfig, framing: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(cache image, cache lung mask 0/1) of one film after the lungs' preprocessing, or,
+        with ``framing``, cropped to its lungs' box with that margin (a training framing)."""
         from stages.common.lungs import apply
 
+        mode, margin = (self.mode, self.margin) if framing is None else ("crop", framing)
         row = self.boxes.get(path)
         if row is None:
             raise StageError(f"{path}: not in {self.folder}: re-run the lungs stage (dvc repro)")
         film = _decode(path)
         mask = np.asarray(Image.open(self.folder / paths.LUNGS_MASKS_NAME / f"{row.sha256}.png"))
-        film, mask = apply(film, mask > 127, (row.x0, row.y0, row.x1, row.y1), self.mode,
-                           self.margin)  # fmt: skip
+        film, mask = apply(film, mask > 127, (row.x0, row.y0, row.x1, row.y1), mode, margin)
         image = cache.prepare_gray(film, cfg.image_size, cfg.resize, cfg.intensity)[0]
         return image, cache.prepare_mask(mask.astype(np.uint8) * 255, cfg.image_size, cfg.resize)
 
 
-def _lunged(split: str, index: pd.DataFrame, cfg: cache.AugmentConfig, lungs: Lungs):
-    """Classification with lungs: (images, lung masks), consumed in step like ``_pairs``."""
-    loaded = _bounded_map(lambda p: lungs.load(p, cfg), index["path"], cfg.workers)
+def _lunged(split: str, index: pd.DataFrame, cfg: cache.AugmentConfig, lungs: Lungs, masks: bool):
+    """Classification with lungs: (images, lung masks), consumed in step like ``_pairs``; with
+    ``masks`` false (lungs none, framings only) (images, None), as a cache without lungs. Each
+    row is read with its ``framing`` (``with_framings``) when the index has that column."""
+    framings = index["framing"] if "framing" in index else [np.nan] * len(index)
+    jobs = zip(index["path"], framings, strict=True)
+    loaded = _bounded_map(
+        lambda job: lungs.load(job[0], cfg, None if pd.isna(job[1]) else float(job[1])),
+        jobs,
+        cfg.workers,
+    )
     bar = tqdm(loaded, total=len(index), desc=f"augment classification/{split}", mininterval=2.0)
+    if not masks:
+        return (pair[0] for pair in bar), None
     a, b = itertools.tee(bar)
     return (pair[0] for pair in a), (pair[1] for pair in b)
+
+
+def with_framings(index: pd.DataFrame, framings: tuple[float, ...]) -> pd.DataFrame:
+    """The train index followed by one copy of it per training framing, each copy's
+    ``framing`` column its margin (NaN, written empty, on the films as they are)."""
+    copies = [index.assign(framing=np.nan)] + [index.assign(framing=m) for m in framings]
+    return pd.concat(copies, ignore_index=True)
 
 
 def _decode(path: str) -> np.ndarray:
@@ -258,13 +283,15 @@ def run(
 ) -> dict:
     """Build the cache for ``task`` from ``split_dir`` into ``out_dir``; returns a summary. With
     ``lungs`` crop | mask (classification), each film first goes through the lungs of
-    ``lungs_dir`` (``stages.lungs``), and the cache keeps the lung masks beside the images."""
+    ``lungs_dir`` (``stages.lungs``), and the cache keeps the lung masks beside the images;
+    with ``lungs_framings``, the train split also holds the films' extra framings."""
     t0 = time.perf_counter()
     splits = read_splits(task, Path(split_dir))
     classes = _classes(task, splits)
     lung_mode = getattr(cfg, "lungs", "none")
     lungs_dir = lungs_dir or paths.task_paths(task).lungs_preprocess
-    lungs = Lungs(lungs_dir, cfg) if lung_mode != "none" else None
+    framings = tuple(getattr(cfg, "lungs_framings", ()))
+    lungs = Lungs(lungs_dir, cfg) if lung_mode != "none" or framings else None
     counts: dict[str, int] = {}
     dropped = 0
     with atomic_parts(out_dir, cache.PARTS) as tmp:
@@ -282,7 +309,9 @@ def run(
             if task == "segmentation":
                 images, masks = _pairs(split, index, cfg)
             elif lungs is not None:
-                images, masks = _lunged(split, index, cfg, lungs)
+                if split == "train" and framings:
+                    index = with_framings(index, framings)
+                images, masks = _lunged(split, index, cfg, lungs, lung_mode != "none")
             else:
                 images = _images(task, split, index, shapes, cfg)
             cache.write_split(tmp, split, images, index, cfg.image_size, out_coco, masks)

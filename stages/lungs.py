@@ -2,15 +2,17 @@
 meter of where the classifier looks.
 
 Inputs:  data/split/<task>/{train,val,test}.csv (the films, by their data/raw paths and sha256),
-         models/segmenter.pt (``stages.segmenter.predict``), param ``augment.<task>.lungs`` (the
-         margin is applied by augment, from the tight boxes written here)
+         models/segmenter.pt (``stages.segmenter.predict``), params ``augment.<task>.lungs`` and
+         ``lungs_framings`` (the margins are applied by augment, from the tight boxes written
+         here)
 Outputs: data/lungs/<task>/
-         preprocess/  what the cache's preprocessing reads: lungs.json (the mode; with crop |
-                      mask also the segmenter's md5) and, with crop | mask, boxes.csv (one row
-                      per film: path, sha256, the lungs' tight box x0, y0, x1, y1, found, the
-                      lungs' share of the film) and masks/<sha256>.png.
-                      With ``lungs: none`` it is one constant line, so a new segmenter never
-                      re-runs the classifier's cache or training.
+         preprocess/  what the cache's preprocessing reads: lungs.json (the mode and the
+                      training framings; with either, also the segmenter's md5) and, with crop |
+                      mask or framings, boxes.csv (one row per film: path, sha256, the lungs'
+                      tight box x0, y0, x1, y1, found, the lungs' share of the film) and
+                      masks/<sha256>.png.
+                      With ``lungs: none`` and no ``lungs_framings`` it is one constant line, so
+                      a new segmenter never re-runs the classifier's cache or training.
          meter/       always: the test films' lungs (boxes.csv, masks/), which evaluate's
                       ``cam_in_lungs`` compares the Grad-CAM maps with.
          Masks are 0/255 PNG at the film's size, named by the film's sha256.
@@ -46,11 +48,10 @@ COLUMNS = ["path", "sha256", "x0", "y0", "x1", "y1", "found", "lung_share"]
 
 
 def load_config(task: str, params_path: str | Path) -> LungsConfig:
-    """The lungs mode of ``augment.<task>`` (the rest of the section is augment's)."""
+    """The lungs mode and framings of ``augment.<task>`` (the rest of the section is augment's)."""
     section = get_section(read_params(params_path), f"augment.{task}") or {}
-    return parse(
-        LungsConfig, {k: section[k] for k in ("lungs",) if k in section}, f"augment.{task}"
-    )
+    keys = ("lungs", "lungs_framings")
+    return parse(LungsConfig, {k: section[k] for k in keys if k in section}, f"augment.{task}")
 
 
 def file_md5(path: Path) -> str:
@@ -102,12 +103,14 @@ def run(cfg: LungsConfig, split_dir: Path, segmenter: Path, out_dir: Path) -> di
     model = LungSegmenter(segmenter)
     md5 = file_md5(Path(segmenter))
     doc: dict = {"lungs": cfg.lungs}
+    if cfg.lungs_framings:  # absent otherwise: the constant line of lungs none stays as it was
+        doc["framings"] = list(cfg.lungs_framings)
     layout = paths.CLASSIFICATION  # data/lungs/<task>/ is laid out alike for every task
     parts = (layout.lungs_preprocess.name, layout.lungs_meter.name)
     with atomic_parts(out_dir, parts) as tmp:
         pre, meter = (tmp / part for part in parts)
         pre.mkdir()
-        if cfg.lungs != "none":
+        if cfg.needs_lungs:
             n, found = segment_into(model, films(split_dir), pre, "lungs")
             doc.update(segmenter=md5, films=n, found=found)
             if found < n:

@@ -203,3 +203,63 @@ def test_serving_refuses_another_or_a_missing_segmenter(world, tmp_path):
         Predictor(model, None, evaluation, provenance_root=None, segmenter_path=seg)
     with pytest.raises(StageError, match="needs its segmenter"):
         Predictor(model, None, evaluation, provenance_root=None, segmenter_path=tmp_path / "x.pt")
+
+
+# ------------------------------------------------------------------- training framings
+def test_framings_add_cropped_copies_to_train_alone(world, tmp_path):
+    """lungs none + lungs_framings: the lungs stage writes every film's box, and the cache's
+    train split is the plain cache's train split followed by one crop of every film per margin
+    (exactly ``apply``'s crop); val and test are the plain cache's, and no split keeps masks."""
+    from stages.augment import run
+    from stages.common.cache import open_split
+    from stages.common.imageio import load_gray
+
+    root, split_dir, seg = world
+    out = tmp_path / "lungs"
+    framed = LungsConfig(lungs="none", lungs_framings=(0.05, 0.2))
+    with chdir(root):
+        lungs_stage.run(framed, split_dir, seg, out)
+    pre = out / "preprocess"
+    info = json.loads((pre / paths.LUNGS_INFO_NAME).read_text())
+    assert info["lungs"] == "none" and info["framings"] == [0.05, 0.2] and info["films"] == 5
+    boxes = pd.read_csv(pre / paths.LUNGS_BOXES_NAME)
+    base = {"image_size": SIZE, "resize": "stretch", "preview_count": 0}
+    section = "augment.classification"
+    plain_cfg = parse(ClassificationAugmentConfig, base, section)
+    cfg = parse(ClassificationAugmentConfig, {**base, "lungs_framings": [0.05, 0.2]}, section)
+    with chdir(root):
+        run("classification", plain_cfg, split_dir, tmp_path / "plain", tmp_path / "p.png")
+        run("classification", cfg, split_dir, tmp_path / "framed", tmp_path / "f.png", pre)
+    plain = {s: open_split(tmp_path / "plain", s) for s in ("train", "val", "test")}
+    got = {s: open_split(tmp_path / "framed", s) for s in ("train", "val", "test")}
+    for s in ("val", "test"):
+        assert np.array_equal(got[s].images, plain[s].images) and got[s].masks is None
+    n = len(plain["train"])
+    train = got["train"]
+    assert len(train) == 3 * n and train.meta["counts"] == {"train": 3 * n, "val": 1}
+    assert np.array_equal(train.images[:n], plain["train"].images) and train.masks is None
+    framing = pd.to_numeric(train.index["framing"]).to_numpy()  # "" (the films as they are): NaN
+    assert np.isnan(framing[:n]).all() and (framing[n:] == np.repeat([0.05, 0.2], n)).all()
+    assert (train.index["path"].to_numpy() == np.tile(plain["train"].index["path"], 3)).all()
+    reader = Lungs(pre, cfg)
+    for i in range(n, 3 * n):
+        path = train.index["path"][i]
+        row = boxes.set_index("path").loc[path]
+        with chdir(root):
+            film_px = load_gray(path)
+            expected = reader.load(path, cfg, framing[i])[0]
+        x0, y0, x1, y1 = grow((row.x0, row.y0, row.x1, row.y1), framing[i], film_px.shape)
+        assert (x1 - x0, y1 - y0) != (film_px.shape[1], film_px.shape[0])  # a real crop
+        assert np.array_equal(train.images[i], expected)
+    assert not np.array_equal(train.images[n], train.images[2 * n])  # margins differ
+
+
+def test_framings_need_a_matching_lungs_stage_and_valid_margins(world, tmp_path):
+    out = _run(world, "none")  # no framings: the constant line, no boxes
+    section = "augment.classification"
+    cfg = parse(ClassificationAugmentConfig, {"lungs_framings": [0.1]}, section)
+    with pytest.raises(StageError, match=r"framings \[\], the params ask for none with \[0.1\]"):
+        Lungs(out / "preprocess", cfg)
+    for bad, message in (([0.6], "in \\[0, 0.5\\]"), ([0.1, 0.1], "must not repeat")):
+        with pytest.raises(ConfigError, match=message):
+            parse(ClassificationAugmentConfig, {"lungs_framings": bad}, section)

@@ -9,7 +9,8 @@ exclusive), the mode and the margin. Output: the film as it goes on to ``stages.
   lungs fill the classifier's input at full resolution;
 - ``mask``: every pixel farther than the margin from the lungs set to 0 (what air looks like on a
   film), the frame unchanged.
-``LungsConfig`` holds the two params (``augment.classification.lungs`` and ``lungs_margin``).
+``LungsConfig`` holds the params (``augment.classification.lungs``, ``lungs_margin`` and
+``lungs_framings``, the extra framings of the training films).
 No run command: ``python -m stages.lungs`` finds the lungs, ``python -m stages.augment`` and
 ``python -m stages.predict`` apply them.
 """
@@ -38,12 +39,27 @@ class LungsConfig:
     # share of the lungs' box width / height kept around them (crop), or distance from the lungs
     # kept (mask), so the lung borders and the costophrenic angles stay in view
     lungs_margin: float = 0.05
+    # margins of extra training framings: the train split also holds every film cropped to its
+    # lungs' box with each margin, so framing (how much neck and belly a film shows) no longer
+    # tells the classes apart in training; validation, test and serving see `lungs` alone
+    lungs_framings: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         check(
             0.0 <= self.lungs_margin <= 0.5,
             f"lungs_margin must be in [0, 0.5], got {self.lungs_margin}",
         )
+        for m in self.lungs_framings:
+            check(0.0 <= m <= 0.5, f"lungs_framings must be margins in [0, 0.5], got {m}")
+        check(
+            len(set(self.lungs_framings)) == len(self.lungs_framings),
+            f"lungs_framings must not repeat a margin, got {list(self.lungs_framings)}",
+        )
+
+    @property
+    def needs_lungs(self) -> bool:
+        """Whether the cache reads the segmenter's lungs (a mode, or training framings)."""
+        return self.lungs != "none" or bool(self.lungs_framings)
 
 
 def grow(
