@@ -291,7 +291,7 @@ def run(
     lung_mode = getattr(cfg, "lungs", "none")
     lungs_dir = lungs_dir or paths.task_paths(task).lungs_preprocess
     framings = tuple(getattr(cfg, "lungs_framings", ()))
-    lungs = Lungs(lungs_dir, cfg) if lung_mode != "none" or framings else None
+    lungs = Lungs(lungs_dir, cfg) if getattr(cfg, "needs_lungs", False) else None
     counts: dict[str, int] = {}
     dropped = 0
     with atomic_parts(out_dir, cache.PARTS) as tmp:

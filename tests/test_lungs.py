@@ -263,3 +263,5 @@ def test_framings_need_a_matching_lungs_stage_and_valid_margins(world, tmp_path)
     for bad, message in (([0.6], "in \\[0, 0.5\\]"), ([0.1, 0.1], "must not repeat")):
         with pytest.raises(ConfigError, match=message):
             parse(ClassificationAugmentConfig, {"lungs_framings": bad}, section)
+    with pytest.raises(ConfigError, match="not mask"):
+        parse(ClassificationAugmentConfig, {"lungs": "mask", "lungs_framings": [0.1]}, section)

@@ -55,6 +55,12 @@ class LungsConfig:
             len(set(self.lungs_framings)) == len(self.lungs_framings),
             f"lungs_framings must not repeat a margin, got {list(self.lungs_framings)}",
         )
+        # a framing is a crop of the film: beside masked films it would show training what
+        # validation, test and serving never see (the pixels outside the lungs)
+        check(
+            not (self.lungs == "mask" and self.lungs_framings),
+            "lungs_framings go with lungs none or crop, not mask",
+        )
 
     @property
     def needs_lungs(self) -> bool:
