@@ -231,14 +231,19 @@ class Lungs:
 def _lunged(split: str, index: pd.DataFrame, cfg: cache.AugmentConfig, lungs: Lungs, masks: bool):
     """Classification with lungs: (images, lung masks), consumed in step like ``_pairs``; with
     ``masks`` false (lungs none, framings only) (images, None), as a cache without lungs. Each
-    row is read with its ``framing`` (``with_framings``) when the index has that column."""
+    row is read with its ``framing`` (``_with_framings``) when the index has that column."""
     framings = index["framing"] if "framing" in index else [np.nan] * len(index)
+
+    def read(job: tuple[str, float]) -> tuple[np.ndarray, np.ndarray | None]:
+        path, framing = job
+        if pd.isna(framing):
+            if not masks:  # a film as it is, beside no lung masks: read as without lungs
+                return _load_resized(path, cfg, None), None
+            return lungs.load(path, cfg)
+        return lungs.load(path, cfg, float(framing))
+
     jobs = zip(index["path"], framings, strict=True)
-    loaded = _bounded_map(
-        lambda job: lungs.load(job[0], cfg, None if pd.isna(job[1]) else float(job[1])),
-        jobs,
-        cfg.workers,
-    )
+    loaded = _bounded_map(read, jobs, cfg.workers)
     bar = tqdm(loaded, total=len(index), desc=f"augment classification/{split}", mininterval=2.0)
     if not masks:
         return (pair[0] for pair in bar), None
@@ -246,7 +251,7 @@ def _lunged(split: str, index: pd.DataFrame, cfg: cache.AugmentConfig, lungs: Lu
     return (pair[0] for pair in a), (pair[1] for pair in b)
 
 
-def with_framings(index: pd.DataFrame, framings: tuple[float, ...]) -> pd.DataFrame:
+def _with_framings(index: pd.DataFrame, framings: tuple[float, ...]) -> pd.DataFrame:
     """The train index followed by one copy of it per training framing, each copy's
     ``framing`` column its margin (NaN, written empty, on the films as they are)."""
     copies = [index.assign(framing=np.nan)] + [index.assign(framing=m) for m in framings]
@@ -310,7 +315,7 @@ def run(
                 images, masks = _pairs(split, index, cfg)
             elif lungs is not None:
                 if split == "train" and framings:
-                    index = with_framings(index, framings)
+                    index = _with_framings(index, framings)
                 images, masks = _lunged(split, index, cfg, lungs, lung_mode != "none")
             else:
                 images = _images(task, split, index, shapes, cfg)
